@@ -1,0 +1,115 @@
+"""Auto-decoder training: the network and the per-subject latent codes are optimised together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from nisf_monai.losses import NISFLoss
+from nisf_monai.networks import LatentTable, NISFNet
+
+__all__ = ["NISFTrainer"]
+
+
+class NISFTrainer(SupervisedTrainer):
+    """MONAI ``SupervisedTrainer`` for NISF: each batch holds point sets of several frames; their codes
+    come from ``latent_table`` by subject ID, and one iteration steps both the network's optimiser and the
+    table's own (``SparseAdam`` by default, so only the batch's codes move).
+
+    Batch keys (from ``CoordinateGridd`` + ``RandPointSampled``): ``coords (B, 3, N)``, ``image (B, 1, N)``
+    intensities in [0, 1], ``label (B, 1, N)`` class indices and ``latent_key`` (subject IDs). The engine's
+    output holds ``pred`` (segmentation logits), ``label``, ``loss`` and the loss terms.
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer: as for ``SupervisedTrainer``.
+        latent_table: the codes of the training subjects.
+        latent_optimizer: optimiser over ``latent_table.parameters()``.
+        loss_function: a :class:`NISFLoss`.
+        latent_key: batch key of the subject IDs that index the table.
+        coords_key, image_key, label_key: batch keys of the point sets.
+        kwargs: passed to ``SupervisedTrainer`` (handlers, amp, postprocessing, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: NISFNet,
+        optimizer: Optimizer,
+        latent_table: LatentTable,
+        latent_optimizer: Optimizer,
+        loss_function: NISFLoss,
+        latent_key: str = "case",
+        coords_key: str = "coords",
+        image_key: str = "image",
+        label_key: str = "label",
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            train_handlers=train_handlers,
+            **kwargs,
+        )
+        self.latent_table = latent_table
+        self.latent_optimizer = latent_optimizer
+        self.latent_key = latent_key
+        self.coords_key = coords_key
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def _iteration(self, engine: NISFTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device, non_blocking = engine.state.device, engine.non_blocking
+        coords = torch.as_tensor(batchdata[self.coords_key]).to(device, non_blocking=non_blocking)
+        intensity = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking)
+        label = torch.as_tensor(batchdata[self.label_key]).to(device, non_blocking=non_blocking)
+        subjects = _as_list(batchdata[self.latent_key])
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        self.latent_optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs)
+        with autocast:
+            latents = self.latent_table(subjects)
+            seg_logits, intensity_logit = engine.network.forward_heads(coords, latents)
+            engine.state.output = {Keys.IMAGE: coords, Keys.LABEL: label, Keys.PRED: seg_logits}
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = engine.loss_function(seg_logits, intensity_logit, label, intensity, latents)
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.scaler is not None and engine.amp:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.step(self.latent_optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+            self.latent_optimizer.step()
+        engine.state.output.update(getattr(engine.loss_function, "terms", {}))
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _as_list(ids: Any) -> list[str]:
+    if isinstance(ids, str):
+        return [ids]
+    return [str(i) for i in ids]
+

@@ -1,0 +1,3 @@
+from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, target_grid
+
+__all__ = ["LatentOptimisationInferer", "target_grid"]

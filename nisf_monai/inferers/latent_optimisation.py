@@ -1,0 +1,211 @@
+"""Inference by auto-decoding: fit a latent code to a new image, then read the segmentation anywhere."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import compute_shape_offset, to_affine_nd, zoom_affine
+from monai.inferers import Inferer
+from torch import nn
+
+from nisf_monai.losses import intensity_loss
+from nisf_monai.transforms.coordinates import CoordinateFrame
+
+__all__ = ["LatentOptimisationInferer", "target_grid"]
+
+logger = logging.getLogger("nisf_monai")
+
+
+def target_grid(affine: Any, spatial_shape: Sequence[int], spacing: Sequence[float] | None) -> tuple[np.ndarray, list[int]]:
+    """Affine and shape of the grid at ``spacing`` (mm) over the same physical extent as the input, computed
+    as MONAI's ``Spacing`` computes its output grid (same axes directions, ``diagonal=False``,
+    ``scale_extent=False``). ``spacing=None`` keeps the input grid."""
+    affine = to_affine_nd(3, np.asarray(affine, dtype=np.float64))
+    shape = [int(s) for s in spatial_shape]
+    if spacing is None:
+        return affine, shape
+    pixdim = np.asarray(spacing, dtype=np.float64).ravel()
+    if pixdim.size == 1:
+        pixdim = np.repeat(pixdim, 3)
+    if pixdim.size != 3 or not np.all(pixdim > 0):
+        raise ValueError(f"target_spacing must be 3 positive millimetre values (or one), got {list(spacing)}.")
+    new_affine = zoom_affine(affine, pixdim, diagonal=False)
+    out_shape, offset = compute_shape_offset(shape, affine, new_affine, False)
+    new_affine[:3, -1] = offset[:3]
+    return new_affine, [int(s) for s in out_shape]
+
+
+class LatentOptimisationInferer(Inferer):
+    """Segments an image with a trained NISF network by fitting the image's latent code first.
+
+    Per case: start from ``h ~ N(0, init_std^2)``, minimise the intensity reconstruction loss
+    (+ ``latent_weight * mean(h^2)``) over ``h`` alone for ``num_steps`` Adam steps on ``num_points``
+    random voxels per step, then evaluate the segmentation head on the target grid in chunks.
+    The network is never modified: gradients are taken with respect to ``h`` only
+    (``torch.autograd.grad``), so the same network object can serve many cases concurrently, and grad is
+    re-enabled locally because MONAI's evaluators and MONAI Label call inferers under ``torch.no_grad()``.
+
+    Input images are channel-first MetaTensors ``(B, 1, X, Y, Z)`` whose intensities are already scaled to
+    [0, 1] (the bundle's percentile scaling); all cases of a batch must share one grid.
+
+    Args:
+        num_steps: latent optimisation steps (chosen on validation data; the paper found 672).
+        learning_rate: Adam step size for the code.
+        num_points: random voxels per step (None: all voxels, as in the paper; slow on a CPU).
+        init_std: standard deviation of the initial code.
+        latent_weight: weight of the L2 penalty on the code.
+        latent_dim: size of the code; defaults to ``network.latent_dim``.
+        extent_mm: coordinate normalisation, as in training (see ``CoordinateFrame``).
+        coordinate_mode: 'world' or 'voxel', as in training.
+        target_spacing: output spacing in mm for ``fit_and_sample``; None keeps the input grid.
+        chunk_size: points per forward pass when sampling a grid (bounds memory).
+        seed: seeds the code's initialisation and the point sampling, for repeatable results.
+        log_every: log the loss every this many steps (0: never).
+    """
+
+    def __init__(
+        self,
+        num_steps: int = 300,
+        learning_rate: float = 1e-2,
+        num_points: int | None = 8192,
+        init_std: float = 1e-4,
+        latent_weight: float = 1e-4,
+        latent_dim: int | None = None,
+        extent_mm: float = 400.0,
+        coordinate_mode: str = "world",
+        target_spacing: Sequence[float] | None = None,
+        chunk_size: int = 65536,
+        seed: int = 0,
+        log_every: int = 100,
+    ) -> None:
+        super().__init__()
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+        self.num_steps = int(num_steps)
+        self.learning_rate = learning_rate
+        self.num_points = num_points
+        self.init_std = init_std
+        self.latent_weight = latent_weight
+        self.latent_dim = latent_dim
+        self.extent_mm = extent_mm
+        self.coordinate_mode = coordinate_mode
+        self.target_spacing = None if target_spacing is None else [float(s) for s in np.ravel(target_spacing)]
+        self.chunk_size = int(chunk_size)
+        self.seed = seed
+        self.log_every = log_every
+
+    def _frame(self, image: MetaTensor) -> CoordinateFrame:
+        return CoordinateFrame(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode)
+
+    @staticmethod
+    def _check_input(inputs: torch.Tensor) -> MetaTensor:
+        if not isinstance(inputs, MetaTensor):
+            raise TypeError("LatentOptimisationInferer needs a MetaTensor (its affine places the voxels in space).")
+        if inputs.dim() != 5 or inputs.shape[1] != 1:
+            raise ValueError(f"expected a batch of 3D single-channel images (B, 1, X, Y, Z), got {tuple(inputs.shape)}.")
+        return inputs
+
+    def fit(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """Fitted codes ``(B, latent_dim)`` for images ``(B, 1, X, Y, Z)``; the network stays untouched."""
+        image = self._check_input(inputs)
+        frame = self._frame(image)
+        batch = image.shape[0]
+        device = image.device
+        coords = frame.grid(frame.affine, image.shape[2:]).T.to(device)  # (3, P), shared by the batch
+        targets = image.as_tensor().reshape(batch, 1, -1).float()
+        num_voxels = targets.shape[-1]
+        latent_dim = self.latent_dim or int(getattr(network, "latent_dim"))
+        generator = torch.Generator().manual_seed(self.seed)
+        latent = (torch.randn(batch, latent_dim, generator=generator) * self.init_std).to(device).requires_grad_(True)
+        optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
+        with torch.enable_grad():
+            for step in range(self.num_steps):
+                if self.num_points is None or self.num_points >= num_voxels:
+                    index = torch.arange(num_voxels)
+                else:
+                    index = torch.randint(num_voxels, (self.num_points,), generator=generator)
+                index = index.to(device)
+                points = coords[:, index].expand(batch, -1, -1)
+                _, intensity_logit = network.forward_heads(points, latent)
+                loss = intensity_loss(intensity_logit, targets[:, :, index]) + self.latent_weight * latent.pow(2).mean()
+                (grad,) = torch.autograd.grad(loss, [latent])
+                latent.grad = grad
+                optimiser.step()
+                if self.log_every and (step + 1) % self.log_every == 0:
+                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps, float(loss))
+        return latent.detach()
+
+    @torch.no_grad()
+    def sample(
+        self, network: nn.Module, latent: torch.Tensor, frame: CoordinateFrame, affine: Any, spatial_shape: Sequence[int], probabilities: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate both heads on a grid in chunks of ``chunk_size`` points.
+
+        Returns ``(seg, intensity)`` of shapes ``(B, 1, *shape)`` uint8 labels (argmax) and
+        ``(B, 1, *shape)`` intensity in [0, 1]; with ``probabilities=True`` ``seg`` is ``(B, M, *shape)``
+        softmax probabilities instead (memory grows with the number of classes)."""
+        shape = [int(s) for s in spatial_shape]
+        total = int(np.prod(shape))
+        batch = latent.shape[0]
+        num_classes = int(getattr(network, "num_classes"))
+        seg = torch.empty((batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8)
+        intensity = torch.empty((batch, 1, total), dtype=torch.float32)
+        for start in range(0, total, self.chunk_size):
+            stop = min(start + self.chunk_size, total)
+            points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
+            seg_logits, intensity_logit = network.forward_heads(points, latent)
+            if probabilities:
+                seg[:, :, start:stop] = torch.softmax(seg_logits.float(), dim=1).cpu()
+            else:
+                seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
+            intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
+        return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
+
+    def fit_and_sample(self, inputs: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
+        """Fit codes, then sample labels and reconstruction at ``target_spacing``.
+
+        Returns ``{"pred": uint8 labels (B, 1, *S'), "recon": intensity (B, 1, *S'), "latent": (B, L)}``, the
+        first two MetaTensors whose affine is the target grid's, so ``SaveImage`` writes them in place."""
+        image = self._check_input(inputs)
+        latent = self.fit(image, network)
+        affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
+        labels, recon = self.sample(network, latent, self._frame(image), affine, shape)
+        return {"pred": self._as_meta(labels, image, affine), "recon": self._as_meta(recon, image, affine), "latent": latent}
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Class probabilities ``(B, M, X, Y, Z)`` on the input grid: the ``inferer(image, network)`` form
+        MONAI's evaluators and MONAI Label use."""
+        image = self._check_input(inputs)
+        latent = self.fit(image, network)
+        frame = self._frame(image)
+        probs, _ = self.sample(network, latent, frame, frame.affine, image.shape[2:], probabilities=True)
+        return self._as_meta(probs, image, frame.affine)
+
+    @staticmethod
+    def _as_meta(data: torch.Tensor, image: MetaTensor, affine: Any) -> MetaTensor:
+        out = MetaTensor(data, meta=dict(image.meta))
+        affine = torch.as_tensor(np.asarray(affine), dtype=torch.float64)
+        shape = torch.as_tensor(data.shape[2:])
+        if image.is_batch:
+            out.is_batch = True
+            out.affine = affine.expand(data.shape[0], 4, 4).clone()
+            out.meta["spatial_shape"] = shape.expand(data.shape[0], -1).clone()
+        else:
+            out.affine = affine
+            out.meta["spatial_shape"] = shape
+        return out
+
+
+def _grid_affine(image: MetaTensor) -> torch.Tensor:
+    """The one affine of a (possibly collated) batch of images on a shared grid."""
+    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    if affine.ndim == 3:
+        if not torch.allclose(affine, affine[:1].expand_as(affine), atol=1e-4):
+            raise ValueError("all images of a batch must share one grid (affine); use batch_size 1.")
+        affine = affine[0]
+    return affine

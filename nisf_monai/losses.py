@@ -1,0 +1,71 @@
+"""The NISF training objective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = ["NISFLoss", "intensity_loss"]
+
+
+def intensity_loss(intensity_logit: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+    """BCE between the sigmoid of the intensity logit and a target intensity in [0, 1] (mean over points)."""
+    return F.binary_cross_entropy_with_logits(intensity_logit, intensity.to(intensity_logit.dtype).clamp(0.0, 1.0))
+
+
+class NISFLoss(nn.Module):
+    """``dice + bce(seg) + alpha * bce(intensity) + latent_weight * mean(h^2)``.
+
+    - ``dice``: MONAI ``DiceLoss`` on the softmax, background included, averaged over classes.
+    - ``bce(seg)``: per-class binary cross-entropy of the softmax probabilities against the one-hot label.
+    - ``bce(intensity)``: binary cross-entropy of the reconstructed intensity (alpha = 10 in the paper).
+    - L2 on the batch's latent codes. The L2 on network weights is the optimiser's ``weight_decay``.
+
+    Shapes (channel-first point sets or volumes): ``seg_logits (B, M, *S)``, ``intensity_logit (B, 1, *S)``,
+    ``label (B, 1, *S)`` class indices, ``intensity (B, 1, *S)`` in [0, 1], ``latents (B, L)``.
+    ``self.terms`` holds the last call's terms (floats) for logging.
+    """
+
+    def __init__(self, alpha: float = 10.0, latent_weight: float = 1e-4, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.latent_weight = latent_weight
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True)
+        self.terms: dict[str, float] = {}
+
+    def forward(
+        self,
+        seg_logits: torch.Tensor,
+        intensity_logit: torch.Tensor,
+        label: torch.Tensor,
+        intensity: torch.Tensor,
+        latents: torch.Tensor,
+    ) -> torch.Tensor:
+        num_classes = seg_logits.shape[1]
+        label = label.long()
+        if label.shape[1] != 1 or label.shape[2:] != seg_logits.shape[2:]:
+            raise ValueError(f"label must be (B, 1, *spatial) matching {tuple(seg_logits.shape)}, got {tuple(label.shape)}.")
+        probs = torch.softmax(seg_logits.float(), dim=1)
+        onehot = F.one_hot(label[:, 0], num_classes).movedim(-1, 1).to(probs.dtype)
+        eps = 1e-6
+        dice = self.dice(seg_logits.float(), label)
+        bce_seg = F.binary_cross_entropy(probs.clamp(eps, 1.0 - eps), onehot)
+        bce_intensity = intensity_loss(intensity_logit.float(), intensity)
+        latent_l2 = latents.float().pow(2).mean()
+        total = (
+            self.dice_weight * dice
+            + self.bce_weight * bce_seg
+            + self.alpha * bce_intensity
+            + self.latent_weight * latent_l2
+        )
+        self.terms = {
+            "dice": float(dice.detach()),
+            "bce_seg": float(bce_seg.detach()),
+            "bce_intensity": float(bce_intensity.detach()),
+            "latent_l2": float(latent_l2.detach()),
+        }
+        return total

@@ -1,0 +1,5 @@
+from nisf_monai.networks.activations import GaborLayer, ReLULayer, SineLayer
+from nisf_monai.networks.latent_table import LatentTable
+from nisf_monai.networks.nisf_net import NISFNet
+
+__all__ = ["GaborLayer", "LatentTable", "NISFNet", "ReLULayer", "SineLayer"]

@@ -1,0 +1,182 @@
+"""Coordinates in physical space for coordinate networks, and point sampling from them.
+
+A voxel's position is ``affine @ [i, j, k, 1]`` in millimetres (the MetaTensor's affine, RAS as MONAI
+loads it), never its array index alone: anisotropic spacing, flipped or oblique axes and other views of
+the same subject then all land in one consistent space.
+
+The network sees normalised coordinates, the same mapping for every scan (``mode='world'``)::
+
+    c = (x_world - centre) / extent_mm
+
+where ``centre`` is the world position of the volume's central voxel and ``extent_mm`` a fixed length
+from the config (default 400 mm, a cardiac field of view), so a millimetre means the same to the network
+in every scan. ``mode='voxel'`` gives the published NISF code's per-axis ``index / axis_length`` in
+[0, 1) for comparison; it ignores spacing and orientation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+__all__ = ["CoordinateFrame", "CoordinateGridd", "RandPointSampled", "COORDINATE_MODES"]
+
+COORDINATE_MODES = ("world", "voxel")
+
+
+class CoordinateFrame:
+    """Maps positions of one reference scan to the network's input coordinates.
+
+    Args:
+        affine: 4 x 4 voxel-to-world matrix of the reference scan (millimetres).
+        spatial_shape: the reference scan's array shape (3 values).
+        extent_mm: world length that maps to a unit of network coordinate (``mode='world'``).
+        mode: 'world' (default) or 'voxel' (the published code's index / length).
+    """
+
+    def __init__(
+        self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], extent_mm: float = 400.0, mode: str = "world"
+    ) -> None:
+        if mode not in COORDINATE_MODES:
+            raise ValueError(f"coordinate mode must be one of {COORDINATE_MODES}, got {mode!r}.")
+        if extent_mm <= 0:
+            raise ValueError(f"extent_mm must be positive, got {extent_mm}.")
+        self.affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"expected a 4 x 4 affine, got shape {tuple(self.affine.shape)}.")
+        self.spatial_shape = torch.as_tensor([int(s) for s in spatial_shape], dtype=torch.float64)
+        self.extent_mm = float(extent_mm)
+        self.mode = mode
+        half = (self.spatial_shape - 1) / 2
+        self.centre = self.index_to_world(half[None])[0]
+
+    def index_to_world(self, index: torch.Tensor) -> torch.Tensor:
+        """World millimetres ``(N, 3)`` of continuous voxel indices ``(N, 3)`` of the reference scan."""
+        index = torch.as_tensor(index, dtype=torch.float64)
+        return index @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_index(self, world: torch.Tensor) -> torch.Tensor:
+        """Continuous voxel indices ``(N, 3)`` of the reference scan at world positions ``(N, 3)``."""
+        inverse = torch.linalg.inv(self.affine)
+        world = torch.as_tensor(world, dtype=torch.float64)
+        return world @ inverse[:3, :3].T + inverse[:3, 3]
+
+    def from_world(self, world: torch.Tensor) -> torch.Tensor:
+        """Network coordinates ``(N, 3)`` (float32) of world positions ``(N, 3)``."""
+        world = torch.as_tensor(world, dtype=torch.float64)
+        if self.mode == "voxel":
+            return (self.world_to_index(world) / self.spatial_shape).float()
+        return ((world - self.centre) / self.extent_mm).float()
+
+    def grid(self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Network coordinates ``(N, 3)`` of the voxel centres of a grid (any affine, any shape), for the
+        flat voxel range ``[start, stop)`` in C order, so large grids can be visited in chunks."""
+        shape = [int(s) for s in spatial_shape]
+        total = int(np.prod(shape))
+        stop = total if stop is None else min(stop, total)
+        flat = torch.arange(start, stop, dtype=torch.int64)
+        index = torch.stack(torch.unravel_index(flat, shape), dim=-1).to(torch.float64)
+        affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+        world = index @ affine[:3, :3].T + affine[:3, 3]
+        return self.from_world(world)
+
+
+def _affine_of(img: torch.Tensor) -> torch.Tensor:
+    if isinstance(img, MetaTensor):
+        return img.affine
+    raise TypeError("coordinates need the image's affine: load it as a MetaTensor (MONAI LoadImaged).")
+
+
+class CoordinateGridd(MapTransform):
+    """Adds ``coords_key``: the network coordinates of every voxel of ``keys[0]``, channel-first
+    ``(3, X, Y, Z)`` float32, computed from its MetaTensor affine (see module docstring). Deterministic,
+    so a ``CacheDataset`` keeps it.
+
+    Args:
+        keys: the image whose grid and affine define the coordinates.
+        coords_key: where to store them.
+        extent_mm: see :class:`CoordinateFrame`.
+        mode: 'world' or 'voxel'.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, coords_key: str = "coords", extent_mm: float = 400.0, mode: str = "world", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.coords_key = coords_key
+        self.extent_mm = extent_mm
+        self.mode = mode
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        key = self.first_key(d)
+        if key == ():
+            return d
+        img = d[key]
+        spatial_shape = img.shape[1:]
+        if len(spatial_shape) != 3:
+            raise ValueError(f"expected a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}.")
+        affine = _affine_of(img)
+        frame = CoordinateFrame(affine, spatial_shape, self.extent_mm, self.mode)
+        coords = frame.grid(affine, spatial_shape).T.reshape(3, *spatial_shape)
+        d[self.coords_key] = MetaTensor(coords, affine=affine, meta={"coordinate_mode": self.mode})
+        return d
+
+
+class RandPointSampled(Randomizable, MapTransform):
+    """Draws the same random voxels from every key, turning channel-first volumes ``(C, X, Y, Z)`` into
+    point sets ``(C, num_points)`` (plain tensors: a point set has no affine).
+
+    One training sample of NISF is a set of points of one frame; sampling a subset per step instead of
+    every voxel trades gradient noise for speed. ``num_points=None`` keeps every voxel, in C order.
+
+    Args:
+        keys: volumes to sample, all of one spatial shape (image, label, coords).
+        num_points: points per sample, drawn without replacement (with replacement if the volume is
+            smaller), or None for all voxels.
+        coords_key: the coordinate key, which gets ``jitter`` (standard deviation, network units) of
+            Gaussian noise so the network sees positions between voxel centres.
+        jitter: see ``coords_key``.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, num_points: int | None = 8192, coords_key: str = "coords", jitter: float = 0.0, allow_missing_keys: bool = False
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if num_points is not None and num_points < 1:
+            raise ValueError(f"num_points must be positive or None, got {num_points}.")
+        self.num_points = num_points
+        self.coords_key = coords_key
+        self.jitter = jitter
+        self._index: np.ndarray | None = None
+
+    def randomize(self, num_voxels: int) -> None:
+        if self.num_points is None:
+            self._index = None
+        else:
+            replace = self.num_points > num_voxels
+            self._index = self.R.choice(num_voxels, self.num_points, replace=replace)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        shapes = {tuple(d[k].shape[1:]) for k in keys}
+        if len(shapes) != 1:
+            raise ValueError(f"keys {keys} must share one spatial shape to sample the same points, got {shapes}.")
+        num_voxels = int(np.prod(next(iter(shapes))))
+        self.randomize(num_voxels)
+        index = None if self._index is None else torch.as_tensor(self._index, dtype=torch.long)
+        for k in keys:
+            flat = torch.as_tensor(d[k]).reshape(d[k].shape[0], -1)
+            points = flat if index is None else flat[:, index]
+            if k == self.coords_key and self.jitter > 0:
+                points = points + torch.as_tensor(self.R.normal(0.0, self.jitter, points.shape), dtype=points.dtype)
+            d[k] = points.as_tensor() if isinstance(points, MetaTensor) else points
+        return d
