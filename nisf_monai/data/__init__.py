@@ -1,3 +1,22 @@
 from nisf_monai.data.datalist import case_name, list_images, load_datalist
 
-__all__ = ["case_name", "list_images", "load_datalist"]
+__all__ = [
+    "case_name",
+    "list_images",
+    "load_datalist",
+    "LABELS",
+    "ensure_synthetic_cohort",
+    "generate_cohort",
+    "generate_subject",
+]
+
+_SYNTHETIC = ("LABELS", "ensure_synthetic_cohort", "generate_cohort", "generate_subject")
+
+
+def __getattr__(name: str):
+    # imported lazily so that ``python -m nisf_monai.data.synthetic`` does not find the module already imported
+    if name in _SYNTHETIC:
+        from nisf_monai.data import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
