@@ -23,9 +23,12 @@ class NISFLoss(nn.Module):
     - ``bce(intensity)``: binary cross-entropy of the reconstructed intensity (alpha = 10 in the paper).
     - L2 on the batch's latent codes. The L2 on network weights is the optimiser's ``weight_decay``.
 
+    ``dice_weight`` and ``bce_weight`` scale the two segmentation terms (1 in the paper).
+
     Shapes (channel-first point sets or volumes): ``seg_logits (B, M, *S)``, ``intensity_logit (B, 1, *S)``,
     ``label (B, 1, *S)`` class indices, ``intensity (B, 1, *S)`` in [0, 1], ``latents (B, L)``.
-    ``self.terms`` holds the last call's terms (floats) for logging.
+    ``self.terms`` holds the last call's unweighted terms (floats) for logging: ``dice``, ``bce_seg``,
+    ``bce_intensity`` and ``latent_l2``.
     """
 
     def __init__(self, alpha: float = 10.0, latent_weight: float = 1e-4, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
@@ -47,7 +50,7 @@ class NISFLoss(nn.Module):
     ) -> torch.Tensor:
         num_classes = seg_logits.shape[1]
         label = label.long()
-        if label.shape[1] != 1 or label.shape[2:] != seg_logits.shape[2:]:
+        if label.shape[0] != seg_logits.shape[0] or label.shape[1] != 1 or label.shape[2:] != seg_logits.shape[2:]:
             raise ValueError(f"label must be (B, 1, *spatial) matching {tuple(seg_logits.shape)}, got {tuple(label.shape)}.")
         probs = torch.softmax(seg_logits.float(), dim=1)
         onehot = F.one_hot(label[:, 0], num_classes).movedim(-1, 1).to(probs.dtype)

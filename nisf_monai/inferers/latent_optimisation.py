@@ -29,15 +29,21 @@ def target_grid(affine: Any, spatial_shape: Sequence[int], spacing: Sequence[flo
     shape = [int(s) for s in spatial_shape]
     if spacing is None:
         return affine, shape
-    pixdim = np.asarray(spacing, dtype=np.float64).ravel()
-    if pixdim.size == 1:
-        pixdim = np.repeat(pixdim, 3)
-    if pixdim.size != 3 or not np.all(pixdim > 0):
-        raise ValueError(f"target_spacing must be 3 positive millimetre values (or one), got {list(spacing)}.")
+    pixdim = _spacing_triple(spacing)
     new_affine = zoom_affine(affine, pixdim, diagonal=False)
     out_shape, offset = compute_shape_offset(shape, affine, new_affine, False)
     new_affine[:3, -1] = offset[:3]
     return new_affine, [int(s) for s in out_shape]
+
+
+def _spacing_triple(spacing: Sequence[float] | float) -> np.ndarray:
+    """Three positive spacings in mm from one value or three."""
+    pixdim = np.asarray(spacing, dtype=np.float64).ravel()
+    if pixdim.size == 1:
+        pixdim = np.repeat(pixdim, 3)
+    if pixdim.size != 3 or not np.all(pixdim > 0):
+        raise ValueError(f"target_spacing must be 3 positive millimetre values (or one), got {np.ravel(spacing).tolist()}.")
+    return pixdim
 
 
 class LatentOptimisationInferer(Inferer):
@@ -94,7 +100,7 @@ class LatentOptimisationInferer(Inferer):
         self.latent_dim = latent_dim
         self.extent_mm = extent_mm
         self.coordinate_mode = coordinate_mode
-        self.target_spacing = None if target_spacing is None else [float(s) for s in np.ravel(target_spacing)]
+        self.target_spacing = None if target_spacing is None else _spacing_triple(target_spacing).tolist()
         self.chunk_size = int(chunk_size)
         self.seed = seed
         self.log_every = log_every
@@ -116,14 +122,15 @@ class LatentOptimisationInferer(Inferer):
         frame = self._frame(image)
         batch = image.shape[0]
         device = image.device
-        coords = frame.grid(frame.affine, image.shape[2:]).T.to(device)  # (3, P), shared by the batch
-        targets = image.as_tensor().reshape(batch, 1, -1).float()
-        num_voxels = targets.shape[-1]
         latent_dim = self.latent_dim or int(getattr(network, "latent_dim"))
         generator = torch.Generator().manual_seed(self.seed)
-        latent = (torch.randn(batch, latent_dim, generator=generator) * self.init_std).to(device).requires_grad_(True)
-        optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
-        with torch.enable_grad():
+        # callers may hold no_grad or inference_mode; the code needs autograd, the network does not
+        with torch.inference_mode(False), torch.enable_grad():
+            coords = frame.grid(frame.affine, image.shape[2:]).T.to(device)  # (3, P), shared by the batch
+            targets = image.as_tensor().reshape(batch, 1, -1).float().clone()
+            num_voxels = targets.shape[-1]
+            latent = (torch.randn(batch, latent_dim, generator=generator) * self.init_std).to(device).requires_grad_(True)
+            optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
             for step in range(self.num_steps):
                 if self.num_points is None or self.num_points >= num_voxels:
                     index = torch.arange(num_voxels)

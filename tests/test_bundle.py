@@ -1,0 +1,105 @@
+"""End to end: the bundle's training and inference commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from nisf_monai.data.synthetic import generate_cohort
+from nisf_monai.inferers import target_grid
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+TINY_NET = ["--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
+
+
+def run_bundle(run_id: str, config: str, bundle_root: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` in a fresh process, from a folder other than the repository."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(CONFIGS / config),
+           "--bundle_root", str(bundle_root), *overrides]
+    env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore")
+    result = subprocess.run(cmd, cwd=cwd or bundle_root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle root with a model trained for a few epochs on a tiny generated cohort."""
+    root = tmp_path_factory.mktemp("bundle")
+    data = tmp_path_factory.mktemp("cohort")
+    datalist = generate_cohort(str(data), num_subjects=3, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1)
+    run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", "3", "--num_points", "256",
+               "--batch_size", "2", *TINY_NET)
+    return root, Path(datalist)
+
+
+def test_training_writes_model_and_state(trained_bundle: tuple[Path, Path]) -> None:
+    root, datalist = trained_bundle
+    model = torch.load(root / "models" / "model.pt", weights_only=True)
+    state = torch.load(root / "models" / "training_state.pt", weights_only=True)
+    # model.pt is a plain network state_dict (what Model Zoo and MONAI Label load)
+    assert all(isinstance(v, torch.Tensor) for v in model.values())
+    assert "seg_head.weight" in model and model["seg_head.weight"].shape == (4, 16)
+    assert state["trainer"]["epoch"] == 3
+    items = json.loads(datalist.read_text())["training"]
+    assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(i["case"] for i in items)
+    assert state["latent_table"]["weight"].shape == (len(items), 16)
+
+
+def test_training_resumes_from_state(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = trained_bundle
+    out = run_bundle("training", "train.json", root, "--datalist", str(datalist), "--max_epochs", "4",
+                     "--num_points", "256", "--batch_size", "2", *TINY_NET)
+    assert "resumed from" in out.stdout + out.stderr
+    state = torch.load(root / "models" / "training_state.pt", weights_only=True)
+    assert state["trainer"]["epoch"] == 4
+
+
+def test_inference_writes_segmentations_at_target_spacing(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = trained_bundle
+    images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))
+    out_dir = tmp_path / "out"
+    run_bundle("inference", "inference.json", root, "--dataset_dir", str(datalist.parent), "--output_dir", str(out_dir),
+               "--target_spacing", "[2.0, 3.0, 5.0]", "--inference_steps", "5", *TINY_NET, cwd=tmp_path)
+    for image_path in images:
+        name = image_path.name[: -len(".nii.gz")]
+        source = nib.load(str(image_path))
+        seg = nib.load(str(out_dir / f"{name}_seg.nii.gz"))
+        recon = nib.load(str(out_dir / f"{name}_recon.nii.gz"))
+        expected_affine, expected_shape = target_grid(source.affine, source.shape, [2.0, 3.0, 5.0])
+        for written in (seg, recon):
+            assert list(written.shape) == expected_shape
+            np.testing.assert_allclose(written.affine, expected_affine, atol=1e-4)
+            np.testing.assert_allclose(written.header.get_zooms()[:3], [2.0, 3.0, 5.0], atol=1e-5)
+        assert seg.get_data_dtype() == np.uint8
+        labels = np.asarray(seg.dataobj)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+        values = np.asarray(recon.dataobj)
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        # same physical extent: the first and last output voxel centres lie on the input's corners
+        corners_in = source.affine @ np.array([[0, 0, 0, 1], [*(np.array(source.shape) - 1), 1]]).T
+        corners_out = seg.affine @ np.array([[0, 0, 0, 1], [*(np.array(seg.shape) - 1), 1]]).T
+        np.testing.assert_allclose(corners_out[:3, 0], corners_in[:3, 0], atol=1e-4)
+        assert np.all(np.abs(corners_out[:3, 1] - corners_in[:3, 1]) < np.array([2.0, 3.0, 5.0]))
+
+
+def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> None:
+    """A user with no data runs the training command as is: the synthetic cohort appears and is logged."""
+    out = run_bundle("training", "train.json", tmp_path, "--max_epochs", "1", "--num_points", "64",
+                     "--batch_size", "8", *TINY_NET)
+    datalist = tmp_path / "data" / "synthetic" / "datalist.json"
+    assert datalist.is_file()
+    assert "generated a synthetic cohort" in out.stdout + out.stderr
+    assert (tmp_path / "models" / "model.pt").is_file()
+    state = torch.load(tmp_path / "models" / "training_state.pt", weights_only=True)
+    cases = [item["case"] for item in json.loads(datalist.read_text())["training"]]
+    assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(cases)
