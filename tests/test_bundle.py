@@ -103,3 +103,46 @@ def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> N
     state = torch.load(tmp_path / "models" / "training_state.pt", weights_only=True)
     cases = [item["case"] for item in json.loads(datalist.read_text())["training"]]
     assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(cases)
+
+
+def _write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray, label_affine: np.ndarray | None = None) -> dict:
+    affine = np.diag([2.0, 2.0, 8.0, 1.0])
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine if label_affine is None else label_affine), str(folder / f"{name}_gt.nii.gz"))
+    return {"image": f"{name}.nii.gz", "label": f"{name}_gt.nii.gz"}
+
+
+BAD_CASES = {
+    "shape mismatch": (lambda rng: (rng.random((16, 16, 4)), np.zeros((16, 16, 5))), "differs from image shape"),
+    "label outside classes": (lambda rng: (rng.random((16, 16, 4)), np.full((16, 16, 4), 7)), "not classes 0..3"),
+    "NaN intensities": (lambda rng: (np.where(rng.random((16, 16, 4)) > 0.5, np.nan, 1.0), np.zeros((16, 16, 4))), "NaN or infinite"),
+    "2D image": (lambda rng: (rng.random((16, 16)), np.zeros((16, 16))), "expected one 3D volume"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_CASES))
+def test_training_on_a_bad_case_fails_with_one_clear_line(problem: str, tmp_path: Path) -> None:
+    """A bad file stops training with one line naming the file and the problem, not a traceback."""
+    make, message = BAD_CASES[problem]
+    image, label = make(np.random.default_rng(0))
+    good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
+    bad = _write_case(tmp_path, "bad", image, label)
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, bad]}))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--bundle_root", str(tmp_path), "--datalist", str(tmp_path / "datalist.json"), "--max_epochs", "1", *TINY_NET]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert "bad" in error_lines[0] and message in error_lines[0]
+
+
+def test_training_with_a_missing_file_names_it(tmp_path: Path) -> None:
+    good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, {"image": "gone.nii.gz", "label": "gone_gt.nii.gz"}]}))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--bundle_root", str(tmp_path), "--datalist", str(tmp_path / "datalist.json"), "--max_epochs", "1", *TINY_NET]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ERROR: " in result.stderr and "gone.nii.gz does not exist" in result.stderr

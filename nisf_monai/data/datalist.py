@@ -9,6 +9,8 @@ from typing import Any
 
 from monai.data import load_decathlon_datalist
 
+from nisf_monai.errors import DatalistError, MissingFileError
+
 __all__ = ["load_datalist", "list_images", "case_name"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -32,27 +34,27 @@ def load_datalist(datalist: str | os.PathLike, section: str = "training", keys: 
     """
     path = Path(datalist)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist.")
+        raise MissingFileError(f"datalist {path} does not exist.")
     try:
         items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=section)
-    except ValueError as err:
-        raise ValueError(f"datalist {path}: {err}") from None
+    except (ValueError, KeyError) as err:
+        raise DatalistError(f"datalist {path}: {err}") from None
     if not items:
-        raise ValueError(f"datalist {path}: section {section!r} is empty.")
+        raise DatalistError(f"datalist {path}: section {section!r} is empty.")
     for i, item in enumerate(items):
         for key in keys:
             if key not in item:
-                raise ValueError(f"datalist {path}: entry {i} of {section!r} has no {key!r} path.")
+                raise DatalistError(f"datalist {path}: entry {i} of {section!r} has no {key!r} path.")
             if not os.path.exists(item[key]):
-                raise FileNotFoundError(f"datalist {path}: entry {i} of {section!r}: {key} file {item[key]} does not exist.")
+                raise MissingFileError(f"datalist {path}: entry {i} of {section!r}: {key} file {item[key]} does not exist.")
         item.setdefault("case", case_name(item[keys[0]]))
         item.setdefault("subject", item["case"])
     repeated = [name for name, n in Counter(str(item[keys[0]]) for item in items).items() if n > 1]
     if repeated:
-        raise ValueError(f"datalist {path}: {section!r} lists the same image more than once: {repeated[:3]}.")
+        raise DatalistError(f"datalist {path}: {section!r} lists the same image more than once: {repeated[:3]}.")
     cases = [name for name, n in Counter(item["case"] for item in items).items() if n > 1]
     if cases:
-        raise ValueError(f"datalist {path}: {section!r} has duplicate case IDs {cases[:3]}; case IDs key the latent codes.")
+        raise DatalistError(f"datalist {path}: {section!r} has duplicate case IDs {cases[:3]}; case IDs key the latent codes.")
     return items
 
 
@@ -61,10 +63,10 @@ def list_images(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     datalist entries ``{"image": path, "case": name}`` for inference."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset_dir {folder} is not a folder.")
+        raise MissingFileError(f"dataset_dir {folder} is not a folder.")
     images = sorted(
         p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt")
     )
     if not images:
-        raise FileNotFoundError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
+        raise MissingFileError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
     return [{"image": str(p), "case": case_name(p)} for p in images]

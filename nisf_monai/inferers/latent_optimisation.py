@@ -122,7 +122,7 @@ class LatentOptimisationInferer(Inferer):
         frame = self._frame(image)
         batch = image.shape[0]
         device = image.device
-        latent_dim = self.latent_dim or int(getattr(network, "latent_dim"))
+        latent_dim = self.latent_dim or int(network.latent_dim)
         generator = torch.Generator().manual_seed(self.seed)
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not
         with torch.inference_mode(False), torch.enable_grad():
@@ -159,7 +159,7 @@ class LatentOptimisationInferer(Inferer):
         shape = [int(s) for s in spatial_shape]
         total = int(np.prod(shape))
         batch = latent.shape[0]
-        num_classes = int(getattr(network, "num_classes"))
+        num_classes = int(network.num_classes)
         seg = torch.empty((batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8)
         intensity = torch.empty((batch, 1, total), dtype=torch.float32)
         for start in range(0, total, self.chunk_size):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -84,7 +82,7 @@ class NISFNet(nn.Module):
                 x = layer(x) + x
         return x
 
-    def _check(self, coords: torch.Tensor, latent: Optional[torch.Tensor]) -> torch.Tensor:
+    def _check(self, coords: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         if coords.dim() < 3 or coords.shape[1] != self.coord_dim:
             raise ValueError(
                 f"coordinates must be (B, {self.coord_dim}, *spatial), got shape {coords.shape}."
@@ -99,7 +97,7 @@ class NISFNet(nn.Module):
         return latent
 
     def forward_heads(
-        self, coords: torch.Tensor, latent: Optional[torch.Tensor] = None
+        self, coords: torch.Tensor, latent: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads at once: ``(B, num_classes, *spatial)`` segmentation logits and ``(B, 1, *spatial)``
         intensity logits for coordinates ``(B, coord_dim, *spatial)`` and codes ``(B, latent_dim)``."""
@@ -112,7 +110,7 @@ class NISFNet(nn.Module):
         intensity = self.intensity_head(features).transpose(1, 2).reshape([batch, 1] + spatial)
         return seg, intensity
 
-    def forward(self, coords: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, coords: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """Segmentation logits ``(B, num_classes, *spatial)``: the image-in, logits-out form that MONAI's
         bundle tools (``verify_net_in_out``, TorchScript export, MONAI Label) expect. Without a latent,
         the zero code is used."""

@@ -9,11 +9,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from nisf_monai.errors import InvalidCaseError
+
 __all__ = ["InvalidCaseError", "ValidateCased", "source_of"]
-
-
-class InvalidCaseError(ValueError):
-    """A case (image and label files) that cannot be used; the message names the file and the problem."""
 
 
 def source_of(img: torch.Tensor, fallback: str = "<in-memory image>") -> str:
