@@ -76,8 +76,8 @@ class LatentOptimisationInferer(Inferer):
 
     def __init__(
         self,
-        num_steps: int = 300,
-        learning_rate: float = 1e-2,
+        num_steps: int = 200,
+        learning_rate: float = 3e-3,
         num_points: int | None = 8192,
         init_std: float = 1e-4,
         latent_weight: float = 1e-4,
