@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fire
 
+from nisf_monai.data.builder import build_datalist
 from nisf_monai.data.synthetic import generate_cohort
 
-COMMANDS = {"synthetic": generate_cohort}
+COMMANDS = {"synthetic": generate_cohort, "datalist": build_datalist}
 
 
 def main() -> None:

@@ -261,14 +261,20 @@ def test_collated_batch() -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def test_batch_on_different_grids_rejected() -> None:
-    """Images of a batch with different affines cannot share coordinates: ValueError."""
-    disc, ramp = volumes()
-    shifted = AFFINE.copy()
-    shifted[0, 3] = 5.0
-    items = [{"image": MetaTensor(torch.as_tensor(disc)[None], affine=torch.as_tensor(a))} for a in (AFFINE, shifted)]
+def test_batch_on_different_grids_fits_each_on_its_own_grid() -> None:
+    """A collated batch whose images have different affines: fit uses each case's own affine (the codes
+    equal fitting each case alone); sampling one output grid for the batch is refused."""
+    disc, _ = volumes()
+    stretched = AFFINE.copy()
+    stretched[0, 0] *= 2.0  # a translation alone would not change centred coordinates; a spacing does
+    items = [{"image": MetaTensor(torch.as_tensor(disc)[None], affine=torch.as_tensor(a))} for a in (AFFINE, stretched)]
+    net = tiny_net()
+    batched = inferer(num_steps=5).fit(list_data_collate(items)["image"], net)
+    alone = [inferer(num_steps=5).fit(item["image"][None], net) for item in items]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-4, atol=1e-6)
+    assert (alone[0] - alone[1]).abs().max() > 1e-6  # other coordinates, other codes
     with pytest.raises(ValueError, match="share one grid"):
-        inferer(num_steps=1).fit(list_data_collate(items)["image"], tiny_net())
+        inferer(num_steps=1).fit_and_sample(list_data_collate(items)["image"], net)
 
 
 def test_plain_tensor_rejected() -> None:

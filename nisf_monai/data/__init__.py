@@ -1,6 +1,11 @@
+from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
 from nisf_monai.data.datalist import case_name, list_images, load_datalist
 
 __all__ = [
+    "ACDC_LABEL_MAPPING",
+    "build_datalist",
+    "read_label_mapping",
+    "split_of",
     "case_name",
     "list_images",
     "load_datalist",

@@ -9,6 +9,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from nisf_monai.engines.dice_curve import DiceCurveRecorder
 from nisf_monai.inferers import LatentOptimisationInferer
 
 __all__ = ["LatentOptimisationEvaluator"]
@@ -18,29 +19,61 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` whose iteration fits each case's latent code with a frozen network and then
     samples the segmentation on the inferer's target grid.
 
-    The engine's output per batch: ``image``, ``label`` (when the data has one), ``pred`` (uint8 labels on the
-    target grid, a MetaTensor with that grid's affine), ``recon`` (reconstructed intensity on the same grid)
-    and ``latent`` (the fitted codes). Postprocessing (e.g. ``SaveImaged`` on ``pred`` and ``recon``) and
+    Batches may be collated dicts (cases on one grid) or lists of case dicts (``monai.data.no_collation``,
+    any grids): the cases of a batch are optimised together, one batched forward per step. The output per
+    case: ``image``, ``label`` (when the data has one), ``pred`` (uint8 labels on the target grid, a
+    MetaTensor with that grid's affine), ``recon`` (reconstructed intensity on that grid) and ``latent``;
+    with ``monitor_every > 0`` and labels, also ``dice_curve`` (Dice per foreground class against the
+    latent step, see :class:`DiceCurveRecorder`). Postprocessing (``SaveImaged``, ``AsDiscreted``) and
     metrics then work as for any MONAI evaluator.
 
     Args:
         inferer: the :class:`LatentOptimisationInferer` holding the optimisation settings.
+        monitor_every: record Dice every this many latent steps (0: never).
+        monitor_points: voxels per case for those records.
         kwargs: as for ``SupervisedEvaluator``.
     """
 
-    def __init__(self, *args: Any, inferer: LatentOptimisationInferer, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, inferer: LatentOptimisationInferer, monitor_every: int = 0, monitor_points: int = 32768, **kwargs: Any
+    ) -> None:
         super().__init__(*args, inferer=inferer, **kwargs)
+        self.monitor_every = int(monitor_every)
+        self.monitor_points = int(monitor_points)
 
-    def _iteration(self, engine: LatentOptimisationEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+    def _iteration(self, engine: LatentOptimisationEvaluator, batchdata: Any) -> Any:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        image = batchdata[Keys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
-        engine.state.output = {Keys.IMAGE: image}
-        if Keys.LABEL in batchdata:
-            engine.state.output[Keys.LABEL] = batchdata[Keys.LABEL]
-        with engine.mode(engine.network):
-            with torch.autocast(device_type=torch.device(engine.state.device).type, enabled=bool(engine.amp), **engine.amp_kwargs):
+        device = engine.state.device
+        with engine.mode(engine.network), torch.autocast(
+            device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs
+        ):
+            if isinstance(batchdata, (list, tuple)):
+                engine.state.output = self._cases_iteration(engine, list(batchdata))
+            else:
+                image = batchdata[Keys.IMAGE].to(device, non_blocking=engine.non_blocking)
+                engine.state.output = {Keys.IMAGE: image}
+                if Keys.LABEL in batchdata:
+                    engine.state.output[Keys.LABEL] = batchdata[Keys.LABEL]
                 engine.state.output.update(engine.inferer.fit_and_sample(image, engine.network))
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _cases_iteration(self, engine: LatentOptimisationEvaluator, cases: list[dict]) -> list[dict]:
+        images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
+        recorder = None
+        if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
+            frames = [engine.inferer._frame(image[None]) for image in images]
+            recorder = DiceCurveRecorder(
+                engine.network, images, [case[Keys.LABEL] for case in cases], frames,
+                int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,
+            )
+        outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every)
+        for b, (case, output) in enumerate(zip(cases, outputs)):
+            output[Keys.IMAGE] = images[b]
+            if Keys.LABEL in case:
+                output[Keys.LABEL] = case[Keys.LABEL]
+            if recorder is not None:
+                output["dice_curve"] = recorder.curve(b)
+        return outputs

@@ -1,3 +1,15 @@
+from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
+from nisf_monai.handlers.metrics import class_dice_metrics
+from nisf_monai.handlers.step_selection import StepSelectionHandler, select_step, selected_inference_steps
 from nisf_monai.handlers.training_state import TrainingStateHandler, atomic_save
 
-__all__ = ["TrainingStateHandler", "atomic_save"]
+__all__ = [
+    "OverlayFigured",
+    "mid_ventricular_slice",
+    "StepSelectionHandler",
+    "TrainingStateHandler",
+    "atomic_save",
+    "class_dice_metrics",
+    "select_step",
+    "selected_inference_steps",
+]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.data.utils import compute_shape_offset, to_affine_nd, zoom_affine
 from monai.inferers import Inferer
@@ -116,36 +117,80 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError(f"expected a batch of 3D single-channel images (B, 1, X, Y, Z), got {tuple(inputs.shape)}.")
         return inputs
 
-    def fit(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        """Fitted codes ``(B, latent_dim)`` for images ``(B, 1, X, Y, Z)``; the network stays untouched."""
-        image = self._check_input(inputs)
-        frame = self._frame(image)
-        batch = image.shape[0]
-        device = image.device
+    def _cases(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[MetaTensor]:
+        """Split the input into single cases ``(1, 1, X, Y, Z)``; a list may mix grids."""
+        if isinstance(inputs, torch.Tensor):
+            image = self._check_input(inputs)
+            return [image[b : b + 1] for b in range(image.shape[0])]
+        cases = []
+        for item in inputs:
+            case = item[None] if isinstance(item, torch.Tensor) and item.dim() == 4 else item
+            cases.append(self._check_input(case))
+        if not cases:
+            raise ValueError("no images to fit.")
+        return cases
+
+    def fit(
+        self,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        network: nn.Module,
+        monitor: Callable[[int, torch.Tensor], None] | None = None,
+        monitor_every: int = 0,
+    ) -> torch.Tensor:
+        """Fitted codes ``(B, latent_dim)``; the network stays untouched.
+
+        ``inputs`` is a batch ``(B, 1, X, Y, Z)`` on one grid or a list of images ``(1, X, Y, Z)`` on grids of
+        their own. All cases are optimised together (one batched forward per step), each with its own
+        code, Adam moments and random points drawn from a generator seeded as for a case fitted alone, so
+        a batch gives the codes that fitting each case alone gives. ``monitor(step, codes)`` is called
+        before the first step and every ``monitor_every`` steps (e.g. to record Dice against the step).
+        """
+        cases = self._cases(inputs)
+        device = cases[0].device
         latent_dim = self.latent_dim or int(network.latent_dim)
-        generator = torch.Generator().manual_seed(self.seed)
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not
         with torch.inference_mode(False), torch.enable_grad():
-            coords = frame.grid(frame.affine, image.shape[2:]).T.to(device)  # (3, P), shared by the batch
-            targets = image.as_tensor().reshape(batch, 1, -1).float().clone()
-            num_voxels = targets.shape[-1]
-            latent = (torch.randn(batch, latent_dim, generator=generator) * self.init_std).to(device).requires_grad_(True)
+            coords, targets, generators = [], [], []
+            for case in cases:
+                frame = self._frame(case)
+                coords.append(frame.grid(frame.affine, case.shape[2:]).T.to(device))  # (3, P)
+                targets.append(case.as_tensor().reshape(1, -1).float().clone().to(device))  # (1, P)
+                generators.append(torch.Generator().manual_seed(self.seed))
+            initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
+            latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
             optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
             for step in range(self.num_steps):
-                if self.num_points is None or self.num_points >= num_voxels:
-                    index = torch.arange(num_voxels)
-                else:
-                    index = torch.randint(num_voxels, (self.num_points,), generator=generator)
-                index = index.to(device)
-                points = coords[:, index].expand(batch, -1, -1)
-                _, intensity_logit = network.forward_heads(points, latent)
-                loss = intensity_loss(intensity_logit, targets[:, :, index]) + self.latent_weight * latent.pow(2).mean()
+                if monitor is not None and monitor_every and step % monitor_every == 0:
+                    monitor(step, latent.detach())
+                index = [self._draw(c.shape[-1], g).to(device) for c, g in zip(coords, generators)]
+                loss = self._loss(network, latent, [c[:, i] for c, i in zip(coords, index)], [t[:, i] for t, i in zip(targets, index)])
                 (grad,) = torch.autograd.grad(loss, [latent])
                 latent.grad = grad
                 optimiser.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
-                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps, float(loss))
+                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps, float(loss.detach()) / len(cases))
+            if monitor is not None and monitor_every:
+                monitor(self.num_steps, latent.detach())
         return latent.detach()
+
+    def _draw(self, num_voxels: int, generator: torch.Generator) -> torch.Tensor:
+        if self.num_points is None or self.num_points >= num_voxels:
+            return torch.arange(num_voxels)
+        return torch.randint(num_voxels, (self.num_points,), generator=generator)
+
+    def _loss(self, network: nn.Module, latent: torch.Tensor, points: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        """Sum over cases of each case's mean intensity BCE plus its L2 term: every code gets the gradient
+        it would get alone."""
+        penalty = self.latent_weight * latent.pow(2).mean(dim=1).sum()
+        if len({p.shape[-1] for p in points}) == 1:
+            _, logit = network.forward_heads(torch.stack(points), latent)
+            per_case = F.binary_cross_entropy_with_logits(logit, torch.stack(targets).clamp(0.0, 1.0), reduction="none")
+            return per_case.mean(dim=(1, 2)).sum() + penalty
+        total = penalty
+        for b, (p, t) in enumerate(zip(points, targets)):
+            _, logit = network.forward_heads(p[None], latent[b : b + 1])
+            total = total + intensity_loss(logit, t[None])
+        return total
 
     @torch.no_grad()
     def sample(
@@ -173,16 +218,37 @@ class LatentOptimisationInferer(Inferer):
             intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
 
-    def fit_and_sample(self, inputs: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
+    def fit_and_sample(
+        self,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        network: nn.Module,
+        monitor: Callable[[int, torch.Tensor], None] | None = None,
+        monitor_every: int = 0,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Fit codes, then sample labels and reconstruction at ``target_spacing``.
 
-        Returns ``{"pred": uint8 labels (B, 1, *S'), "recon": intensity (B, 1, *S'), "latent": (B, L)}``, the
-        first two MetaTensors whose affine is the target grid's, so ``SaveImage`` writes them in place."""
-        image = self._check_input(inputs)
-        latent = self.fit(image, network)
-        affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
-        labels, recon = self.sample(network, latent, self._frame(image), affine, shape)
-        return {"pred": self._as_meta(labels, image, affine), "recon": self._as_meta(recon, image, affine), "latent": latent}
+        For a batch ``(B, 1, X, Y, Z)``: ``{"pred": uint8 labels (B, 1, *S'), "recon": intensity (B, 1, *S'),
+        "latent": (B, L)}``. For a list of images ``(1, X, Y, Z)`` (grids may differ): one such dict per
+        image, without the batch dimension. ``pred`` and ``recon`` are MetaTensors carrying the target grid's
+        affine, so ``SaveImage`` writes them in place. ``monitor``: see :meth:`fit`."""
+        latent = self.fit(inputs, network, monitor, monitor_every)
+        if isinstance(inputs, torch.Tensor):
+            image = self._check_input(inputs)
+            affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
+            labels, recon = self.sample(network, latent, self._frame(image), affine, shape)
+            return {"pred": self._as_meta(labels, image, affine), "recon": self._as_meta(recon, image, affine), "latent": latent}
+        outputs = []
+        for b, case in enumerate(self._cases(inputs)):
+            affine, shape = target_grid(_grid_affine(case), case.shape[2:], self.target_spacing)
+            labels, recon = self.sample(network, latent[b : b + 1], self._frame(case), affine, shape)
+            outputs.append(
+                {
+                    "pred": self._as_meta(labels, case, affine)[0],
+                    "recon": self._as_meta(recon, case, affine)[0],
+                    "latent": latent[b],
+                }
+            )
+        return outputs
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Class probabilities ``(B, M, X, Y, Z)`` on the input grid: the ``inferer(image, network)`` form
