@@ -1,0 +1,236 @@
+"""ACDC benchmark: NISF (this bundle) against a 2D MONAI UNet, trained side by side under one CPU budget.
+
+Trains each method for the same wall-clock budget on the training patients of the ACDC split in the data
+README, selects NISF's latent step count on the validation patients (Dice against step), and scores both
+on the test patients at their original grids with MONAI's DiceMetric (one-hot [B, C, ...] from argmax,
+background excluded). Prints a table and writes JSON and PNGs to --work-dir.
+
+    python benchmarks/acdc.py --budget-minutes 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from ignite.handlers import TimeLimit
+from monai.bundle import ConfigParser
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric
+from monai.networks.nets import UNet
+from monai.transforms import (
+    Compose,
+    DivisiblePad,
+    LoadImaged,
+    MapLabelValued,
+    RandSpatialCropd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    SqueezeDimd,
+)
+
+from nisf_monai.data import build_datalist, load_datalist, read_label_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+CLASSES = ["LV", "Myo", "RV"]  # bundle classes 1, 2, 3
+PAPER = {"LV": 0.90, "Myo": 0.82, "RV": 0.88}
+logger = logging.getLogger("acdc")
+
+
+def preprocessing(mapping: dict[int, int]) -> list:
+    """Loading, ACDC -> bundle label mapping and the percentile scaling the bundle uses, for both methods."""
+    return [
+        LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True),
+        MapLabelValued("label", list(mapping), list(mapping.values())),
+        ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
+    ]
+
+
+def dice_of(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
+    """Per-class Dice (LV, Myo, RV) of label maps (X, Y, Z) via MONAI DiceMetric on [1, C, ...] one-hot."""
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    p = F.one_hot(pred.long(), 4).movedim(-1, 0)[None]
+    g = F.one_hot(label.long(), 4).movedim(-1, 0)[None]
+    return metric(p, g)[0].numpy()
+
+
+def train_nisf(datalist: str, root: Path, budget_s: float, args: argparse.Namespace) -> float:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": False,
+                   "num_points": args.num_points, "batch_size": args.nisf_batch_size})
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(budget_s))))
+    start = time.perf_counter()
+    trainer.run()
+    elapsed = time.perf_counter() - start
+    # the state handler saves at epoch ends; save once more so the network trained up to the limit is kept
+    torch.save(parser.get_parsed_content("network").state_dict(), root / "models" / "model.pt")
+    logger.info("NISF trained %d epochs / %d iterations in %.0f s", trainer.state.epoch, trainer.state.iteration, elapsed)
+    return elapsed
+
+
+def nisf_evaluate(datalist: str, root: Path, section: str, steps: int, monitor_every: int, args: argparse.Namespace) -> tuple[list[dict], float]:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")])
+    out = root / f"eval_{section}"
+    parser.update({"bundle_root": str(root), "datalist_file": datalist, "section": section, "output_dir": str(out),
+                   "inference_steps": steps, "monitor_every": monitor_every, "num_points": args.inference_points,
+                   "batch_size": args.eval_batch_size})
+    evaluator = parser.get_parsed_content("evaluator")
+    cases: list[dict] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def keep(engine) -> None:  # per-case Dice from the one-hot outputs the metrics saw
+        for item in engine.state.output:
+            pred = item["pred"].argmax(0)
+            label = item["label"].argmax(0)
+            cases.append({"case": Path(str(item["image"].meta["filename_or_obj"])).name, "dice": dice_of(pred, label).tolist()})
+
+    start = time.perf_counter()
+    evaluator.run()
+    return cases, time.perf_counter() - start
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Every short-axis slice of cached volumes, as 2D samples (the UNet baseline is slice-wise)."""
+
+    def __init__(self, volumes: CacheDataset, transform) -> None:
+        self.volumes = volumes
+        self.index = [(v, z) for v in range(len(volumes)) for z in range(volumes[v]["image"].shape[-1])]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        v, z = self.index[i]
+        item = self.volumes[v]
+        return self.transform({"image": item["image"][..., z], "label": item["label"][..., z]})
+
+
+def train_unet(items: list[dict], mapping: dict[int, int], budget_s: float, args: argparse.Namespace) -> tuple[torch.nn.Module, float, int]:
+    volumes = CacheDataset(items, Compose(preprocessing(mapping)), cache_rate=1.0, progress=False)
+    slice_tf = Compose([ResizeWithPadOrCropd(["image", "label"], (256, 256)),
+                        RandSpatialCropd(["image", "label"], (224, 224), random_size=False)])
+    loader = DataLoader(SliceDataset(volumes, slice_tf), batch_size=args.unet_batch_size, shuffle=True, num_workers=0)
+    net = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    start, iterations = time.perf_counter(), 0
+    net.train()
+    while time.perf_counter() - start < budget_s:
+        for batch in loader:
+            optimiser.zero_grad()
+            loss = loss_fn(net(batch["image"].as_tensor()), batch["label"].as_tensor())
+            loss.backward()
+            optimiser.step()
+            iterations += 1
+            if time.perf_counter() - start >= budget_s:
+                break
+    elapsed = time.perf_counter() - start
+    logger.info("UNet trained %d iterations in %.0f s", iterations, elapsed)
+    return net.eval(), elapsed, iterations
+
+
+@torch.no_grad()
+def unet_evaluate(net: torch.nn.Module, items: list[dict], mapping: dict[int, int]) -> tuple[list[dict], float]:
+    tf = Compose(preprocessing(mapping))
+    pad = DivisiblePad(16)
+    cases, start = [], time.perf_counter()
+    for item in items:
+        d = tf(item)
+        image, label = d["image"], d["label"][0]
+        slices = image.movedim(-1, 0)  # (Z, 1, X, Y)
+        padded = torch.stack([pad(s) for s in slices]).as_tensor() if hasattr(pad(slices[0]), "as_tensor") else torch.stack([pad(s) for s in slices])
+        logits = net(padded)[..., : image.shape[1], : image.shape[2]]
+        pred = logits.argmax(1).movedim(0, -1)
+        cases.append({"case": Path(item["image"]).name, "dice": dice_of(pred, label).tolist()})
+    return cases, time.perf_counter() - start
+
+
+def summary(cases: list[dict]) -> dict[str, list[float]]:
+    dice = np.asarray([c["dice"] for c in cases], dtype=float)
+    with np.errstate(invalid="ignore"):
+        return {name: [float(np.nanmean(dice[:, k])), float(np.nanstd(dice[:, k]))] for k, name in enumerate(CLASSES)} | {
+            "mean": [float(np.nanmean(np.nanmean(dice, axis=1))), float(np.nanstd(np.nanmean(dice, axis=1)))]
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
+    ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc"))
+    ap.add_argument("--budget-minutes", type=float, default=12.0, help="training wall-clock budget per method")
+    ap.add_argument("--num-points", type=int, default=8192, help="NISF points per frame per training step")
+    ap.add_argument("--nisf-batch-size", type=int, default=4)
+    ap.add_argument("--inference-points", type=int, default=4096, help="NISF points per case per latent step")
+    ap.add_argument("--max-steps", type=int, default=300, help="largest latent step count tried on validation")
+    ap.add_argument("--monitor-every", type=int, default=50)
+    ap.add_argument("--eval-batch-size", type=int, default=4)
+    ap.add_argument("--unet-batch-size", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=0, help="use only this many subjects per part (smoke test)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    torch.manual_seed(0)
+    if not Path(args.data).is_dir():
+        sys.exit(f"ACDC data not found at {args.data}")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    datalist = build_datalist(args.data, str(work / "datalist.json"))
+    if args.limit:
+        full = json.loads(Path(datalist).read_text())
+        for part in ("training", "validation", "test"):
+            keep = sorted({e["subject"] for e in full[part]})[: args.limit]
+            full[part] = [e for e in full[part] if e["subject"] in keep]
+        Path(datalist).write_text(json.dumps(full, indent=2))
+    mapping = read_label_mapping(datalist)
+    budget = args.budget_minutes * 60.0
+    nisf_root = work / "nisf"
+
+    nisf_train_s = train_nisf(datalist, nisf_root, budget, args)
+    _, select_s = nisf_evaluate(datalist, nisf_root, "validation", args.max_steps, args.monitor_every, args)
+    selection = json.loads((nisf_root / "models" / "inference_steps.json").read_text())
+    steps = int(selection["inference_steps"])
+    nisf_cases, nisf_test_s = nisf_evaluate(datalist, nisf_root, "test", steps, 0, args)
+
+    unet, unet_train_s, unet_iterations = train_unet(load_datalist(datalist, "training"), mapping, budget, args)
+    unet_cases, unet_test_s = unet_evaluate(unet, load_datalist(datalist, "test"), mapping)
+
+    result = {
+        "budget_minutes": args.budget_minutes,
+        "settings": vars(args),
+        "selected_inference_steps": steps,
+        "validation_curve": {"steps": selection["steps"], "mean_dice": selection["mean_dice"]},
+        "nisf": {"summary": summary(nisf_cases), "train_s": nisf_train_s, "step_selection_s": select_s,
+                 "test_inference_s": nisf_test_s, "test_cases": len(nisf_cases), "cases": nisf_cases},
+        "unet": {"summary": summary(unet_cases), "train_s": unet_train_s, "train_iterations": unet_iterations,
+                 "test_inference_s": unet_test_s, "test_cases": len(unet_cases), "cases": unet_cases},
+        "paper_ukbb": PAPER,
+        "torch_threads": torch.get_num_threads(),
+    }
+    (work / "acdc.json").write_text(json.dumps(result, indent=2))
+    rows = [("method", "LV", "Myo", "RV", "mean", "train s", "test s (all cases)")]
+    for name in ("nisf", "unet"):
+        s = result[name]["summary"]
+        rows.append((name, *[f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean")],
+                     f"{result[name]['train_s']:.0f}", f"{result[name]['test_inference_s']:.0f}"))
+    rows.append(("paper (UK Biobank)", *[f"{PAPER[k]:.2f}" for k in CLASSES], "0.87", "-", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"NISF latent steps selected on validation: {steps}; results in {work / 'acdc.json'}")
+
+
+if __name__ == "__main__":
+    main()
