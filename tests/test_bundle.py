@@ -38,7 +38,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     data = tmp_path_factory.mktemp("cohort")
     datalist = generate_cohort(str(data), num_subjects=3, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1)
     run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", "3", "--num_points", "256",
-               "--batch_size", "2", *TINY_NET)
+               "--batch_size", "2", "--val_interval", "3", "--val_max_steps", "4", "--val_monitor_every", "2", *TINY_NET)
     return root, Path(datalist)
 
 
@@ -53,6 +53,16 @@ def test_training_writes_model_and_state(trained_bundle: tuple[Path, Path]) -> N
     items = json.loads(datalist.read_text())["training"]
     assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(i["case"] for i in items)
     assert state["latent_table"]["weight"].shape == (len(items), 16)
+
+
+def test_validation_selects_steps_and_keeps_the_best_model(trained_bundle: tuple[Path, Path]) -> None:
+    root, _ = trained_bundle
+    steps = json.loads((root / "models" / "inference_steps.json").read_text())
+    assert steps["steps"] == [0, 2, 4] and steps["inference_steps"] in (0, 2, 4)
+    assert steps["num_cases"] == 2  # the validation subject's ED and ES frames
+    best = torch.load(root / "models" / "model_best.pt", weights_only=True)
+    assert set(best) == set(torch.load(root / "models" / "model.pt", weights_only=True))
+    assert (root / "logs" / "dice_vs_latent_step.png").is_file()
 
 
 def test_training_resumes_from_state(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
