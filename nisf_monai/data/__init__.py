@@ -1,5 +1,5 @@
 from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
-from nisf_monai.data.datalist import case_name, list_images, load_datalist
+from nisf_monai.data.datalist import case_name, expand_cine_datalist, list_images, load_datalist
 
 __all__ = [
     "ACDC_LABEL_MAPPING",
@@ -7,6 +7,7 @@ __all__ = [
     "read_label_mapping",
     "split_of",
     "case_name",
+    "expand_cine_datalist",
     "list_images",
     "load_datalist",
     "LABELS",

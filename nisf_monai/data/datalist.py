@@ -7,11 +7,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 from monai.data import load_decathlon_datalist
 
-from nisf_monai.errors import DatalistError, MissingFileError
+from nisf_monai.errors import DatalistError, InvalidCaseError, MissingFileError
 
-__all__ = ["load_datalist", "list_images", "case_name"]
+__all__ = ["load_datalist", "list_images", "case_name", "expand_cine_datalist"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -70,3 +71,73 @@ def list_images(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not images:
         raise MissingFileError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
     return [{"image": str(p), "case": case_name(p)} for p in images]
+
+
+def _num_frames(path: str) -> int | None:
+    """Frames of a 4D ``(X, Y, Z, T)`` image from its header alone (None for a 3D image)."""
+    try:
+        shape = nib.load(path).shape  # reads the header only
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: image file does not exist.") from None
+    except Exception as err:
+        raise InvalidCaseError(f"{path}: cannot read the image header ({type(err).__name__}: {err}).") from err
+    if len(shape) == 4 and shape[3] > 1:
+        return int(shape[3])
+    return None
+
+
+def expand_cine_datalist(
+    items: list[dict[str, Any]],
+    image_key: str = "image",
+    label_key: str = "label",
+    frame_key: str = "frame",
+    frames_key: str = "frames",
+) -> list[dict[str, Any]]:
+    """One entry per time frame for every 4D cine image ``(X, Y, Z, T)`` of a datalist.
+
+    NISF learns from 3D frames. Instead of writing each frame to its own file, a cine entry becomes
+    ``T`` entries that point to the same file and say which frame to keep; add
+    :class:`nisf_monai.transforms.SelectFramed` after loading to cut it out. Each frame gets its own case
+    ID ``<case>_tNN`` (hence its own latent code when codes are keyed by case) and keeps the entry's
+    ``subject``. A 3D entry is a series of one frame: it keeps its case ID and gets ``frame`` 0, so that
+    every entry has the same keys and a batch mixing 3D and cine frames collates. Only headers are read.
+
+    An entry may list the frames to use in ``frames_key`` (e.g. ``"frames": [0, 11]`` for ED and ES). Its
+    label is either 4D with the image's frames (the same frame is cut from both) or 3D, the label of one
+    frame, in which case ``frames`` must name exactly that frame.
+
+    Example (bundle config)::
+
+        "data": "$nisf_monai.data.datalist.expand_cine_datalist(nisf_monai.data.load_datalist(@datalist))"
+
+    Raises:
+        DatalistError: a frame index outside the series, a 3D label without its one frame, or a 4D label
+            with another number of frames, naming the file.
+    """
+    expanded: list[dict[str, Any]] = []
+    for item in items:
+        image = str(item[image_key])
+        num_frames = _num_frames(image) or 1
+        frames = [int(t) for t in item.get(frames_key, range(num_frames))]
+        bad = [t for t in frames if not 0 <= t < num_frames]
+        if bad or not frames:
+            raise DatalistError(f"{image}: frames {bad or frames} requested, the series has frames 0..{num_frames - 1}.")
+        if num_frames > 1 and item.get(label_key) is not None:
+            label_frames = _num_frames(str(item[label_key]))
+            if label_frames is None and len(frames) != 1:
+                raise DatalistError(
+                    f"{item[label_key]}: a 3D label for the cine series {image} of {num_frames} frames; say which "
+                    f"frame it labels with '{frames_key}': [t] in its datalist entry."
+                )
+            if label_frames is not None and label_frames != num_frames:
+                raise DatalistError(f"{item[label_key]}: label has {label_frames} frames, its image {image} has {num_frames}.")
+        case = str(item.get("case", case_name(image)))
+        for t in frames:
+            entry = {k: v for k, v in item.items() if k != frames_key}
+            entry.update({frame_key: t, "case": f"{case}_t{t:02d}" if num_frames > 1 else case,
+                          "subject": str(item.get("subject", case))})
+            expanded.append(entry)
+    repeated = [name for name, n in Counter(e["case"] for e in expanded).items() if n > 1]
+    if repeated:
+        raise DatalistError(f"expanding cine series gave duplicate case IDs {repeated[:3]}; case IDs key the latent codes.")
+    return expanded

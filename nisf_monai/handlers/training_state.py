@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,18 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim import Optimizer
 
+from nisf_monai.errors import InputDataError
 from nisf_monai.networks import LatentTable
 
-__all__ = ["TrainingStateHandler", "atomic_save"]
+__all__ = ["CheckpointError", "TrainingStateHandler", "atomic_save", "describe_state_mismatch"]
 
 logger = logging.getLogger("nisf_monai")
+
+
+class CheckpointError(InputDataError, RuntimeError):
+    """A training state that cannot be resumed with this config (unreadable, or saved with another
+    ``latent_dim``, class count, network size or subject set); the message says which setting differs.
+    A ``RuntimeError`` as before, and an ``InputDataError`` so the bundle prints it as one line."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -38,6 +47,47 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _num_layers(keys: Any) -> int:
+    return len({m.group(1) for k in keys if (m := re.match(r"layers\.(\d+)\.", k))})
+
+
+def describe_state_mismatch(state: dict[str, Any], network: nn.Module, latent_table: LatentTable) -> str | None:
+    """Which setting differs between a saved training state and the objects built from the config,
+    as ``'<setting> <saved> in checkpoint vs <current> in config'``; None when the shapes agree.
+
+    Checked in the order that explains the most: the code size (it also changes the network's input
+    layer), the class count (rows of ``seg_head``), the hidden width, the layer count, then any other
+    parameter whose shape or presence differs. The subject set is left to the latent table, which maps
+    codes by ID unless ``strict_subjects`` is set."""
+    saved_table = state.get("latent_table", {})
+    saved_codes = saved_table.get("weight") if isinstance(saved_table, dict) else None
+    if isinstance(saved_codes, torch.Tensor) and saved_codes.ndim == 2 and saved_codes.shape[1] != latent_table.latent_dim:
+        return f"latent_dim {saved_codes.shape[1]} in checkpoint vs {latent_table.latent_dim} in config"
+    saved, current = _shapes(state.get("network", {})), _shapes(network.state_dict())
+    head = "seg_head.weight"
+    if head in saved and head in current:
+        if saved[head][0] != current[head][0]:
+            return (f"number of classes {saved[head][0]} in checkpoint vs {current[head][0]} in config "
+                    "(label_names, background included)")
+        if saved[head][1] != current[head][1]:
+            return f"hidden_dim {saved[head][1]} in checkpoint vs {current[head][1]} in config"
+    layers_saved, layers_now = _num_layers(saved), _num_layers(current)
+    if layers_saved != layers_now:
+        return f"num_layers {layers_saved} in checkpoint vs {layers_now} in config"
+    missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or unexpected:
+        return (f"network parameters differ (missing from checkpoint: {missing[:3]}, not in config: {unexpected[:3]}); "
+                "was it trained with another activation or network version?")
+    for key, shape in current.items():
+        if saved[key] != shape:
+            return f"network parameter {key} of shape {saved[key]} in checkpoint vs {shape} in config"
+    return None
+
+
 class TrainingStateHandler:
     """Keeps two files in ``save_dir`` up to date and resumes from them.
 
@@ -50,7 +100,12 @@ class TrainingStateHandler:
     interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename`` continues from it:
     codes are restored by subject ID (new subjects start fresh); the latent optimiser's row-wise moments
     are restored only when the subject set is unchanged. Files hold tensors and plain types only, so they
-    load with ``torch.load(weights_only=True)``.
+    load with ``torch.load(weights_only=True)`` (and are read that way: a checkpoint cannot run code).
+
+    A state saved with another ``latent_dim``, class count, network size or (with
+    ``LatentTable.strict_subjects``) subject set raises :class:`CheckpointError` naming the setting, e.g.
+    ``latent_dim 16 in checkpoint vs 32 in config``, already when the handler is attached (while the
+    bundle builds the trainer). Temporary files of a save that was killed are removed when training starts.
 
     Args:
         save_dir: folder of both files (the bundle's ``models``).
@@ -85,6 +140,10 @@ class TrainingStateHandler:
         self.resume = resume
 
     def attach(self, engine: Engine) -> None:
+        # an incompatible state fails here, while the trainer is built, rather than inside the run, where
+        # ignite and StatsHandler would log a traceback around the one-line message
+        if self.resume and self.state_path.exists():
+            self.check(self._read())
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
@@ -103,22 +162,76 @@ class TrainingStateHandler:
         atomic_save(self.network.state_dict(), self.model_path)
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
-    def load(self, engine: Engine) -> None:
-        if not (self.resume and self.state_path.exists()):
-            return
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files that a process killed inside :func:`atomic_save` left beside the two
+        files (``.model.pt.*.tmp``); they are never read, only clutter. Returns what was removed."""
+        removed = []
+        for target in (self.model_path, self.state_path):
+            for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+                try:
+                    tmp.unlink()
+                    removed.append(tmp)
+                except OSError:  # another process may have renamed it meanwhile
+                    pass
+        if removed:
+            logger.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), self.save_dir)
+        return removed
+
+    def _fail(self, reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot resume from {self.state_path}: {reason}. Use the config it was trained with, or delete it "
+            "(or set resume to false) to start afresh."
+        )
+
+    def _read(self) -> dict[str, Any]:
+        """The saved training state, loaded with ``weights_only=True`` (tensors and plain types only)."""
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise self._fail(f"the file is unreadable ({type(err).__name__}: {first})") from err
+        return state
+
+    def check(self, state: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` naming the setting that differs if ``state`` cannot be resumed
+        into this handler's network and latent table."""
+        if not isinstance(state, dict):
+            raise self._fail(f"it holds a {type(state).__name__}, not a training state")
+        missing = [k for k in ("network", "latent_table", "optimizer", "latent_optimizer", "trainer") if k not in state]
+        if missing:
+            raise self._fail(f"it is not a training state (no {missing})")
+        mismatch = describe_state_mismatch(state, self.network, self.latent_table)
+        if mismatch:
+            raise self._fail(mismatch)
+        if self.latent_table.strict_subjects and not self.latent_table.same_subjects(state["latent_table"]):
+            saved = set(state["latent_table"].get("_extra_state", {}).get("subject_ids", []))
+            current = set(self.latent_table.subject_ids)
+            raise self._fail(
+                f"subjects differ with strict_subjects set: {len(current - saved)} in the datalist only "
+                f"(e.g. {sorted(current - saved)[:3]}), {len(saved - current)} in the checkpoint only "
+                f"(e.g. {sorted(saved - current)[:3]})"
+            )
+
+    def load(self, engine: Engine) -> None:
+        if self.save_dir.is_dir():
+            self.remove_stale_temporaries()
+        if not (self.resume and self.state_path.exists()):
+            return
+        state = self._read()
+        self.check(state)
+        try:
             self.network.load_state_dict(state["network"])
             self.latent_table.load_state_dict(state["latent_table"])
-        except (RuntimeError, KeyError, OSError, EOFError) as err:
-            raise RuntimeError(
-                f"cannot resume from {self.state_path}: {err}. Delete it (or set resume to false) to start afresh."
-            ) from err
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.latent_table.same_subjects(state["latent_table"]):
-            self.latent_optimizer.load_state_dict(state["latent_optimizer"])
-        else:
-            logger.info("subject set changed since %s: the latent optimiser starts afresh", self.state_path)
+        except (RuntimeError, KeyError) as err:
+            raise self._fail(str(err).replace("\n", " ").replace("\t", "")) from err
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.latent_table.same_subjects(state["latent_table"]):
+                self.latent_optimizer.load_state_dict(state["latent_optimizer"])
+            else:
+                logger.info("subject set changed since %s: the latent optimiser starts afresh", self.state_path)
+        except (ValueError, KeyError) as err:
+            raise self._fail(f"the optimiser state does not fit ({err})") from err
         engine.state.epoch = int(state["trainer"]["epoch"])
         engine.state.iteration = int(state["trainer"]["iteration"])
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)

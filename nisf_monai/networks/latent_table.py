@@ -105,13 +105,17 @@ class LatentTable(nn.Module):
                 f"{self.latent_dim}; set latent_dim to {saved.shape[1]} or train a new table."
             )
             return
-        common = [s for s in self.subject_ids if s in set(saved_ids)]
+        saved_set = set(saved_ids)
+        common = [s for s in self.subject_ids if s in saved_set]
         new = len(self) - len(common)
         dropped = len(saved_ids) - len(common)
         if self.strict_subjects and (new or dropped):
+            only_here = [s for s in self.subject_ids if s not in saved_set][:3]
+            only_saved = sorted(saved_set - set(self.subject_ids))[:3]
             error_msgs.append(
                 f"{weight_key}: the checkpoint holds {len(saved_ids)} subjects and this table {len(self)}; "
-                f"{new} are missing from the checkpoint and {dropped} are not in the datalist."
+                f"{new} are missing from the checkpoint (e.g. {only_here}) and {dropped} are not in the datalist "
+                f"(e.g. {only_saved}). Set strict_subjects to false to restore the {len(common)} in common."
             )
             return
         saved_row = {s: i for i, s in enumerate(saved_ids)}

@@ -1,4 +1,5 @@
 from nisf_monai.transforms.coordinates import COORDINATE_MODES, CoordinateFrame, CoordinateGridd, RandPointSampled
+from nisf_monai.transforms.loading import LoadCase, LoadCased, SelectFramed, describe_read_error
 from nisf_monai.transforms.validation import InvalidCaseError, ValidateCased, source_of
 
 __all__ = [
@@ -6,7 +7,11 @@ __all__ = [
     "CoordinateFrame",
     "CoordinateGridd",
     "InvalidCaseError",
+    "LoadCase",
+    "LoadCased",
     "RandPointSampled",
+    "SelectFramed",
     "ValidateCased",
+    "describe_read_error",
     "source_of",
 ]

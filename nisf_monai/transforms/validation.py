@@ -49,10 +49,16 @@ class ValidateCased(MapTransform):
         img = data[self.image_key]
         name = source_of(img, str(data.get("case", self.image_key)))
         spatial = tuple(img.shape[1:])
+        if img.shape[0] > 1 and len(spatial) == 3:
+            raise InvalidCaseError(
+                f"{name}: expected one 3D volume (loaded as (1, X, Y, Z)), got array shape {tuple(img.shape)}: "
+                f"a 4D cine series of {img.shape[0]} frames? Split it into 3D frames with "
+                "nisf_monai.data.datalist.expand_cine_datalist and nisf_monai.transforms.SelectFramed."
+            )
         if img.shape[0] != 1 or len(spatial) != 3:
             raise InvalidCaseError(
                 f"{name}: expected one 3D volume (loaded as (1, X, Y, Z)), got array shape {tuple(img.shape)}; "
-                "2D images and 4D cine series are not supported here (split a cine series into 3D frames)."
+                "2D images are not supported (NISF needs a 3D stack of slices with its slice spacing)."
             )
         values = torch.as_tensor(img)
         if not torch.isfinite(values).all():
