@@ -115,6 +115,22 @@ def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> N
     assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(cases)
 
 
+def test_inference_skips_a_bad_case_and_writes_the_others(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = trained_bundle
+    images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))[:2]
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in images:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "broken.nii.gz").write_bytes(images[0].read_bytes()[:200])  # truncated
+    out = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                     "--inference_steps", "2", *TINY_NET, cwd=tmp_path)
+    log = out.stdout + out.stderr
+    assert "skipping case" in log and "broken.nii.gz" in log and "1 case(s) were skipped" in log
+    written = sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz"))
+    assert written == sorted(p.name.replace(".nii.gz", "_seg.nii.gz") for p in images)
+
+
 def _write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray, label_affine: np.ndarray | None = None) -> dict:
     affine = np.diag([2.0, 2.0, 8.0, 1.0])
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from nisf_monai.data.dataset import SKIPPED_KEY
 from nisf_monai.engines.dice_curve import DiceCurveRecorder
 from nisf_monai.inferers import LatentOptimisationInferer
 
 __all__ = ["LatentOptimisationEvaluator"]
+
+logger = logging.getLogger("nisf_monai")
 
 
 class LatentOptimisationEvaluator(SupervisedEvaluator):
@@ -24,7 +30,8 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
     case: ``image``, ``label`` (when the data has one), ``pred`` (uint8 labels on the target grid, a
     MetaTensor with that grid's affine), ``recon`` (reconstructed intensity on that grid) and ``latent``;
     with ``monitor_every > 0`` and labels, also ``dice_curve`` (Dice per foreground class against the
-    latent step, see :class:`DiceCurveRecorder`). Postprocessing (``SaveImaged``, ``AsDiscreted``) and
+    latent step, see :class:`DiceCurveRecorder`). Cases that a :class:`~nisf_monai.data.SkippingDataset`
+    marked as skipped are left out of the batch and listed in ``engine.state.skipped_cases``. Postprocessing (``SaveImaged``, ``AsDiscreted``) and
     metrics then work as for any MONAI evaluator.
 
     Args:
@@ -40,6 +47,13 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         super().__init__(*args, inferer=inferer, **kwargs)
         self.monitor_every = int(monitor_every)
         self.monitor_points = int(monitor_points)
+        self.add_event_handler(Events.COMPLETED, self._report_skipped)
+
+    @staticmethod
+    def _report_skipped(engine: LatentOptimisationEvaluator) -> None:
+        skipped = getattr(engine.state, "skipped_cases", [])
+        if skipped:
+            logger.warning("%d case(s) were skipped (see the errors above): %s", len(skipped), ", ".join(skipped))
 
     def _iteration(self, engine: LatentOptimisationEvaluator, batchdata: Any) -> Any:  # type: ignore[override]
         if batchdata is None:
@@ -61,6 +75,14 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         return engine.state.output
 
     def _cases_iteration(self, engine: LatentOptimisationEvaluator, cases: list[dict]) -> list[dict]:
+        skipped = [case for case in cases if SKIPPED_KEY in case]
+        if skipped:
+            # reported by SkippingDataset; the batch goes on without them
+            engine.state.skipped_cases = getattr(engine.state, "skipped_cases", []) + [c["source"] for c in skipped]
+            cases = [case for case in cases if SKIPPED_KEY not in case]
+            engine.state.batch = cases
+        if not cases:
+            return []
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
