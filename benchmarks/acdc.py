@@ -38,7 +38,6 @@ from monai.transforms import (
     RandSpatialCropd,
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
-    SqueezeDimd,
 )
 
 from nisf_monai.data import build_datalist, load_datalist, read_label_mapping

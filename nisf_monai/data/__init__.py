@@ -1,6 +1,6 @@
 from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
-from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset
 from nisf_monai.data.datalist import case_name, expand_cine_datalist, list_images, load_datalist
+from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset
 
 __all__ = [
     "SKIPPED_KEY",

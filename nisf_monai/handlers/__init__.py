@@ -1,7 +1,12 @@
 from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.handlers.metrics import class_dice_metrics
 from nisf_monai.handlers.step_selection import StepSelectionHandler, select_step, selected_inference_steps
-from nisf_monai.handlers.training_state import CheckpointError, TrainingStateHandler, atomic_save, describe_state_mismatch
+from nisf_monai.handlers.training_state import (
+    CheckpointError,
+    TrainingStateHandler,
+    atomic_save,
+    describe_state_mismatch,
+)
 
 __all__ = [
     "CheckpointError",
