@@ -149,8 +149,8 @@ BAD_CASES = {
                        "bad.nii.gz: the image is constant"),
     "2D image": (lambda d: (write(d / "bad.nii.gz", image(1, (12, 10))), write(d / "bad_gt.nii.gz", label((12, 10, 1))[..., 0])),
                  "bad.nii.gz: expected one 3D volume"),
-    "4D cine image": (lambda d: (write(d / "bad.nii.gz", image(1, (*SHAPE, 3))), write(d / "bad_gt.nii.gz", label())),
-                      "expand_cine_datalist"),
+    "4D cine image with a 3D label": (lambda d: (write(d / "bad.nii.gz", image(1, (*SHAPE, 3))), write(d / "bad_gt.nii.gz", label())),
+                                      "say which frame it labels"),
 }
 
 
@@ -340,6 +340,15 @@ def test_expand_cine_datalist_errors(cine: dict[str, Any], tmp_path: Path, chang
         entry["label"] = write(tmp_path / "short_gt.nii.gz", cine["labels"][..., :2])
     with pytest.raises(DatalistError, match=message):
         expand_cine_datalist([entry])
+
+
+def test_training_config_trains_on_cine_series(cine: dict[str, Any], tmp_path: Path) -> None:
+    """train.json expands a 4D cine entry into one sample per frame, each (1, X, Y, Z) with its own case ID."""
+    datalist = write_datalist(tmp_path, [cine["full"], cine["flat"]])
+    dataset = train_parser(tmp_path, datalist).get_parsed_content("train#dataset")
+    assert sorted(item["case"] for item in dataset.data) == ["cine_t00", "cine_t01", "cine_t02", "flat"]
+    for sample in dataset:
+        assert sample["coords"].shape[0] == 3 and sample["image"].shape[0] == 1 and sample["label"].shape[0] == 1
 
 
 def test_cine_frames_load_as_3d_volumes(cine: dict[str, Any]) -> None:
