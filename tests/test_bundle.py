@@ -131,6 +131,23 @@ def test_inference_skips_a_bad_case_and_writes_the_others(trained_bundle: tuple[
     assert written == sorted(p.name.replace(".nii.gz", "_seg.nii.gz") for p in images)
 
 
+def test_inference_on_a_cine_series_writes_one_file_per_frame(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = trained_bundle
+    ed, es = (nib.load(str(datalist.parent / f"synth000_{phase}.nii.gz")) for phase in ("ED", "ES"))
+    series = np.stack([np.asarray(ed.dataobj), np.asarray(es.dataobj)], axis=-1).astype(np.float32)
+    data = tmp_path / "data"
+    data.mkdir()
+    nib.save(nib.Nifti1Image(series, ed.affine), str(data / "cine.nii.gz"))
+    run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
+               "--inference_steps", "2", *TINY_NET, cwd=tmp_path)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["cine_t00_recon.nii.gz", "cine_t00_seg.nii.gz", "cine_t01_recon.nii.gz", "cine_t01_seg.nii.gz"]
+    for name in ("cine_t00_seg.nii.gz", "cine_t01_seg.nii.gz"):
+        seg = nib.load(str(tmp_path / "out" / name))
+        assert seg.shape == ed.shape
+        np.testing.assert_allclose(seg.affine, ed.affine, atol=1e-4)
+
+
 def _write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray, label_affine: np.ndarray | None = None) -> dict:
     affine = np.diag([2.0, 2.0, 8.0, 1.0])
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))

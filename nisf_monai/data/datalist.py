@@ -10,7 +10,7 @@ from typing import Any
 import nibabel as nib
 from monai.data import load_decathlon_datalist
 
-from nisf_monai.errors import DatalistError, InvalidCaseError, MissingFileError
+from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError
 
 __all__ = ["load_datalist", "list_images", "case_name", "expand_cine_datalist"]
 
@@ -92,6 +92,7 @@ def expand_cine_datalist(
     label_key: str = "label",
     frame_key: str = "frame",
     frames_key: str = "frames",
+    keep_unreadable: bool = False,
 ) -> list[dict[str, Any]]:
     """One entry per time frame for every 4D cine image ``(X, Y, Z, T)`` of a datalist.
 
@@ -110,6 +111,9 @@ def expand_cine_datalist(
 
         "data": "$nisf_monai.data.datalist.expand_cine_datalist(nisf_monai.data.load_datalist(@datalist))"
 
+    ``keep_unreadable=True`` keeps an entry whose header cannot be read as a single frame instead of
+    raising, so that inference can report and skip that one case when it is loaded.
+
     Raises:
         DatalistError: a frame index outside the series, a 3D label without its one frame, or a 4D label
             with another number of frames, naming the file.
@@ -117,7 +121,12 @@ def expand_cine_datalist(
     expanded: list[dict[str, Any]] = []
     for item in items:
         image = str(item[image_key])
-        num_frames = _num_frames(image) or 1
+        try:
+            num_frames = _num_frames(image) or 1
+        except InputDataError:
+            if not keep_unreadable:
+                raise
+            num_frames = 1  # left for the loader to report, e.g. by a dataset that skips bad cases
         frames = [int(t) for t in item.get(frames_key, range(num_frames))]
         bad = [t for t in frames if not 0 <= t < num_frames]
         if bad or not frames:

@@ -1,5 +1,5 @@
 from nisf_monai.transforms.coordinates import COORDINATE_MODES, CoordinateFrame, CoordinateGridd, RandPointSampled
-from nisf_monai.transforms.loading import LoadCase, LoadCased, SelectFramed, describe_read_error
+from nisf_monai.transforms.loading import LoadCase, LoadCased, SelectFramed, describe_read_error, frame_name_formatter
 from nisf_monai.transforms.validation import InvalidCaseError, ValidateCased, source_of
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "SelectFramed",
     "ValidateCased",
     "describe_read_error",
+    "frame_name_formatter",
     "source_of",
 ]

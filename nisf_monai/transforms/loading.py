@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection
-from monai.data import ImageReader
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, LoadImaged, MapTransform
 
 from nisf_monai.errors import InputDataError, InvalidCaseError, MissingFileError
 from nisf_monai.transforms.validation import source_of
 
-__all__ = ["LoadCase", "LoadCased", "SelectFramed", "describe_read_error"]
+__all__ = ["CINE_FRAME_KEY", "LoadCase", "LoadCased", "SelectFramed", "describe_read_error", "frame_name_formatter"]
+
+CINE_FRAME_KEY = "cine_frame"
 
 _TRUNCATED_HINTS = ("ended before", "expected", "truncated", "unexpected end", "end of file", "eof")
 
@@ -135,4 +138,20 @@ class SelectFramed(MapTransform):
                     f"(array shape {tuple(img.shape)})."
                 )
             d[key] = img[t : t + 1] if isinstance(img, torch.Tensor) else np.asarray(img)[t : t + 1]
+            if isinstance(d[key], MetaTensor):
+                d[key].meta[CINE_FRAME_KEY] = t  # so outputs of each frame get their own file name
         return d
+
+
+def frame_name_formatter(metadict: dict | None, saver: Any) -> dict[str, Any]:
+    """``output_name_formatter`` for MONAI ``SaveImage``: like its default, with ``_tNN`` added to the
+    name of a frame cut from a cine series by :class:`SelectFramed`, so frames do not overwrite each
+    other (``cine_t03_seg.nii.gz``)."""
+    metadict = metadict or {}
+    subject = str(metadict.get("filename_or_obj", getattr(saver, "_data_index", 0)))
+    frame = metadict.get(CINE_FRAME_KEY)
+    if frame is not None:
+        name = Path(subject).name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        subject = str(Path(subject).with_name(f"{stem}_t{int(frame):02d}.nii.gz"))
+    return {"subject": subject, "idx": metadict.get("patch_index")}
