@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from nisf_monai.networks.fused import autocast_enabled, gabor_activation, stacked_gabor_weights
+
 __all__ = ["GaborLayer", "SineLayer", "ReLULayer", "make_layer", "ACTIVATIONS"]
 
 
@@ -27,19 +29,39 @@ class GaborLayer(nn.Module):
         out_features: size of the last output dimension.
         omega0: frequency of the sinusoid (10 in WIRE and NISF).
         sigma0: width scale of the Gaussian envelope (10 in WIRE and NISF).
+        fused: run the fused activation with its hand-written backward (faster, differentiable once);
+            False runs the formula through autograd (double backward, ``torch.func`` transforms).
     """
 
-    def __init__(self, in_features: int, out_features: int, omega0: float = 10.0, sigma0: float = 10.0) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, omega0: float = 10.0, sigma0: float = 10.0, fused: bool = True
+    ) -> None:
         super().__init__()
         self.omega0 = float(omega0)
         self.sigma0 = float(sigma0)
+        self.fused = fused
         self.freq = nn.Linear(in_features, out_features)
         self.scale = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._plain(x)
+        if not self.fused or autocast_enabled(x.device):  # under autocast the plain maths follows its dtype
+            return self._plain(x)
+        return self._fused(x)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula as written (TorchScript, autocast, ``fused=False``): each map its own product and
+        autograd's backward."""
         phase = self.omega0 * self.freq(x)
         envelope = self.sigma0 * self.scale(x)
         return torch.cos(phase) * torch.exp(-envelope * envelope)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same maths with both maps in one product and the fused activation (see ``fused.py``)."""
+        weight, bias = stacked_gabor_weights(self)
+        return gabor_activation(nn.functional.linear(x, weight, bias))
 
 
 class SineLayer(nn.Module):

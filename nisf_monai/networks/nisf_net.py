@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nisf_monai.networks.activations import make_layer
+from nisf_monai.networks.activations import GaborLayer, make_layer
+from nisf_monai.networks.fused import autocast_enabled, gabor_network
 
 __all__ = ["NISFNet"]
 
@@ -31,6 +32,10 @@ class NISFNet(nn.Module):
         activation: 'gabor' (WIRE), 'siren' or 'relu'.
         omega0: frequency of the Gabor or sine activation.
         sigma0: Gaussian scale of the Gabor activation.
+        fast_path: for the Gabor network, run the fused implementation (``fused.py``: same function and
+            gradients, several times faster to train, differentiable once). False runs the plain maths
+            through autograd, for double backward or ``torch.func`` transforms. TorchScript and autocast
+            always take the plain maths.
 
     Example::
 
@@ -50,6 +55,7 @@ class NISFNet(nn.Module):
         activation: str = "gabor",
         omega0: float = 10.0,
         sigma0: float = 10.0,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -68,9 +74,21 @@ class NISFNet(nn.Module):
         )
         self.seg_head = nn.Linear(hidden_dim, num_classes)
         self.intensity_head = nn.Linear(hidden_dim, 1)
+        self.gabor = all(isinstance(layer, GaborLayer) for layer in self.layers)
+        self.fast_path = fast_path
+        for layer in self.layers:
+            if isinstance(layer, GaborLayer):
+                layer.fused = fast_path
+
+    @torch.jit.unused
+    def _use_fused(self, points: torch.Tensor) -> bool:
+        """The fused path covers the Gabor stack outside autocast (where the plain maths follows the
+        autocast dtype); SIREN and ReLU ablations, ``fast_path=False`` and TorchScript use the plain one."""
+        return self.fast_path and self.gabor and not autocast_enabled(points.device)
 
     def _features(self, points: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """Shared features ``(B, N, hidden)`` of channel-last points ``(B, N, coord_dim)``."""
+        """Shared features ``(B, N, hidden)`` of channel-last points ``(B, N, coord_dim)``: the network as
+        written, code concatenated to every point, layer by layer (TorchScript, autocast, SIREN, ReLU)."""
         code = latent[:, None, :].expand(-1, points.shape[1], -1)
         x = torch.cat([points, code], dim=-1)
         first = True
@@ -105,10 +123,28 @@ class NISFNet(nn.Module):
         batch = coords.shape[0]
         spatial = list(coords.shape[2:])
         points = coords.reshape(batch, self.coord_dim, -1).transpose(1, 2)
-        features = self._features(points, latent.to(points.dtype))
-        seg = self.seg_head(features).transpose(1, 2).reshape([batch, self.num_classes] + spatial)
-        intensity = self.intensity_head(features).transpose(1, 2).reshape([batch, 1] + spatial)
+        seg, intensity = self._heads(points, latent.to(points.dtype))
+        seg = seg.transpose(1, 2).reshape([batch, self.num_classes] + spatial)
+        intensity = intensity.transpose(1, 2).reshape([batch, 1] + spatial)
         return seg, intensity
+
+    def _heads(self, points: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel-last ``(B, N, num_classes)`` and ``(B, N, 1)`` logits."""
+        if torch.jit.is_scripting():
+            features = self._features(points, latent)
+            return self.seg_head(features), self.intensity_head(features)
+        if self._use_fused(points):
+            return self._fused_heads(points, latent)
+        features = self._features(points, latent)
+        return self.seg_head(features), self.intensity_head(features)
+
+    @torch.jit.unused
+    def _fused_heads(self, points: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel-last logits of both heads through ``fused.gabor_network``: the whole network as one
+        autograd node (first layer's code product once per frame, one product per layer, hand-written
+        backward, chunked over the points on CPU)."""
+        logits = gabor_network(self.layers, [self.seg_head, self.intensity_head], points, latent, self.latent_seeds_residual)
+        return logits[..., : self.num_classes], logits[..., self.num_classes :]
 
     def forward(self, coords: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
         """Segmentation logits ``(B, num_classes, *spatial)``: the image-in, logits-out form that MONAI's
