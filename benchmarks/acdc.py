@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--unet-batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="use only this many subjects per part (smoke test)")
+    ap.add_argument("--reuse-nisf", action="store_true",
+                    help="reuse the NISF model, training record and step selection already in --work-dir (resume a run)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -211,8 +213,21 @@ def main() -> None:
     budget = args.budget_minutes * 60.0
     nisf_root = work / "nisf"
 
-    nisf_train_s, nisf_train_cpu, nisf_iterations = train_nisf(datalist, nisf_root, budget, args)
-    _, select_s = nisf_evaluate(datalist, nisf_root, "validation", args.max_steps, args.monitor_every, args)
+    record_path = nisf_root / "models" / "training_record.json"
+    if args.reuse_nisf and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        logger.info("reusing the NISF model and training record in %s", nisf_root)
+    else:
+        train_s, train_cpu, iterations = train_nisf(datalist, nisf_root, budget, args)
+        record = {"train_s": train_s, "train_compute_s": train_cpu, "train_iterations": iterations}
+        record_path.write_text(json.dumps(record, indent=2))
+    nisf_train_s, nisf_train_cpu, nisf_iterations = record["train_s"], record["train_compute_s"], record["train_iterations"]
+    if args.reuse_nisf and (nisf_root / "models" / "inference_steps.json").is_file() and "step_selection_s" in record:
+        select_s = record["step_selection_s"]
+    else:
+        _, select_s = nisf_evaluate(datalist, nisf_root, "validation", args.max_steps, args.monitor_every, args)
+        record["step_selection_s"] = select_s
+        record_path.write_text(json.dumps(record, indent=2))
     selection = json.loads((nisf_root / "models" / "inference_steps.json").read_text())
     steps = int(selection["inference_steps"])
     nisf_cases, nisf_test_s = nisf_evaluate(datalist, nisf_root, "test", steps, 0, args)
