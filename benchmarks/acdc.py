@@ -159,13 +159,13 @@ def train_unet(items: list[dict], mapping: dict[int, int], budget_s: float, args
 @torch.no_grad()
 def unet_evaluate(net: torch.nn.Module, items: list[dict], mapping: dict[int, int]) -> tuple[list[dict], float]:
     tf = Compose(preprocessing(mapping))
-    pad = DivisiblePad(16)
+    pad = DivisiblePad(16, method="end")  # pad at the end only, so cropping from the start realigns
     cases, start = [], time.perf_counter()
     for item in items:
         d = tf(item)
         image, label = d["image"], d["label"][0]
         slices = image.movedim(-1, 0)  # (Z, 1, X, Y)
-        padded = torch.stack([pad(s) for s in slices]).as_tensor() if hasattr(pad(slices[0]), "as_tensor") else torch.stack([pad(s) for s in slices])
+        padded = torch.stack([torch.as_tensor(pad(s)) for s in slices])
         logits = net(padded)[..., : image.shape[1], : image.shape[2]]
         pred = logits.argmax(1).movedim(0, -1)
         cases.append({"case": Path(item["image"]).name, "dice": dice_of(pred, label).tolist()})
