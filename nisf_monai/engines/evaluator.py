@@ -85,7 +85,7 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
-            frames = [engine.inferer._frame(image[None]) for image in images]
+            frames = [engine.inferer.frame_of(image[None]) for image in images]
             recorder = DiceCurveRecorder(
                 engine.network, images, [case[Keys.LABEL] for case in cases], frames,
                 int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,

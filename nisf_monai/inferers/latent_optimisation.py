@@ -106,7 +106,8 @@ class LatentOptimisationInferer(Inferer):
         self.seed = seed
         self.log_every = log_every
 
-    def _frame(self, image: MetaTensor) -> CoordinateFrame:
+    def frame_of(self, image: MetaTensor) -> CoordinateFrame:
+        """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation."""
         return CoordinateFrame(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode)
 
     @staticmethod
@@ -152,7 +153,7 @@ class LatentOptimisationInferer(Inferer):
         with torch.inference_mode(False), torch.enable_grad():
             coords, targets, generators = [], [], []
             for case in cases:
-                frame = self._frame(case)
+                frame = self.frame_of(case)
                 coords.append(frame.grid(frame.affine, case.shape[2:]).T.to(device))  # (3, P)
                 targets.append(case.as_tensor().reshape(1, -1).float().clone().to(device))  # (1, P)
                 generators.append(torch.Generator().manual_seed(self.seed))
@@ -235,12 +236,12 @@ class LatentOptimisationInferer(Inferer):
         if isinstance(inputs, torch.Tensor):
             image = self._check_input(inputs)
             affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
-            labels, recon = self.sample(network, latent, self._frame(image), affine, shape)
+            labels, recon = self.sample(network, latent, self.frame_of(image), affine, shape)
             return {"pred": self._as_meta(labels, image, affine), "recon": self._as_meta(recon, image, affine), "latent": latent}
         outputs = []
         for b, case in enumerate(self._cases(inputs)):
             affine, shape = target_grid(_grid_affine(case), case.shape[2:], self.target_spacing)
-            labels, recon = self.sample(network, latent[b : b + 1], self._frame(case), affine, shape)
+            labels, recon = self.sample(network, latent[b : b + 1], self.frame_of(case), affine, shape)
             outputs.append(
                 {
                     "pred": self._as_meta(labels, case, affine)[0],
@@ -255,7 +256,7 @@ class LatentOptimisationInferer(Inferer):
         MONAI's evaluators and MONAI Label use."""
         image = self._check_input(inputs)
         latent = self.fit(image, network)
-        frame = self._frame(image)
+        frame = self.frame_of(image)
         probs, _ = self.sample(network, latent, frame, frame.affine, image.shape[2:], probabilities=True)
         return self._as_meta(probs, image, frame.affine)
 
