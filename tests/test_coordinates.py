@@ -373,3 +373,47 @@ def test_target_grid_invalid_scalar_spacing_raises_value_error(spacing: float) -
     """An invalid single spacing value raises ValueError, like an invalid sequence does."""
     with pytest.raises(ValueError, match="target_spacing"):
         target_grid(np.eye(4), (4, 4, 4), spacing)
+
+
+def _heart_case(shape=(40, 30, 8), spacing=(2.0, 2.0, 10.0)):
+    """A small labelled block in a large background, on an anisotropic grid."""
+    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    label = torch.zeros(1, *shape)
+    label[0, 18:22, 10:14, 3:5] = 2
+    image = MetaTensor(torch.arange(float(np.prod(shape))).reshape(1, *shape), affine=affine)
+    return {"image": image, "label": MetaTensor(label, affine=affine)}
+
+
+def test_foreground_sampling_draws_its_share_inside_the_margin_box() -> None:
+    """With foreground_fraction f, at least f of the points fall in the label's box dilated by the margin
+    (in mm, so 10 mm is 5 voxels in-plane and 1 slice through-plane), and the rest cover the whole volume."""
+    data = _heart_case()
+    sampler = RandPointSampled(["image", "label"], num_points=4000, foreground_fraction=0.5, foreground_margin_mm=10.0)
+    sampler.set_random_state(0)
+    out = sampler(data)
+    index = np.stack(np.unravel_index(out["image"][0].long().numpy(), (40, 30, 8)), axis=-1)
+    lower, upper = np.array([18 - 5, 10 - 5, 3 - 1]), np.array([21 + 5, 13 + 5, 4 + 1])
+    inside = np.all((index >= lower) & (index <= upper), axis=1)
+    box_share = np.prod(upper - lower + 1) / (40 * 30 * 8)
+    assert inside[2000:].all()  # the foreground draws
+    assert abs(inside[:2000].mean() - box_share) < 0.05  # the uniform draws
+    assert (out["label"] > 0).float().mean() > 5 * (data["label"] > 0).float().mean()  # ~0.5 x 32/784 vs 32/9600
+
+
+def test_foreground_sampling_falls_back_to_uniform_without_foreground() -> None:
+    data = _heart_case()
+    data["label"] = data["label"] * 0
+    sampler = RandPointSampled(["image", "label"], num_points=500, foreground_fraction=0.7)
+    sampler.set_random_state(0)
+    reference = RandPointSampled(["image", "label"], num_points=500)
+    reference.set_random_state(0)
+    torch.testing.assert_close(sampler(data)["image"], reference(data)["image"], rtol=0, atol=0)
+
+
+def test_foreground_sampling_needs_a_label() -> None:
+    data = _heart_case()
+    del data["label"]
+    with pytest.raises(KeyError, match="foreground_fraction needs the label"):
+        RandPointSampled(["image"], num_points=10, foreground_fraction=0.5)(data)
+    with pytest.raises(ValueError, match="foreground_fraction"):
+        RandPointSampled(["image"], foreground_fraction=1.5)

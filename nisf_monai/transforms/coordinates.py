@@ -142,25 +142,67 @@ class RandPointSampled(Randomizable, MapTransform):
         coords_key: the coordinate key, which gets ``jitter`` (standard deviation, network units) of
             Gaussian noise so the network sees positions between voxel centres.
         jitter: see ``coords_key``.
+        label_key: the label map that locates the heart for ``foreground_fraction``.
+        foreground_fraction: share of the points drawn from the box around the labelled structures
+            (dilated by ``foreground_margin_mm``), the rest from the whole volume. In a cine field of view
+            about 98% of voxels are background, so uniform points leave the structures a few dozen points per
+            frame and the segmentation head learns slowly; 0 keeps uniform sampling (the paper's choice,
+            which used every voxel of a frame per step).
+        foreground_margin_mm: margin of that box in millimetres (from the label's affine), so the boundary
+            between heart and surroundings is sampled densely too.
     """
 
     def __init__(
-        self, keys: KeysCollection, num_points: int | None = 8192, coords_key: str = "coords", jitter: float = 0.0, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        num_points: int | None = 8192,
+        coords_key: str = "coords",
+        jitter: float = 0.0,
+        label_key: str = "label",
+        foreground_fraction: float = 0.0,
+        foreground_margin_mm: float = 20.0,
+        allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if num_points is not None and num_points < 1:
             raise ValueError(f"num_points must be positive or None, got {num_points}.")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}.")
         self.num_points = num_points
         self.coords_key = coords_key
         self.jitter = jitter
+        self.label_key = label_key
+        self.foreground_fraction = foreground_fraction
+        self.foreground_margin_mm = foreground_margin_mm
         self._index: np.ndarray | None = None
 
-    def randomize(self, num_voxels: int) -> None:
+    def randomize(self, num_voxels: int, box: np.ndarray | None = None) -> None:
+        """Draw the voxel indices; ``box`` holds the flat indices of the foreground box (or None)."""
         if self.num_points is None:
             self._index = None
-        else:
-            replace = self.num_points > num_voxels
-            self._index = self.R.choice(num_voxels, self.num_points, replace=replace)
+            return
+        num_box = 0 if box is None or box.size == 0 else int(round(self.foreground_fraction * self.num_points))
+        num_uniform = self.num_points - num_box
+        index = [self.R.choice(num_voxels, num_uniform, replace=num_uniform > num_voxels)]
+        if num_box:
+            index.append(box[self.R.choice(box.size, num_box, replace=num_box > box.size)])
+        self._index = np.concatenate(index)
+
+    def _foreground_box(self, label: torch.Tensor) -> np.ndarray | None:
+        """Flat indices (C order) of the voxels in the bounding box of ``label > 0`` dilated by the margin."""
+        foreground = (torch.as_tensor(label) > 0).any(dim=0)
+        if not bool(foreground.any()):
+            return None
+        spacing = np.ones(3)
+        if isinstance(label, MetaTensor):
+            spacing = np.sqrt((np.asarray(label.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        ranges = []
+        for axis, size in enumerate(foreground.shape):
+            present = foreground.any(dim=[a for a in range(3) if a != axis]).nonzero().flatten()
+            margin = int(np.ceil(self.foreground_margin_mm / spacing[axis]))
+            ranges.append(np.arange(max(int(present[0]) - margin, 0), min(int(present[-1]) + margin + 1, size)))
+        grid = np.ix_(*ranges)
+        return np.ravel_multi_index(grid, foreground.shape).ravel()
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -171,7 +213,12 @@ class RandPointSampled(Randomizable, MapTransform):
         if len(shapes) != 1:
             raise ValueError(f"keys {keys} must share one spatial shape to sample the same points, got {shapes}.")
         num_voxels = int(np.prod(next(iter(shapes))))
-        self.randomize(num_voxels)
+        box = None
+        if self.foreground_fraction > 0 and self.num_points is not None:
+            if self.label_key not in d:
+                raise KeyError(f"foreground_fraction needs the label '{self.label_key}' to locate the structures.")
+            box = self._foreground_box(d[self.label_key])
+        self.randomize(num_voxels, box)
         index = None if self._index is None else torch.as_tensor(self._index, dtype=torch.long)
         for k in keys:
             flat = torch.as_tensor(d[k]).reshape(d[k].shape[0], -1)
