@@ -6,12 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from nisf_monai.distributed import NISFHeads, broadcast_latent_table, is_distributed, sync_latent_gradients
 from nisf_monai.losses import NISFLoss
 from nisf_monai.networks import LatentTable, NISFNet
 
@@ -27,8 +31,17 @@ class NISFTrainer(SupervisedTrainer):
     intensities in [0, 1], ``label (B, 1, N)`` class indices and ``latent_key`` (subject IDs). The engine's
     output holds ``pred`` (segmentation logits), ``label``, ``loss`` and the loss terms.
 
+    Under ``torch.distributed`` (``multi_gpu_train.json``) ``network`` is the DDP wrapper of
+    :func:`nisf_monai.distributed.data_parallel`. The table is not wrapped: every rank holds all of it (a
+    ``DistributedSampler`` moves subjects between ranks from epoch to epoch), and after each backward its
+    gradient is averaged over the ranks by :func:`~nisf_monai.distributed.sync_latent_gradients`, the way
+    DDP averages the network's. ``R`` ranks with batch ``B`` then step as one process with batch ``R * B``,
+    and the table and its optimiser state stay identical on every rank. At the start of a run rank 0's
+    codes are broadcast (after any resume).
+
     Args:
-        device, max_epochs, train_data_loader, network, optimizer: as for ``SupervisedTrainer``.
+        device, max_epochs, train_data_loader, optimizer: as for ``SupervisedTrainer``.
+        network: the :class:`NISFNet`, or under ``torch.distributed`` its :func:`data_parallel` wrapper.
         latent_table: the codes of the training subjects.
         latent_optimizer: optimiser over ``latent_table.parameters()``.
         loss_function: a :class:`NISFLoss`.
@@ -42,7 +55,7 @@ class NISFTrainer(SupervisedTrainer):
         device: str | torch.device,
         max_epochs: int,
         train_data_loader: DataLoader,
-        network: NISFNet,
+        network: NISFNet | DistributedDataParallel,
         optimizer: Optimizer,
         latent_table: LatentTable,
         latent_optimizer: Optimizer,
@@ -70,6 +83,30 @@ class NISFTrainer(SupervisedTrainer):
         self.coords_key = coords_key
         self.image_key = image_key
         self.label_key = label_key
+        if isinstance(network, DistributedDataParallel) and not isinstance(network.module, NISFHeads):
+            raise ValueError(
+                "NISFTrainer needs both network heads through DDP: wrap the network with "
+                "nisf_monai.distributed.data_parallel(network), not DistributedDataParallel(network)."
+            )
+        # registered after the train handlers, so a resumed table is what gets broadcast
+        self.add_event_handler(Events.STARTED, self._start_ranks)
+
+    def _start_ranks(self, engine: NISFTrainer) -> None:
+        if not is_distributed():
+            return
+        if not isinstance(engine.network, DistributedDataParallel):
+            raise ValueError(
+                "torch.distributed is initialised with several ranks but the network is not wrapped in "
+                "DistributedDataParallel: the ranks would train apart. Use nisf_monai.distributed.data_parallel "
+                "(see bundle/configs/multi_gpu_train.json)."
+            )
+        broadcast_latent_table(self.latent_table)
+
+    @staticmethod
+    def _heads(network: nn.Module) -> Any:
+        """What returns both heads: DDP's forward (over :class:`NISFHeads`), so that DDP sees the pass, or
+        the plain network's ``forward_heads``."""
+        return network if isinstance(network, DistributedDataParallel) else network.forward_heads
 
     def _iteration(self, engine: NISFTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         if batchdata is None:
@@ -86,7 +123,7 @@ class NISFTrainer(SupervisedTrainer):
         autocast = torch.autocast(device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs)
         with autocast:
             latents = self.latent_table(subjects)
-            seg_logits, intensity_logit = engine.network.forward_heads(coords, latents)
+            seg_logits, intensity_logit = self._heads(engine.network)(coords, latents)
             engine.state.output = {Keys.IMAGE: coords, Keys.LABEL: label, Keys.PRED: seg_logits}
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = engine.loss_function(seg_logits, intensity_logit, label, intensity, latents)
@@ -94,12 +131,14 @@ class NISFTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.scaler is not None and engine.amp:
             engine.scaler.scale(loss).backward()
+            sync_latent_gradients(self.latent_table)  # DDP has averaged the network's during backward
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.step(self.latent_optimizer)
             engine.scaler.update()
         else:
             loss.backward()
+            sync_latent_gradients(self.latent_table)  # DDP has averaged the network's during backward
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
             self.latent_optimizer.step()

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim import Optimizer
 
+from nisf_monai.distributed import all_ranks_agree, is_distributed, is_rank_zero, unwrap_network
 from nisf_monai.errors import InputDataError
 from nisf_monai.networks import LatentTable
 
@@ -110,9 +111,14 @@ class TrainingStateHandler:
     ``latent_dim 16 in checkpoint vs 32 in config``, already when the handler is attached (while the
     bundle builds the trainer). Temporary files of a save that was killed are removed when training starts.
 
+    Under ``torch.distributed`` every rank attaches the handler: all ranks resume from the file (they must
+    see the same one, e.g. ``save_dir`` on a file system shared by the nodes, or a ``CheckpointError`` says
+    which did not), and rank 0 alone writes and tidies the files. A DDP-wrapped ``network`` is unwrapped,
+    so the files hold the plain network's keys either way.
+
     Args:
         save_dir: folder of both files (the bundle's ``models``).
-        network: the NISF network.
+        network: the NISF network (or a DDP wrapper of it).
         latent_table: the training subjects' codes.
         optimizer: the network's optimiser.
         latent_optimizer: the table's optimiser.
@@ -133,7 +139,7 @@ class TrainingStateHandler:
         resume: bool = True,
     ) -> None:
         self.save_dir = Path(save_dir)
-        self.network = network
+        self.network = unwrap_network(network)
         self.latent_table = latent_table
         self.optimizer = optimizer
         self.latent_optimizer = latent_optimizer
@@ -161,6 +167,8 @@ class TrainingStateHandler:
         }
 
     def save(self, engine: Engine) -> None:
+        if not is_rank_zero():  # the other ranks hold the same state (DDP and the latent sync keep it so)
+            return
         atomic_save(self.state_dict(engine), self.state_path)
         atomic_save(self.network.state_dict(), self.model_path)
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
@@ -216,10 +224,23 @@ class TrainingStateHandler:
             )
 
     def load(self, engine: Engine) -> None:
-        if self.save_dir.is_dir():
+        if self.save_dir.is_dir() and is_rank_zero():  # elsewhere a temporary may be rank 0's save under way
             self.remove_stale_temporaries()
-        if not (self.resume and self.state_path.exists()):
+        if not self.resume:
             return
+        found = self.state_path.exists()
+        if found:
+            self._restore(engine)
+        if is_distributed():
+            position = [int(engine.state.epoch), int(engine.state.iteration)] if found else [-1, -1]
+            if not all_ranks_agree(position):
+                here = f"epoch {position[0]}" if found else "none"
+                raise self._fail(
+                    f"the ranks found different training states (rank {torch.distributed.get_rank()}: {here}); "
+                    "with several nodes save_dir must be on a file system they all share"
+                )
+
+    def _restore(self, engine: Engine) -> None:
         state = self._read()
         self.check(state)
         try:
