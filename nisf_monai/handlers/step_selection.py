@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from ignite.engine import Engine, Events
+
+from nisf_monai.distributed import is_distributed, is_rank_zero
 
 __all__ = ["StepSelectionHandler", "select_step", "selected_inference_steps"]
 
@@ -65,7 +68,7 @@ class StepSelectionHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._select)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._select)  # on every rank: it gathers
 
     def _reset(self, engine: Engine) -> None:
         self._steps, self._curves = None, []
@@ -79,7 +82,20 @@ class StepSelectionHandler:
             self._steps = list(curve["steps"])
             self._curves.append(curve["dice"])
 
+    def _gather(self) -> None:
+        """Under torch.distributed each rank validated its own share of the cases: pool every rank's curves
+        so the selection is over all of them, as in one process."""
+        if not is_distributed():
+            return
+        shares: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (self._steps, self._curves))
+        self._steps = next((steps for steps, _ in shares if steps is not None), None)
+        self._curves = [curve for _, curves in shares for curve in curves]
+
     def _select(self, engine: Engine) -> None:
+        self._gather()
+        if not is_rank_zero():  # the others hold the same pooled curves; one process writes
+            return
         if not self._curves or self._steps is None:
             logger.warning("step selection: no Dice curves were recorded (set monitor_every > 0 and provide labels)")
             return
