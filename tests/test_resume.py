@@ -80,9 +80,8 @@ def temporaries(models: Path) -> list[Path]:
 
 def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     """SIGKILL a real training run after epoch 2: both files still load (no partial file under the final
-    name); a rerun up to the saved epoch trains nothing and writes back the same tensors (network, codes by
-    subject ID, both optimisers, epoch), so everything was restored; a rerun with more epochs continues the
-    counters and the optimisers' step counts from the saved ones."""
+    name); a rerun of the finished epoch count trains a new round from the saved state (optimiser step counts
+    continue); a rerun with more epochs continues the counters and the optimisers' step counts."""
     root, data = tmp_path / "bundle", tmp_path / "data"
     root.mkdir()
     datalist = generate_cohort(str(data), num_subjects=3, shape=(24, 24, 4), spacing=(4.0, 4.0, 10.0), num_validation=1)
@@ -116,25 +115,30 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     (models / ".training_state.pt.stale.tmp").write_bytes(b"partial")
     assert temporaries(models)
 
-    # 3. rerun to the saved epoch: nothing trains; the state written back equals the one restored
+    # 3. rerun of the finished count: a new round of `epoch` epochs from the saved weights, codes and optimiser
+    #    moments (what MONAI Label's repeated training requests with one max_epochs need), not a silent no-op
     out = run_training(root, datalist, epoch)
     log = out.stdout + out.stderr
-    assert f"resumed from {state_path} at epoch {epoch}" in log
-    assert f"Epoch: {epoch + 1}/" not in log  # no iteration ran
+    assert f"{state_path} finished at epoch {epoch} (max_epochs {epoch}): training {epoch} more epochs" in log
     assert temporaries(models) == []
-    assert_same(killed, torch.load(state_path, map_location="cpu", weights_only=True))
-    assert_same(killed["network"], torch.load(model_path, map_location="cpu", weights_only=True), "model.pt")
+    again = torch.load(state_path, map_location="cpu", weights_only=True)
+    steps_so_far = iteration + epoch * ITERATIONS_PER_EPOCH
+    assert again["trainer"] == {"epoch": epoch, "iteration": epoch * ITERATIONS_PER_EPOCH}
+    assert {int(s["step"]) for s in again["optimizer"]["state"].values()} == {steps_so_far}  # moments restored, then stepped
+    assert int(again["latent_optimizer"]["state"][0]["step"]) == steps_so_far
+    assert again["latent_table"]["_extra_state"] == killed["latent_table"]["_extra_state"]
+    assert any(not torch.equal(again["network"][k], killed["network"][k]) for k in killed["network"])  # it trained
 
     # 4. rerun with more epochs: resumes at the saved epoch and counts on from there
     out = run_training(root, datalist, epoch + 2)
     assert f"resumed from {state_path} at epoch {epoch}" in out.stdout + out.stderr
     final = torch.load(state_path, map_location="cpu", weights_only=True)
-    assert final["trainer"] == {"epoch": epoch + 2, "iteration": iteration + 2 * ITERATIONS_PER_EPOCH}
+    assert final["trainer"] == {"epoch": epoch + 2, "iteration": (epoch + 2) * ITERATIONS_PER_EPOCH}
     adam_steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
-    assert adam_steps == {iteration + 2 * ITERATIONS_PER_EPOCH}  # moments continued, not restarted
-    assert int(final["latent_optimizer"]["state"][0]["step"]) == iteration + 2 * ITERATIONS_PER_EPOCH
+    assert adam_steps == {steps_so_far + 2 * ITERATIONS_PER_EPOCH}  # moments continued, not restarted
+    assert int(final["latent_optimizer"]["state"][0]["step"]) == steps_so_far + 2 * ITERATIONS_PER_EPOCH
     assert final["latent_table"]["_extra_state"] == killed["latent_table"]["_extra_state"]
-    assert not torch.equal(final["latent_table"]["weight"], killed["latent_table"]["weight"])  # it did train
+    assert not torch.equal(final["latent_table"]["weight"], again["latent_table"]["weight"])  # it did train
 
     # 5. the same bundle with another latent_dim stops with one line saying so
     out = run_training(root, datalist, epoch + 3, "--latent_dim", "8", check=False)

@@ -103,7 +103,10 @@ class TrainingStateHandler:
     Both are written at the end of every ``save_interval``-th epoch and of training, each atomically, so an
     interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename`` continues from it:
     codes are restored by subject ID (new subjects start fresh); the latent optimiser's row-wise moments
-    are restored only when the subject set is unchanged. Files hold tensors and plain types only, so they
+    are restored only when the subject set is unchanged. A state that already reached ``max_epochs`` (a
+    finished run) restores weights, codes and optimisers but not the epoch, so the new run trains
+    ``max_epochs`` epochs from there rather than ending at once (MONAI Label sends every training request
+    with the same ``max_epochs``; raise ``max_epochs`` to instead continue an unfinished count). Files hold tensors and plain types only, so they
     load with ``torch.load(weights_only=True)`` (and are read that way: a checkpoint cannot run code).
 
     A state saved with another ``latent_dim``, class count, network size or (with
@@ -256,6 +259,15 @@ class TrainingStateHandler:
                 logger.info("subject set changed since %s: the latent optimiser starts afresh", self.state_path)
         except (ValueError, KeyError) as err:
             raise self._fail(f"the optimiser state does not fit ({err})") from err
-        engine.state.epoch = int(state["trainer"]["epoch"])
+        saved_epoch = int(state["trainer"]["epoch"])
+        if engine.state.max_epochs is not None and saved_epoch >= engine.state.max_epochs:
+            # a finished run: a new request (a rerun, MONAI Label's next training request) trains again from
+            # the saved weights and codes instead of ending at once with nothing done
+            logger.info(
+                "%s finished at epoch %d (max_epochs %d): training %d more epochs from its weights and codes",
+                self.state_path, saved_epoch, engine.state.max_epochs, engine.state.max_epochs,
+            )
+            return
+        engine.state.epoch = saved_epoch
         engine.state.iteration = int(state["trainer"]["iteration"])
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)
