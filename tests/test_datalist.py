@@ -163,3 +163,18 @@ def test_list_images_missing_folder(tmp_path: Path) -> None:
 def test_case_name(path: str, name: str) -> None:
     """case_name strips the folder and the NIfTI suffix (.nii.gz counts as one suffix)."""
     assert case_name(path) == name
+
+
+def test_read_label_mapping_reports_bad_datalists_in_one_line(tmp_path) -> None:
+    from nisf_monai.data import read_label_mapping
+    from nisf_monai.errors import DatalistError, MissingFileError
+
+    with pytest.raises(MissingFileError, match="does not exist"):
+        read_label_mapping(tmp_path / "absent.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"label_mapping": {"one": 3}}')
+    with pytest.raises(DatalistError, match="cannot read its label_mapping"):
+        read_label_mapping(broken)
+    broken.write_text("not json")
+    with pytest.raises(DatalistError, match="cannot read its label_mapping"):
+        read_label_mapping(broken)

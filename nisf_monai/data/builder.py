@@ -116,5 +116,11 @@ def _mapping(label_mapping: str | dict[int, int] | None) -> dict[int, int]:
 def read_label_mapping(datalist: str | os.PathLike) -> dict[int, int]:
     """The ``label_mapping`` stored in a datalist (``{}`` when there is none: labels are already the
     bundle's classes)."""
-    data = json.loads(Path(datalist).read_text())
-    return {int(k): int(v) for k, v in data.get("label_mapping", {}).items()}
+    path = Path(datalist)
+    if not path.is_file():
+        raise MissingFileError(f"datalist {path} does not exist.")
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): int(v) for k, v in data.get("label_mapping", {}).items()}
+    except (ValueError, AttributeError, TypeError) as err:
+        raise DatalistError(f"datalist {path}: cannot read its label_mapping ({err}).") from None
