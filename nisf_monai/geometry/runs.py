@@ -1,0 +1,420 @@
+"""The bundle's geometry runs: segmentation on any plane (``sampling_plane``) and clinical measures with
+surfaces (``measuring``). Both take the network, inferer and preprocessing of ``inference.json``, so a
+model is read exactly as inference reads it; ``nisf-monai plane`` / ``nisf-monai measure`` run them too."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset
+from nisf_monai.errors import InputDataError, MissingFileError
+from nisf_monai.geometry.fields import LabelField, NetworkField, measure_frame, structure_meshes
+from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_figure
+from nisf_monai.geometry.grids import footprint_grid, voxel_sizes, voxel_volume_ml
+from nisf_monai.geometry.measures import (
+    MEASURES,
+    STRUCTURES,
+    agreement_table,
+    cardiac_measures,
+    class_volumes,
+    write_csv,
+)
+from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
+from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image, save_nifti
+
+__all__ = ["MeasureRun", "PlaneRun", "load_weights"]
+
+logger = logging.getLogger("nisf_monai")
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike | None, device: Any = None) -> nn.Module:
+    """Load a plain ``state_dict`` (``model.pt``) or ``{"model": state_dict}`` into ``network``; eval mode."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{path}: model weights do not exist (train the bundle, or pass the model's path).")
+        state = torch.load(str(path), map_location=device or "cpu", weights_only=True)
+        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+            state = state["model"]
+        network.load_state_dict(state)
+    return network.eval()
+
+
+def _cases(datalist: Sequence[Mapping[str, Any]], preprocessing: Callable) -> list[tuple[dict, dict]]:
+    """(entry, loaded case) pairs; cases with bad files are logged and left out (``SkippingDataset``)."""
+    dataset = SkippingDataset(data=[dict(e) for e in datalist], transform=preprocessing)
+    out = []
+    for i, entry in enumerate(dataset.data):
+        item = dataset[i]
+        if SKIPPED_KEY in item:
+            continue
+        out.append((entry, item))
+    return out
+
+
+def _name(entry: Mapping[str, Any], item: Mapping[str, Any]) -> str:
+    if "case" in entry:
+        return str(entry["case"])
+    from nisf_monai.data.datalist import case_name
+
+    return case_name(str(item["image"].meta.get("filename_or_obj", "case")))
+
+
+def _affine(image: Any) -> np.ndarray:
+    """The 4 x 4 affine of a MetaTensor as float64 numpy, wherever the tensor lives."""
+    return torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN -> None (JSON has no NaN), arrays -> lists."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else value
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class MeasureRun:
+    """Per subject: fit a code to each frame (ED and ES), read the segmentation at ``spacing`` mm over the
+    stack's slab, and write LV/RV volumes, ejection fractions and LV mass, a surface mesh per structure
+    and frame, and, where the datalist has manual labels, the same measures from them (disc sums on the
+    acquired grid) with their agreement (MAE, bias, limits of agreement, Pearson r) and figures.
+
+    Frames are grouped by the datalist's ``subject``; ED and ES come from ``phase`` entries when present,
+    else ED is the frame with the largest and ES the one with the smallest LV blood pool (manual labels
+    if every frame has one, else NISF's), the clinical definition.
+
+    Outputs in ``output_dir``: ``measures.csv`` (one row per subject and source), ``volumes.csv`` (per
+    frame), ``agreement.csv``, ``measures.json`` (all of it and the settings), ``meshes/<case>_<structure>.<fmt>``,
+    ``segmentations/<case>_fine_seg.nii.gz`` (the fine labels over the region read), and
+    ``figures/{bland_altman,scatter,<subject>_surfaces}.png``.
+
+    Args:
+        network, inferer, preprocessing, datalist: as in ``inference.json`` (entries with ``image`` and
+            optionally ``label``, ``subject``, ``phase``).
+        output_dir: where everything goes.
+        ckpt_path: weights to load (None: the network is used as it is).
+        device: where the network runs.
+        spacing: fine spacing in mm (one value or three).
+        roi_margin_mm: margin around the coarse foreground read finely (None: the whole slab).
+        roi_spacing: spacing of that coarse pass (mm).
+        volume_mode: ``"label"`` (argmax voxel counts) or ``"probability"`` (summed probabilities).
+        source: ``"nisf"`` (the network) or ``"labels"`` (the manual labels through the same fine-grid path:
+            a check of the pipeline, which must reproduce the disc sums).
+        mesh_format: ``vtk``, ``stl``, ``obj`` or None (no meshes).
+        save_segmentations: write the fine label maps.
+        max_surface_figures: subjects that get a surface figure.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Any,
+        preprocessing: Callable,
+        datalist: Sequence[Mapping[str, Any]],
+        output_dir: str | os.PathLike,
+        ckpt_path: str | os.PathLike | None = None,
+        device: Any = None,
+        spacing: float | Sequence[float] = 1.0,
+        roi_margin_mm: float | None = 10.0,
+        roi_spacing: float = 4.0,
+        volume_mode: str = "label",
+        source: str = "nisf",
+        mesh_format: str | None = "vtk",
+        save_segmentations: bool = True,
+        max_surface_figures: int = 4,
+    ) -> None:
+        if source not in ("nisf", "labels"):
+            raise ValueError(f"source must be 'nisf' or 'labels', got {source!r}.")
+        if mesh_format is not None and mesh_format not in MESH_FORMATS:
+            raise ValueError(f"mesh_format must be one of {MESH_FORMATS} or None, got {mesh_format!r}.")
+        self.network, self.inferer, self.preprocessing = network, inferer, preprocessing
+        self.datalist = list(datalist)
+        self.output_dir = Path(output_dir)
+        self.ckpt_path = ckpt_path
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.spacing = spacing
+        self.roi_margin_mm = roi_margin_mm
+        self.roi_spacing = roi_spacing
+        self.volume_mode = volume_mode
+        self.source = source
+        self.mesh_format = mesh_format
+        self.save_segmentations = save_segmentations
+        self.max_surface_figures = max_surface_figures
+
+    def _fields(self, items: list[dict]) -> list[Any]:
+        if self.source == "labels":
+            missing = [i for i, item in enumerate(items) if "label" not in item]
+            if missing:
+                raise InputDataError("source 'labels' needs a label for every frame of the datalist.")
+            return [LabelField(np.asarray(item["label"])[0], _affine(item["image"]), int(self.network.num_classes)) for item in items]
+        images = [item["image"].to(self.device) for item in items]
+        latents = self.inferer.fit(images, self.network)
+        return [NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None])) for b in range(len(images))]
+
+    def run(self) -> dict[str, Any]:
+        load_weights(self.network, self.ckpt_path, self.device)
+        self.network.to(self.device)
+        subjects: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+        for entry, item in _cases(self.datalist, self.preprocessing):
+            subjects[str(entry.get("subject", _name(entry, item)))].append((entry, item))
+        if not subjects:
+            raise InputDataError("no case could be loaded for measuring (see the errors above).")
+        frames_rows: list[dict] = []
+        measures: dict[str, dict[str, dict[str, float]]] = {self.source: {}, "manual": {}}
+        subject_info: dict[str, dict] = {}
+        figures = 0
+        for subject, cases in sorted(subjects.items()):
+            start = time.perf_counter()
+            entries, items = [c[0] for c in cases], [c[1] for c in cases]
+            names = [_name(e, i) for e, i in cases]
+            fields = self._fields(items)
+            measured, manual, meshes = [], [], []
+            for name, entry, item, source in zip(names, entries, items, fields):
+                image = item["image"]
+                affine, shape = _affine(image), list(image.shape[1:])
+                result = measure_frame(source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode)
+                measured.append(result.volumes)
+                row = {"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": self.source,
+                       **{f"{k}_ml": v for k, v in result.volumes.items()},
+                       "spacing_mm": "x".join(f"{s:.3g}" for s in result.spacing), "roi_shape": "x".join(map(str, result.roi_shape))}
+                frame_meshes = {}
+                if result.probabilities is not None:
+                    frame_meshes = structure_meshes(result.probabilities, result.affine)
+                    for structure, mesh in frame_meshes.items():
+                        row[f"{structure}_mesh_ml"] = mesh.volume / 1000.0
+                        row[f"{structure}_area_cm2"] = mesh.area / 100.0
+                        if self.mesh_format and len(mesh):
+                            write_mesh(self.output_dir / "meshes" / f"{name}_{structure}.{self.mesh_format}", mesh, f"{name} {structure}")
+                    if self.save_segmentations:
+                        labels = result.probabilities.argmax(axis=0).astype(np.uint8)
+                        save_nifti(labels, result.affine, self.output_dir / "segmentations" / f"{name}_fine_seg.nii.gz")
+                meshes.append(self._figure_meshes(result) if result.probabilities is not None else {})
+                frames_rows.append(row)
+                if "label" in item:
+                    label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
+                    volumes = class_volumes(label, voxel_volume_ml(affine))
+                    manual.append(volumes)
+                    frames_rows.append({"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": "manual",
+                                        **{f"{k}_ml": v for k, v in volumes.items()},
+                                        "spacing_mm": "x".join(f"{s:.3g}" for s in voxel_sizes(affine)), "roi_shape": "x".join(map(str, shape))})
+            ed, es, rule = self._phases(entries, measured, manual if len(manual) == len(items) else None)
+            measures[self.source][subject] = cardiac_measures(measured[ed], measured[es] if es is not None else None)
+            if len(manual) == len(items):
+                measures["manual"][subject] = cardiac_measures(manual[ed], manual[es] if es is not None else None)
+            subject_info[subject] = {"ed_case": names[ed], "es_case": names[es] if es is not None else None, "phase_rule": rule,
+                                     "seconds": time.perf_counter() - start}
+            m = measures[self.source][subject]
+            logger.info("%s: LV EDV %.1f ml, ESV %.1f ml, EF %.1f %%; RV EDV %.1f ml, EF %.1f %%; LV mass %.1f g (%.0f s)",
+                        subject, m["lv_edv_ml"], m["lv_esv_ml"], m["lv_ef_pct"], m["rv_edv_ml"], m["rv_ef_pct"], m["lv_mass_g"],
+                        subject_info[subject]["seconds"])
+            if figures < self.max_surface_figures and meshes[ed]:
+                surface_figure(self.output_dir / "figures" / f"{subject}_surfaces.png", meshes[ed], f"{subject} {names[ed]} (ED)")
+                figures += 1
+        return self._write(measures, frames_rows, subject_info)
+
+    @staticmethod
+    def _figure_meshes(result: Any, spacing_mm: float = 2.0) -> dict:
+        """Surfaces on a grid of about 2 mm (every k-th fine voxel), light enough to draw."""
+        step = max(1, int(round(spacing_mm / min(result.spacing))))
+        affine = result.affine.copy()
+        affine[:3, :3] = affine[:3, :3] * step
+        return structure_meshes(result.probabilities[:, ::step, ::step, ::step], affine)
+
+    @staticmethod
+    def _phases(entries: list[dict], measured: list[dict], manual: list[dict] | None) -> tuple[int, int | None, str]:
+        phases = [str(e.get("phase", "")).upper() for e in entries]
+        if "ED" in phases and "ES" in phases:
+            return phases.index("ED"), phases.index("ES"), "datalist phase"
+        if len(entries) == 1:
+            return 0, None, "single frame (no ES)"
+        volumes = manual if manual is not None else measured
+        lv = [v["lv_blood_pool"] for v in volumes]
+        which = "manual" if manual is not None else "measured"
+        return int(np.argmax(lv)), int(np.argmin(lv)), f"largest / smallest {which} LV blood pool"
+
+    def _write(self, measures: dict, frames_rows: list[dict], subject_info: dict) -> dict[str, Any]:
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for source, by_subject in measures.items():
+            for subject, values in by_subject.items():
+                rows.append({"subject": subject, "source": source, "ed_case": subject_info[subject]["ed_case"],
+                             "es_case": subject_info[subject]["es_case"] or "", **values})
+        rows.sort(key=lambda r: (r["subject"], r["source"] != self.source))
+        write_csv(out / "measures.csv", rows)
+        write_csv(out / "volumes.csv", frames_rows)
+        agreement = {}
+        if measures["manual"]:
+            agreement = agreement_table(measures[self.source], measures["manual"])
+            write_csv(out / "agreement.csv", [{"measure": m, **stats} for m, stats in agreement.items()])
+            label = "NISF" if self.source == "nisf" else "labels (fine grid)"
+            shown = [m for m in MEASURES if not m.endswith("_sv_ml")]
+            agreement_figure(out / "figures" / "bland_altman.png", measures[self.source], measures["manual"], shown,
+                             "bland_altman", f"{label} vs manual, {len(measures['manual'])} subjects", (label, "manual"))
+            agreement_figure(out / "figures" / "scatter.png", measures[self.source], measures["manual"], shown,
+                             "scatter", f"{label} vs manual, {len(measures['manual'])} subjects", (label, "manual"))
+        spacing = np.asarray(self.spacing, dtype=float).ravel().tolist()
+        report = {
+            "settings": {"source": self.source, "spacing_mm": spacing, "roi_margin_mm": self.roi_margin_mm,
+                         "roi_spacing_mm": self.roi_spacing, "volume_mode": self.volume_mode, "myocardial_density_g_per_ml": 1.05,
+                         "inference_steps": getattr(self.inferer, "num_steps", None), "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None},
+            "measures": measures,
+            "subjects": subject_info,
+            "frames": frames_rows,
+            "agreement": agreement,
+        }
+        (out / "measures.json").write_text(json.dumps(_jsonable(report), indent=2))
+        logger.info("measures of %d subject(s) written to %s", len(subject_info), out)
+        return report
+
+
+class PlaneRun:
+    """Per image: fit its code, then read the segmentation and intensity on one plane (or box) in world
+    space, and write them as NIfTI with the plane's affine (``<case>_<name>_seg.nii.gz``, ``_recon``, and
+    ``_input``: the acquired image interpolated trilinearly onto the same plane), the grid as JSON, and a
+    PNG comparing the interpolated stack, NISF's intensity and NISF's segmentation (with the reference
+    image when one is given).
+
+    The plane is, in order of precedence: the grid of a ``reference`` NIfTI (e.g. a long-axis acquisition
+    of the same scan session); or ``u``, ``v`` (and ``w``), ``spacing``, ``size`` and ``origin`` or
+    ``centre`` in world mm. Whatever is not given defaults to: ``u`` along the image's first axis, ``v``
+    along its slice axis (a plane across the short-axis slices), ``centre`` at the centroid of NISF's LV
+    blood pool (read coarsely; the image centre if there is none), 1 mm spacing and a size that spans the
+    image.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Any,
+        preprocessing: Callable,
+        datalist: Sequence[Mapping[str, Any]],
+        output_dir: str | os.PathLike,
+        ckpt_path: str | os.PathLike | None = None,
+        device: Any = None,
+        reference: str | None = None,
+        origin: Sequence[float] | None = None,
+        centre: Sequence[float] | None = None,
+        u: Sequence[float] | None = None,
+        v: Sequence[float] | None = None,
+        w: Sequence[float] | None = None,
+        spacing: float | Sequence[float] = 1.0,
+        size: Sequence[int] | None = None,
+        name: str = "plane",
+    ) -> None:
+        if origin is not None and centre is not None:
+            raise InputDataError("give the plane's origin or its centre, not both.")
+        self.network, self.inferer, self.preprocessing = network, inferer, preprocessing
+        self.datalist = list(datalist)
+        self.output_dir = Path(output_dir)
+        self.ckpt_path = ckpt_path
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reference = reference
+        self.origin, self.centre, self.u, self.v, self.w = origin, centre, u, v, w
+        self.spacing, self.size, self.name = spacing, size, name
+        # fail early, before any fitting, on a bad reference file or plane
+        if reference is not None:
+            reference_grid(reference)
+        elif u is not None and v is not None:
+            plane_grid(u, v, spacing, size if size is not None else [1, 1], centre=[0.0, 0.0, 0.0], w=w)
+
+    def grid(self, field: NetworkField, image_affine: np.ndarray, image_shape: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """The plane's affine and shape for one image (see the class docstring for the defaults)."""
+        if self.reference is not None:
+            return reference_grid(self.reference)
+        axes = image_affine[:3, :3] / voxel_sizes(image_affine)[None, :]
+        u = self.u if self.u is not None else axes[:, 0]
+        v = self.v if self.v is not None else axes[:, 2]
+        centre, origin = self.centre, self.origin
+        if centre is None and origin is None:
+            centre = self._lv_centre(field, image_affine, image_shape)
+        size = self.size
+        if size is None:
+            size = self._spanning_size(u, v, image_affine, image_shape)
+        return plane_grid(u, v, self.spacing, size, origin=origin, centre=centre, w=self.w)
+
+    def _lv_centre(self, field: NetworkField, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        coarse_affine, coarse_shape = footprint_grid(affine, shape, 4.0)
+        probs, _ = field.sample(coarse_affine, coarse_shape)
+        index = np.argwhere(probs.argmax(axis=0) == STRUCTURES["lv_blood_pool"])
+        if len(index) == 0:
+            return grid_centre(affine, shape)
+        return coarse_affine[:3, :3] @ index.mean(axis=0) + coarse_affine[:3, 3]
+
+    def _spanning_size(self, u: Any, v: Any, affine: np.ndarray, shape: Sequence[int]) -> list[int]:
+        """Voxels along u and v that span the image's footprint seen along each direction."""
+        corners = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5) for k in (-0.5, shape[2] - 0.5)])
+        world = corners @ affine[:3, :3].T
+        steps = np.asarray(self.spacing, dtype=float).ravel()
+        steps = np.repeat(steps, 2) if steps.size == 1 else steps
+        sizes = []
+        for direction, step in zip((u, v), steps[:2]):
+            d = np.asarray(direction, dtype=float) / np.linalg.norm(direction)
+            extent = np.ptp(world @ d)
+            sizes.append(max(1, int(math.ceil(extent / step))))
+        return sizes
+
+    def _reference_slice(self, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+        """The reference image's voxels on its own grid (middle slice, first frame) for the figure."""
+        if self.reference is None:
+            return None
+        data = np.asarray(nib.load(self.reference).dataobj, dtype=np.float32)
+        while data.ndim > 3:
+            data = data[..., 0]
+        data = data.reshape([int(s) for s in shape])
+        return data[:, :, shape[2] // 2]
+
+    def run(self) -> list[dict[str, Any]]:
+        load_weights(self.network, self.ckpt_path, self.device)
+        self.network.to(self.device)
+        written = []
+        for entry, item in _cases(self.datalist, self.preprocessing):
+            name = _name(entry, item)
+            image = item["image"].to(self.device)
+            latent = self.inferer.fit([image], self.network)
+            field = NetworkField(self.network, self.inferer, latent[0], self.inferer.frame_of(image[None]))
+            image_affine = _affine(image)
+            affine, shape = self.grid(field, image_affine, list(image.shape[1:]))
+            probs, intensity = field.sample(affine, shape)
+            labels = probs.argmax(axis=0).astype(np.uint8)
+            acquired = resample_image(np.asarray(image.cpu())[0], image_affine, affine, shape)
+            stem = self.output_dir / f"{name}_{self.name}"
+            paths = {
+                "seg": save_nifti(labels, affine, f"{stem}_seg.nii.gz"),
+                "recon": save_nifti(intensity.astype(np.float32), affine, f"{stem}_recon.nii.gz"),
+                "input": save_nifti(acquired, affine, f"{stem}_input.nii.gz"),
+            }
+            k = shape[2] // 2
+            panels = [("acquired stack, interpolated", acquired[:, :, k], None), ("NISF intensity", intensity[:, :, k], None),
+                      ("NISF segmentation", intensity[:, :, k], labels[:, :, k])]
+            reference = self._reference_slice(affine, shape)
+            if reference is not None:
+                panels.insert(0, ("reference image", reference, None))
+                panels.append(("NISF segmentation on reference", reference, labels[:, :, k]))
+            paths["png"] = plane_figure(f"{stem}.png", panels, voxel_sizes(affine)[:2], f"{name}: {self.name}")
+            info = {"case": name, "affine": affine, "shape": shape, "spacing_mm": voxel_sizes(affine),
+                    "centre_mm": grid_centre(affine, shape), "reference": self.reference, "files": paths,
+                    "label_voxels": {n: int((labels == c).sum()) for n, c in STRUCTURES.items()}}
+            Path(f"{stem}.json").write_text(json.dumps(_jsonable(info), indent=2))
+            logger.info("%s: %s %s written to %s", name, self.name, "x".join(map(str, shape)), stem.parent)
+            written.append(info)
+        return written
