@@ -29,23 +29,34 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
     case: ``image``, ``label`` (when the data has one), ``pred`` (uint8 labels on the target grid, a
     MetaTensor with that grid's affine), ``recon`` (reconstructed intensity on that grid) and ``latent``;
     with ``monitor_every > 0`` and labels, also ``dice_curve`` (Dice per foreground class against the
-    latent step, see :class:`DiceCurveRecorder`). Cases that a :class:`~nisf_monai.data.SkippingDataset`
-    marked as skipped are left out of the batch and listed in ``engine.state.skipped_cases``. Postprocessing (``SaveImaged``, ``AsDiscreted``) and
-    metrics then work as for any MONAI evaluator.
+    latent step, see :class:`DiceCurveRecorder`). A case's ``mask`` (boolean ``(1, X, Y, Z)``, e.g. from
+    :class:`~nisf_monai.transforms.SliceMaskd` or a ``mask`` image in the datalist) limits the voxels its code
+    is fitted to (see :meth:`LatentOptimisationInferer.fit`) and is passed on in the output. Cases that a
+    :class:`~nisf_monai.data.SkippingDataset` marked as skipped are left out of the batch and listed in
+    ``engine.state.skipped_cases``. Postprocessing (``SaveImaged``, ``AsDiscreted``) and metrics then work as
+    for any MONAI evaluator.
 
     Args:
         inferer: the :class:`LatentOptimisationInferer` holding the optimisation settings.
         monitor_every: record Dice every this many latent steps (0: never).
         monitor_points: voxels per case for those records.
+        mask_key: key of the optional per-case mask of voxels to fit to.
         kwargs: as for ``SupervisedEvaluator``.
     """
 
     def __init__(
-        self, *args: Any, inferer: LatentOptimisationInferer, monitor_every: int = 0, monitor_points: int = 32768, **kwargs: Any
+        self,
+        *args: Any,
+        inferer: LatentOptimisationInferer,
+        monitor_every: int = 0,
+        monitor_points: int = 32768,
+        mask_key: str = "mask",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, inferer=inferer, **kwargs)
         self.monitor_every = int(monitor_every)
         self.monitor_points = int(monitor_points)
+        self.mask_key = mask_key
         self.add_event_handler(Events.COMPLETED, self._report_skipped)
 
     @staticmethod
@@ -68,7 +79,10 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 engine.state.output = {Keys.IMAGE: image}
                 if Keys.LABEL in batchdata:
                     engine.state.output[Keys.LABEL] = batchdata[Keys.LABEL]
-                engine.state.output.update(engine.inferer.fit_and_sample(image, engine.network))
+                mask = batchdata.get(self.mask_key)
+                if mask is not None:
+                    engine.state.output[self.mask_key] = mask
+                engine.state.output.update(engine.inferer.fit_and_sample(image, engine.network, masks=mask))
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -90,11 +104,16 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 engine.network, images, [case[Keys.LABEL] for case in cases], frames,
                 int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,
             )
-        outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every)
+        masks = [case.get(self.mask_key) for case in cases]
+        outputs = engine.inferer.fit_and_sample(
+            images, engine.network, recorder, self.monitor_every, masks=masks if any(m is not None for m in masks) else None
+        )
         for b, (case, output) in enumerate(zip(cases, outputs)):
             output[Keys.IMAGE] = images[b]
             if Keys.LABEL in case:
                 output[Keys.LABEL] = case[Keys.LABEL]
+            if masks[b] is not None:
+                output[self.mask_key] = masks[b]
             if recorder is not None:
                 output["dice_curve"] = recorder.curve(b)
         return outputs

@@ -137,6 +137,7 @@ class LatentOptimisationInferer(Inferer):
         network: nn.Module,
         monitor: Callable[[int, torch.Tensor], None] | None = None,
         monitor_every: int = 0,
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Fitted codes ``(B, latent_dim)``; the network stays untouched.
 
@@ -145,17 +146,29 @@ class LatentOptimisationInferer(Inferer):
         code, Adam moments and random points drawn from a generator seeded as for a case fitted alone, so
         a batch gives the codes that fitting each case alone gives. ``monitor(step, codes)`` is called
         before the first step and every ``monitor_every`` steps (e.g. to record Dice against the step).
+
+        ``masks`` restricts each case to some of its voxels (sparse or partial input, hidden slices): a
+        boolean batch ``(B, 1, X, Y, Z)`` or one ``(1, X, Y, Z)`` mask (or None: every voxel) per case,
+        True where the voxel may be used. Only kept voxels are copied into the optimisation, so the loss
+        never sees the others; points are drawn among them (all of them when ``num_points`` is None or at
+        least their number). A mask keeping every voxel gives the code of no mask.
         """
         cases = self._cases(inputs)
+        case_masks = self._masks(masks, cases)
         device = cases[0].device
         latent_dim = self.latent_dim or int(network.latent_dim)
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not
         with torch.inference_mode(False), torch.enable_grad():
             coords, targets, generators = [], [], []
-            for case in cases:
+            for case, mask in zip(cases, case_masks):
                 frame = self.frame_of(case)
-                coords.append(frame.grid(frame.affine, case.shape[2:]).T.to(device))  # (3, P)
-                targets.append(case.as_tensor().reshape(1, -1).float().clone().to(device))  # (1, P)
+                points = frame.grid(frame.affine, case.shape[2:]).T  # (3, P)
+                values = case.as_tensor().reshape(1, -1)  # (1, P)
+                if mask is not None:
+                    kept = mask.reshape(-1).nonzero().squeeze(1)
+                    points, values = points[:, kept.to(points.device)], values[:, kept.to(values.device)]
+                coords.append(points.to(device))
+                targets.append(values.float().clone().to(device))
                 generators.append(torch.Generator().manual_seed(self.seed))
             initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
             latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
@@ -173,6 +186,29 @@ class LatentOptimisationInferer(Inferer):
             if monitor is not None and monitor_every:
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
+
+    @staticmethod
+    def _masks(masks: torch.Tensor | Sequence[torch.Tensor | None] | None, cases: list[MetaTensor]) -> list[torch.Tensor | None]:
+        """One boolean mask (or None) per case, checked against the case's grid."""
+        if masks is None:
+            return [None] * len(cases)
+        if isinstance(masks, torch.Tensor):
+            masks = [masks] if masks.dim() <= 4 and len(cases) == 1 else list(masks)
+        if len(masks) != len(cases):
+            raise ValueError(f"got {len(masks)} masks for {len(cases)} images.")
+        checked: list[torch.Tensor | None] = []
+        for b, (mask, case) in enumerate(zip(masks, cases)):
+            if mask is None:
+                checked.append(None)
+                continue
+            mask = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
+            if tuple(mask.shape[-3:]) != tuple(case.shape[2:]) or mask.numel() != case.shape[2:].numel():
+                raise ValueError(f"mask {b} has shape {tuple(mask.shape)}, its image {tuple(case.shape[1:])}; they must share the grid.")
+            mask = mask.reshape(case.shape[2:]) != 0
+            if not bool(mask.any()):
+                raise ValueError(f"mask {b} keeps no voxel: nothing to fit the code to.")
+            checked.append(mask)
+        return checked
 
     def _draw(self, num_voxels: int, generator: torch.Generator) -> torch.Tensor:
         if self.num_points is None or self.num_points >= num_voxels:
@@ -225,14 +261,16 @@ class LatentOptimisationInferer(Inferer):
         network: nn.Module,
         monitor: Callable[[int, torch.Tensor], None] | None = None,
         monitor_every: int = 0,
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Fit codes, then sample labels and reconstruction at ``target_spacing``.
 
         For a batch ``(B, 1, X, Y, Z)``: ``{"pred": uint8 labels (B, 1, *S'), "recon": intensity (B, 1, *S'),
         "latent": (B, L)}``. For a list of images ``(1, X, Y, Z)`` (grids may differ): one such dict per
         image, without the batch dimension. ``pred`` and ``recon`` are MetaTensors carrying the target grid's
-        affine, so ``SaveImage`` writes them in place. ``monitor``: see :meth:`fit`."""
-        latent = self.fit(inputs, network, monitor, monitor_every)
+        affine, so ``SaveImage`` writes them in place. ``monitor``, ``masks``: see :meth:`fit` (a mask
+        limits what the code is fitted to; the segmentation still covers the whole target grid)."""
+        latent = self.fit(inputs, network, monitor, monitor_every, masks)
         if isinstance(inputs, torch.Tensor):
             image = self._check_input(inputs)
             affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
@@ -253,9 +291,9 @@ class LatentOptimisationInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Class probabilities ``(B, M, X, Y, Z)`` on the input grid: the ``inferer(image, network)`` form
-        MONAI's evaluators and MONAI Label use."""
+        MONAI's evaluators and MONAI Label use; ``masks=`` (keyword) as in :meth:`fit`."""
         image = self._check_input(inputs)
-        latent = self.fit(image, network)
+        latent = self.fit(image, network, masks=kwargs.get("masks"))
         frame = self.frame_of(image)
         probs, _ = self.sample(network, latent, frame, frame.affine, image.shape[2:], probabilities=True)
         return self._as_meta(probs, image, frame.affine)
