@@ -189,3 +189,20 @@ def test_training_with_a_missing_file_names_it(tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ERROR: " in result.stderr and "gone.nii.gz does not exist" in result.stderr
+
+
+def test_streamed_outputs_equal_saveimage_outputs(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """With a target spacing the outputs are sampled and written slab by slab (``stream_outputs``, the default
+    then); the files equal what sampling the whole grid and MONAI ``SaveImaged`` write: names, affines, labels."""
+    root, datalist = trained_bundle
+    common = ["--dataset_dir", str(datalist.parent), "--target_spacing", "[2.5, 2.5, 4.0]", "--inference_steps", "3", *TINY_NET]
+    streamed, saved = tmp_path / "streamed", tmp_path / "saved"
+    run_bundle("inference", "inference.json", root, "--output_dir", str(streamed), *common, cwd=tmp_path)
+    run_bundle("inference", "inference.json", root, "--output_dir", str(saved), "--stream_outputs", "False", *common, cwd=tmp_path)
+    names = sorted(p.name for p in saved.iterdir())
+    assert names and names == sorted(p.name for p in streamed.iterdir())
+    for name in names:
+        a, b = nib.load(str(streamed / name)), nib.load(str(saved / name))
+        assert a.shape == b.shape and a.get_data_dtype() == b.get_data_dtype()
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-6)

@@ -41,6 +41,9 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         monitor_every: record Dice every this many latent steps (0: never).
         monitor_points: voxels per case for those records.
         mask_key: key of the optional per-case mask of voxels to fit to.
+        sample_outputs: sample ``pred`` and ``recon`` on the inferer's target grid; False leaves only the
+            fitted ``latent`` (with ``image``), for a handler that samples and writes the outputs itself
+            (:class:`~nisf_monai.handlers.StreamingSegmentationSaver`, whose memory does not grow with the grid).
         kwargs: as for ``SupervisedEvaluator``.
     """
 
@@ -51,9 +54,11 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         monitor_every: int = 0,
         monitor_points: int = 32768,
         mask_key: str = "mask",
+        sample_outputs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, inferer=inferer, **kwargs)
+        self.sample_outputs = bool(sample_outputs)
         self.monitor_every = int(monitor_every)
         self.monitor_points = int(monitor_points)
         self.mask_key = mask_key
@@ -82,7 +87,10 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 mask = batchdata.get(self.mask_key)
                 if mask is not None:
                     engine.state.output[self.mask_key] = mask
-                engine.state.output.update(engine.inferer.fit_and_sample(image, engine.network, masks=mask))
+                if self.sample_outputs:
+                    engine.state.output.update(engine.inferer.fit_and_sample(image, engine.network, masks=mask))
+                else:
+                    engine.state.output["latent"] = engine.inferer.fit(image, engine.network, masks=mask)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -105,9 +113,12 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,
             )
         masks = [case.get(self.mask_key) for case in cases]
-        outputs = engine.inferer.fit_and_sample(
-            images, engine.network, recorder, self.monitor_every, masks=masks if any(m is not None for m in masks) else None
-        )
+        kept = masks if any(m is not None for m in masks) else None
+        if self.sample_outputs:
+            outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every, masks=kept)
+        else:
+            latent = engine.inferer.fit(images, engine.network, recorder, self.monitor_every, masks=kept)
+            outputs = [{"latent": code} for code in latent]
         for b, (case, output) in enumerate(zip(cases, outputs)):
             output[Keys.IMAGE] = images[b]
             if Keys.LABEL in case:

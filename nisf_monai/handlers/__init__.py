@@ -1,6 +1,7 @@
 from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.handlers.metrics import class_dice_metrics
 from nisf_monai.handlers.step_selection import StepSelectionHandler, select_step, selected_inference_steps
+from nisf_monai.handlers.streaming_saver import StreamingSegmentationSaver
 from nisf_monai.handlers.training_state import (
     CheckpointError,
     TrainingStateHandler,
@@ -14,6 +15,7 @@ __all__ = [
     "OverlayFigured",
     "mid_ventricular_slice",
     "StepSelectionHandler",
+    "StreamingSegmentationSaver",
     "TrainingStateHandler",
     "atomic_save",
     "class_dice_metrics",

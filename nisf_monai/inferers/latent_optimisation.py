@@ -157,8 +157,10 @@ class LatentOptimisationInferer(Inferer):
         case_masks = self._masks(masks, cases)
         device = cases[0].device
         latent_dim = self.latent_dim or int(network.latent_dim)
-        # callers may hold no_grad or inference_mode; the code needs autograd, the network does not
-        with torch.inference_mode(False), torch.enable_grad():
+        # callers may hold no_grad or inference_mode; the code needs autograd, the network does not. The fit
+        # runs in float32 even inside an autocast region (the bundle's AMP on CUDA): the code's gradient is a
+        # mean over thousands of points and would underflow in float16 without loss scaling
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             coords, targets, generators = [], [], []
             for case, mask in zip(cases, case_masks):
                 frame = self.frame_of(case)
