@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +332,23 @@ def test_cuda_matches_cpu() -> None:
     cpu = outputs_and_grads(package_heads, net, coords, latent)
     gpu = outputs_and_grads(package_heads, net.cuda(), coords.cuda(), latent.cuda())
     assert_all_close([t.cpu() for t in gpu], cpu, rtol=1e-3, names=names_of(net))
+
+
+def test_float16_autocast_keeps_the_shipped_models_segmentation() -> None:
+    """What the bundle's AMP (on CUDA: float16 autocast) does to the trained network's outputs, measured here
+    with the CPU's float16 autocast: the argmax segmentation must stay (>= 99% of points agree), so sampling
+    under AMP gives the same labels. bfloat16 (7 mantissa bits) is not used: omega0 = 10 amplifies rounding."""
+    model = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
+    network = NISFNet()
+    network.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
+    network.eval()
+    generator = torch.Generator().manual_seed(0)
+    points = (torch.rand(2, 3, 8192, generator=generator) - 0.5) * 0.5  # +-100 mm around the volume centre
+    latent = torch.randn(2, 128, generator=generator) * 0.05
+    with torch.no_grad():
+        seg, _ = network.forward_heads(points, latent)
+        with torch.autocast("cpu", dtype=torch.float16):
+            seg16, _ = network.forward_heads(points, latent)
+    assert seg16.dtype == torch.float16
+    agreement = (seg16.float().argmax(1) == seg.argmax(1)).float().mean()
+    assert agreement >= 0.99, f"float16 autocast changed {1 - agreement:.1%} of the labels"

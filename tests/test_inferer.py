@@ -294,3 +294,15 @@ def test_negative_steps_rejected() -> None:
     """num_steps < 0 is rejected at construction."""
     with pytest.raises(ValueError, match="num_steps"):
         LatentOptimisationInferer(num_steps=-1)
+
+
+def test_fit_runs_in_float32_inside_an_autocast_region() -> None:
+    """The bundle turns AMP on when CUDA is present, and its evaluator fits codes inside that autocast region;
+    the fit must not run in low precision there (the code's gradient, a mean over many points, would
+    underflow in float16). Under a CPU bfloat16 autocast the code equals the float32 one exactly."""
+    image, net = as_image(volumes()[0]), tiny_net()
+    plain = inferer().fit(image, net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = inferer().fit(image, net)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
