@@ -19,6 +19,8 @@ What is measured (per repetition):
   point (2 forward, 4 backward).
 
 Run: ``python benchmarks/throughput.py`` (about 2 minutes with the defaults; ``--help`` for options).
+``--inference`` adds the inference measurements of ``inference.py`` (latent fitting of ACDC-sized volumes,
+batched against one at a time, peak memory of streamed against in-memory output) to the same run and JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nisf_monai.networks import NISFNet, fused
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference  # noqa: E402  (benchmarks/inference.py, next to this file)
 
 
 class EagerGabor(nn.Module):
@@ -273,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager kernels in the package")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
+    parser.add_argument("--inference", action="store_true", help="also run the inference benchmarks (inference.py)")
+    inference.add_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -364,6 +371,9 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = result["bf16_autocast_accuracy"]
     print(f"bf16 autocast vs float32 (eager): seg error {bf16['seg_max_abs_err_over_max']:.1%} of max |seg|, "
           f"argmax agreement {bf16['argmax_agreement']:.1%}, code-gradient cosine {bf16['latent_grad_cosine']:.2f}")
+
+    if args.inference:
+        result["inference"] = inference.run(args)
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
