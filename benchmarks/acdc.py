@@ -75,7 +75,9 @@ def train_nisf(datalist: str, root: Path, budget_s: float, args: argparse.Namesp
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": False,
-                   "num_points": args.num_points, "batch_size": args.nisf_batch_size})
+                   "num_points": args.num_points, "batch_size": args.nisf_batch_size,
+                   "foreground_fraction": args.foreground_fraction, "learning_rate": args.learning_rate,
+                   "val_interval": 0})
     trainer = parser.get_parsed_content("train#trainer")
     start_cpu = compute_seconds()
 
@@ -187,6 +189,8 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=12.0, help="training wall-clock budget per method")
     ap.add_argument("--num-points", type=int, default=8192, help="NISF points per frame per training step")
     ap.add_argument("--nisf-batch-size", type=int, default=4)
+    ap.add_argument("--foreground-fraction", type=float, default=0.5, help="NISF training points drawn around the heart")
+    ap.add_argument("--learning-rate", type=float, default=1e-3, help="NISF network learning rate")
     ap.add_argument("--inference-points", type=int, default=4096, help="NISF points per case per latent step")
     ap.add_argument("--max-steps", type=int, default=300, help="largest latent step count tried on validation")
     ap.add_argument("--monitor-every", type=int, default=50)
