@@ -306,3 +306,43 @@ def test_fit_runs_in_float32_inside_an_autocast_region() -> None:
         inside = inferer().fit(image, net)
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+
+
+def test_batched_fit_in_groups_equals_fitting_each_case_alone(monkeypatch) -> None:
+    """On a CPU a batch goes through the network a few cases at a time (cache-sized groups); the per-group
+    gradients must add up to the codes each case gets alone, whatever the grouping."""
+    from nisf_monai.inferers import latent_optimisation
+
+    disc, ramp = volumes()
+    cases = [as_image(v)[0] for v in (disc, ramp, disc[::-1].copy())]
+    net = tiny_net()
+    alone = torch.cat([inferer(num_steps=4).fit([case], net) for case in cases])
+    for group_points in (64, 128, 10**6):  # one case per group, two then one, all three together
+        monkeypatch.setattr(latent_optimisation, "CPU_GROUP_POINTS", group_points)
+        torch.testing.assert_close(inferer(num_steps=4).fit(cases, net), alone, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_computes_no_weight_gradients_and_restores_the_flags() -> None:
+    """While a code is fitted the weights are marked frozen (so autograd skips their gradients); afterwards
+    every parameter requires grad again, including after an error, and none has a gradient."""
+    net = tiny_net()
+    seen: list[bool] = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
+    forward_heads = net.forward_heads
+
+    def spy(*args, **kwargs):
+        seen.append(any(p.requires_grad for p in net.parameters()))
+        return forward_heads(*args, **kwargs)
+
+    net.forward_heads = spy
+    inferer(num_steps=3).fit(as_image(volumes()[0]), net)
+    assert seen and not any(seen)
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+
+    def interrupt(step: int, codes: torch.Tensor) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        inferer(num_steps=5).fit(as_image(volumes()[0]), net, monitor=interrupt, monitor_every=1)
+    assert all(p.requires_grad for p in net.parameters())
