@@ -217,8 +217,11 @@ def report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
