@@ -21,13 +21,7 @@ EXTENT = 24.0  # mm per network unit: the 22 x 22 x 24 mm volume spans about [-0
 LATENT = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tensors here are tiny: one intra-op thread is faster than two and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def oblique_affine() -> np.ndarray:

@@ -30,12 +30,7 @@ EXTENT = 48.0
 HIDDEN = [1, 3, 5]  # every other slice, offset 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_net() -> NISFNet:

@@ -40,12 +40,7 @@ CONFIGS = REPO / "bundle" / "configs"
 MODEL = REPO / "bundle" / "models" / "model.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class SyntheticHeartNet(nn.Module):

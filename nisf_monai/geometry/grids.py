@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from nisf_monai.inferers.latent_optimisation import spacing_triple
+
 __all__ = ["footprint_grid", "roi_slices", "sub_grid", "voxel_sizes", "voxel_volume_ml"]
 
 
@@ -26,15 +28,6 @@ def voxel_sizes(affine: Any) -> np.ndarray:
 def voxel_volume_ml(affine: Any) -> float:
     """Volume of one voxel in millilitres (mm^3 / 1000)."""
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) / 1000.0)
-
-
-def _spacing(spacing: float | Sequence[float]) -> np.ndarray:
-    value = np.asarray(spacing, dtype=np.float64).ravel()
-    if value.size == 1:
-        value = np.repeat(value, 3)
-    if value.size != 3 or not np.all(value > 0):
-        raise ValueError(f"spacing must be one or three positive millimetre values, got {np.ravel(spacing).tolist()}.")
-    return value
 
 
 def footprint_grid(affine: Any, spatial_shape: Sequence[int], spacing: float | Sequence[float] | None) -> tuple[np.ndarray, list[int]]:
@@ -50,7 +43,7 @@ def footprint_grid(affine: Any, spatial_shape: Sequence[int], spacing: float | S
     if spacing is None:
         return affine.copy(), shape.tolist()
     sizes = voxel_sizes(affine)
-    target = _spacing(spacing)
+    target = spacing_triple(spacing, name="spacing")
     split = np.maximum(1, np.ceil(sizes / target - 1e-6)).astype(np.int64)
     counts = shape * split
     coarse = target >= 2 * sizes * (1 - 1e-6)  # a coarse grid: tile the footprint with cells of about ``spacing``

@@ -18,7 +18,7 @@ from torch import nn
 from nisf_monai.losses import intensity_loss
 from nisf_monai.transforms.coordinates import CoordinateFrame
 
-__all__ = ["LatentOptimisationInferer", "target_grid"]
+__all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
 
 CPU_GROUP_POINTS = 16384  # points per forward pass of a batched latent fit on a CPU (see ``_groups``)
 
@@ -33,20 +33,20 @@ def target_grid(affine: Any, spatial_shape: Sequence[int], spacing: Sequence[flo
     shape = [int(s) for s in spatial_shape]
     if spacing is None:
         return affine, shape
-    pixdim = _spacing_triple(spacing)
+    pixdim = spacing_triple(spacing)
     new_affine = zoom_affine(affine, pixdim, diagonal=False)
     out_shape, offset = compute_shape_offset(shape, affine, new_affine, False)
     new_affine[:3, -1] = offset[:3]
     return new_affine, [int(s) for s in out_shape]
 
 
-def _spacing_triple(spacing: Sequence[float] | float) -> np.ndarray:
-    """Three positive spacings in mm from one value or three."""
+def spacing_triple(spacing: Sequence[float] | float, name: str = "target_spacing") -> np.ndarray:
+    """Three positive spacings in mm from one value or three; ``name`` is the setting an error names."""
     pixdim = np.asarray(spacing, dtype=np.float64).ravel()
     if pixdim.size == 1:
         pixdim = np.repeat(pixdim, 3)
     if pixdim.size != 3 or not np.all(pixdim > 0):
-        raise ValueError(f"target_spacing must be 3 positive millimetre values (or one), got {np.ravel(spacing).tolist()}.")
+        raise ValueError(f"{name} must be 3 positive millimetre values (or one), got {np.ravel(spacing).tolist()}.")
     return pixdim
 
 
@@ -104,7 +104,7 @@ class LatentOptimisationInferer(Inferer):
         self.latent_dim = latent_dim
         self.extent_mm = extent_mm
         self.coordinate_mode = coordinate_mode
-        self.target_spacing = None if target_spacing is None else _spacing_triple(target_spacing).tolist()
+        self.target_spacing = None if target_spacing is None else spacing_triple(target_spacing).tolist()
         self.chunk_size = int(chunk_size)
         self.seed = seed
         self.log_every = log_every
