@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +180,6 @@ def test_region_of_interest_loses_nothing() -> None:
     assert with_roi.volumes == whole.volumes
 
 
-@pytest.mark.skipif(os.environ.get("NISF_TEST_MODEL") != "1", reason="fits the shipped model (~20-40 s on one thread); set NISF_TEST_MODEL=1")
 def test_shipped_model_measures_an_unseen_subject() -> None:
     """The model shipped in the bundle (trained on the synthetic cohort), fitted to a subject it has not
     seen with lean settings (50 steps of 2048 points, 2.5 mm). Over three unseen subjects the LV volumes
