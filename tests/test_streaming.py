@@ -72,3 +72,10 @@ def test_incomplete_or_misshapen_slabs_are_refused(tmp_path):
         with NiftiSlabWriter(path, np.eye(4), (4, 3, 6), np.uint8) as writer:
             writer.write(np.zeros((3, 4, 2), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saver_rejects_a_bad_spacing_before_any_fitting(network) -> None:
+    from nisf_monai.handlers import StreamingSegmentationSaver
+
+    with pytest.raises(ValueError, match="target_spacing must be 3 positive"):
+        StreamingSegmentationSaver(LatentOptimisationInferer(num_steps=0), network, "out", target_spacing=[1.0, -2.0, 1.0])

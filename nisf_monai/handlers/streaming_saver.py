@@ -11,7 +11,7 @@ import torch
 from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
-from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, target_grid
+from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, spacing_triple, target_grid
 from nisf_monai.inferers.streaming import stream_sampled_grid
 from nisf_monai.transforms.loading import frame_name_formatter
 
@@ -57,7 +57,8 @@ class StreamingSegmentationSaver:
     ) -> None:
         self.inferer = inferer
         self.network = network
-        self.target_spacing = target_spacing
+        # checked now, not after the first case's fit
+        self.target_spacing = None if target_spacing is None else spacing_triple(target_spacing).tolist()
         self.seg_postfix, self.recon_postfix = output_postfixes
         self.output_dir = output_dir
         self.output_ext = output_ext
