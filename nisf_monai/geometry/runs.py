@@ -92,7 +92,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class MeasureRun:
+class _FittedRun:
+    """What both runs share: a network (weights loaded from ``ckpt_path`` when given), the inferer that fits
+    each image's code, the preprocessing and the cases, and where to write."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Any,
+        preprocessing: Callable,
+        datalist: Sequence[Mapping[str, Any]],
+        output_dir: str | os.PathLike,
+        ckpt_path: str | os.PathLike | None = None,
+        device: Any = None,
+    ) -> None:
+        self.network, self.inferer, self.preprocessing = network, inferer, preprocessing
+        self.datalist = list(datalist)
+        self.output_dir = Path(output_dir)
+        self.ckpt_path = ckpt_path
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def _prepare_network(self) -> None:
+        load_weights(self.network, self.ckpt_path, self.device)
+        self.network.to(self.device)
+
+
+class MeasureRun(_FittedRun):
     """Per subject: fit a code to each frame (ED and ES), read the segmentation at ``spacing`` mm over the
     stack's slab, and write LV/RV volumes, ejection fractions and LV mass, a surface mesh per structure
     and frame, and, where the datalist has manual labels, the same measures from them (disc sums on the
@@ -146,11 +171,7 @@ class MeasureRun:
             raise ValueError(f"source must be 'nisf' or 'labels', got {source!r}.")
         if mesh_format is not None and mesh_format not in MESH_FORMATS:
             raise ValueError(f"mesh_format must be one of {MESH_FORMATS} or None, got {mesh_format!r}.")
-        self.network, self.inferer, self.preprocessing = network, inferer, preprocessing
-        self.datalist = list(datalist)
-        self.output_dir = Path(output_dir)
-        self.ckpt_path = ckpt_path
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        super().__init__(network, inferer, preprocessing, datalist, output_dir, ckpt_path, device)
         self.spacing = spacing
         self.roi_margin_mm = roi_margin_mm
         self.roi_spacing = roi_spacing
@@ -171,8 +192,7 @@ class MeasureRun:
         return [NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None])) for b in range(len(images))]
 
     def run(self) -> dict[str, Any]:
-        load_weights(self.network, self.ckpt_path, self.device)
-        self.network.to(self.device)
+        self._prepare_network()
         subjects: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
         for entry, item in _cases(self.datalist, self.preprocessing):
             subjects[str(entry.get("subject", _name(entry, item)))].append((entry, item))
@@ -287,7 +307,7 @@ class MeasureRun:
         return report
 
 
-class PlaneRun:
+class PlaneRun(_FittedRun):
     """Per image: fit its code, then read the segmentation and intensity on one plane (or box) in world
     space, and write them as NIfTI with the plane's affine (``<case>_<name>_seg.nii.gz``, ``_recon``, and
     ``_input``: the acquired image interpolated trilinearly onto the same plane), the grid as JSON, and a
@@ -323,11 +343,7 @@ class PlaneRun:
     ) -> None:
         if origin is not None and centre is not None:
             raise InputDataError("give the plane's origin or its centre, not both.")
-        self.network, self.inferer, self.preprocessing = network, inferer, preprocessing
-        self.datalist = list(datalist)
-        self.output_dir = Path(output_dir)
-        self.ckpt_path = ckpt_path
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        super().__init__(network, inferer, preprocessing, datalist, output_dir, ckpt_path, device)
         self.reference = reference
         self.origin, self.centre, self.u, self.v, self.w = origin, centre, u, v, w
         self.spacing, self.size, self.name = spacing, size, name
@@ -384,8 +400,7 @@ class PlaneRun:
         return data[:, :, shape[2] // 2]
 
     def run(self) -> list[dict[str, Any]]:
-        load_weights(self.network, self.ckpt_path, self.device)
-        self.network.to(self.device)
+        self._prepare_network()
         written = []
         for entry, item in _cases(self.datalist, self.preprocessing):
             name = _name(entry, item)
