@@ -12,6 +12,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.data.dataset import SKIPPED_KEY
+from nisf_monai.denormals import flush_denormal
 from nisf_monai.engines.dice_curve import DiceCurveRecorder
 from nisf_monai.inferers import LatentOptimisationInferer
 
@@ -64,6 +65,12 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         self.mask_key = mask_key
         self.add_event_handler(Events.COMPLETED, self._report_skipped)
 
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        """Evaluate with subnormal floats flushed to zero (see :mod:`nisf_monai.denormals`), restoring the
+        caller's setting afterwards."""
+        with flush_denormal():
+            super().run(global_epoch)
+
     @staticmethod
     def _report_skipped(engine: LatentOptimisationEvaluator) -> None:
         skipped = getattr(engine.state, "skipped_cases", [])
@@ -105,6 +112,7 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         if not cases:
             return []
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
+        engine.inferer.locate(images, engine.network)  # heart-frame networks: poses first, so every frame below has its own
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
             frames = [engine.inferer.frame_of(image[None]) for image in images]

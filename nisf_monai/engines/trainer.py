@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from nisf_monai.denormals import flush_denormal
 from nisf_monai.distributed import NISFHeads, broadcast_latent_table, is_distributed, sync_latent_gradients
 from nisf_monai.losses import NISFLoss
 from nisf_monai.networks import LatentTable, NISFNet
@@ -90,6 +91,13 @@ class NISFTrainer(SupervisedTrainer):
             )
         # registered after the train handlers, so a resumed table is what gets broadcast
         self.add_event_handler(Events.STARTED, self._start_ranks)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train with subnormal floats flushed to zero on every compute thread (the Gabor activation's
+        Gaussian produces many, and several CPUs compute on them very slowly); the caller's setting is
+        restored afterwards."""
+        with flush_denormal():
+            super().run()
 
     def _start_ranks(self, engine: NISFTrainer) -> None:
         if not is_distributed():

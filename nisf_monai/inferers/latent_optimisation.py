@@ -15,8 +15,10 @@ from monai.data.utils import compute_shape_offset, to_affine_nd, zoom_affine
 from monai.inferers import Inferer
 from torch import nn
 
+from nisf_monai.denormals import flush_denormal
+from nisf_monai.inferers.heart_locator import HeartLocator, heart_weights
 from nisf_monai.losses import intensity_loss
-from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateFrame, pose_of
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
 
@@ -76,6 +78,13 @@ class LatentOptimisationInferer(Inferer):
         chunk_size: points per forward pass when sampling a grid (bounds memory).
         seed: seeds the code's initialisation and the point sampling, for repeatable results.
         log_every: log the loss every this many steps (0: never).
+        heart_frame: the network was trained in the heart frame (``train.json``'s ``heart_frame``): each case's
+            pose is estimated from its intensities before its code is fitted (:meth:`locate`), unless its
+            metadata already carries one (``POSE_KEY``).
+        heart_locator: the pose search (default :class:`HeartLocator` settings).
+        heart_sigma_mm: weight the intensity loss by a Gaussian of this width (mm) around the heart's origin in
+            the slice plane, so the code is spent on the heart rather than on the rest of the field of view;
+            None weights every voxel alike. Needs ``heart_frame``.
     """
 
     def __init__(
@@ -92,6 +101,9 @@ class LatentOptimisationInferer(Inferer):
         chunk_size: int = 65536,
         seed: int = 0,
         log_every: int = 100,
+        heart_frame: bool = False,
+        heart_locator: HeartLocator | None = None,
+        heart_sigma_mm: float | None = None,
     ) -> None:
         super().__init__()
         if num_steps < 0:
@@ -108,10 +120,16 @@ class LatentOptimisationInferer(Inferer):
         self.chunk_size = int(chunk_size)
         self.seed = seed
         self.log_every = log_every
+        self.heart_frame = bool(heart_frame)
+        self.heart_locator = heart_locator if heart_locator is not None else HeartLocator(seed=seed)
+        if heart_sigma_mm is not None and not self.heart_frame:
+            raise ValueError("heart_sigma_mm weights the loss around the heart frame's origin: set heart_frame too.")
+        self.heart_sigma_mm = heart_sigma_mm
 
     def frame_of(self, image: MetaTensor) -> CoordinateFrame:
-        """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation."""
-        return CoordinateFrame(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode)
+        """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation and the heart
+        pose its metadata carries (``POSE_KEY``), if any."""
+        return CoordinateFrame(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose_of(image))
 
     @staticmethod
     def _check_input(inputs: torch.Tensor) -> MetaTensor:
@@ -133,6 +151,31 @@ class LatentOptimisationInferer(Inferer):
         if not cases:
             raise ValueError("no images to fit.")
         return cases
+
+    def locate(self, inputs: torch.Tensor | Sequence[torch.Tensor], network: nn.Module) -> None:
+        """Estimate the heart pose of every case that has none (``heart_frame`` networks) and store it in the
+        case's metadata (``POSE_KEY``), where :meth:`frame_of` and every later step read it. Does nothing for
+        networks trained without the heart frame."""
+        if not self.heart_frame:
+            return
+        images = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        missing = [image for image in images if pose_of(image) is None]
+        if not missing:
+            return
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] > 1:
+            raise ValueError("a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch.")
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self._device_type(network), enabled=False), \
+                _frozen(network), flush_denormal():
+            for image in missing:
+                pose = self.heart_locator.locate(image, network, self.extent_mm)
+                image.meta[POSE_KEY] = pose
+                logger.debug("heart frame of %s: origin %s mm", image.meta.get("filename_or_obj", "a case"),
+                             np.round((-pose[:3, :3].T @ pose[:3, 3]).numpy(), 1).tolist())
+
+    @staticmethod
+    def _device_type(network: nn.Module) -> str:
+        parameter = next(network.parameters(), None)
+        return parameter.device.type if parameter is not None else "cpu"
 
     def fit(
         self,
@@ -156,6 +199,7 @@ class LatentOptimisationInferer(Inferer):
         never sees the others; points are drawn among them (all of them when ``num_points`` is None or at
         least their number). A mask keeping every voxel gives the code of no mask.
         """
+        self.locate(inputs, network)
         cases = self._cases(inputs)
         case_masks = self._masks(masks, cases)
         device = cases[0].device
@@ -163,7 +207,7 @@ class LatentOptimisationInferer(Inferer):
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not. The fit
         # runs in float32 even inside an autocast region (the bundle's AMP on CUDA): the code's gradient is a
         # mean over thousands of points and would underflow in float16 without loss scaling
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), _frozen(network):
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), _frozen(network), flush_denormal():
             coords, targets, generators = [], [], []
             for case, mask in zip(cases, case_masks):
                 frame = self.frame_of(case)
@@ -248,13 +292,18 @@ class LatentOptimisationInferer(Inferer):
         it would get alone."""
         penalty = self.latent_weight * latent.pow(2).mean(dim=1).sum()
         if len({p.shape[-1] for p in points}) == 1:
-            _, logit = network.forward_heads(torch.stack(points), latent)
-            per_case = F.binary_cross_entropy_with_logits(logit, torch.stack(targets).clamp(0.0, 1.0), reduction="none")
-            return per_case.mean(dim=(1, 2)).sum() + penalty
+            stacked = torch.stack(points)
+            _, logit = network.forward_heads(stacked, latent)
+            per_point = F.binary_cross_entropy_with_logits(logit[:, 0], torch.stack(targets)[:, 0].clamp(0.0, 1.0), reduction="none")
+            return (per_point * heart_weights(stacked, self.extent_mm, self.heart_sigma_mm)).mean(dim=1).sum() + penalty
         total = penalty
         for b, (p, t) in enumerate(zip(points, targets)):
             _, logit = network.forward_heads(p[None], latent[b : b + 1])
-            total = total + intensity_loss(logit, t[None])
+            if self.heart_sigma_mm is None:
+                total = total + intensity_loss(logit, t[None])
+            else:
+                per_point = F.binary_cross_entropy_with_logits(logit[0, 0], t[0].clamp(0.0, 1.0), reduction="none")
+                total = total + (per_point * heart_weights(p, self.extent_mm, self.heart_sigma_mm)).mean()
         return total
 
     @torch.no_grad()
@@ -272,15 +321,16 @@ class LatentOptimisationInferer(Inferer):
         num_classes = int(network.num_classes)
         seg = torch.empty((batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8)
         intensity = torch.empty((batch, 1, total), dtype=torch.float32)
-        for start in range(0, total, self.chunk_size):
-            stop = min(start + self.chunk_size, total)
-            points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
-            seg_logits, intensity_logit = network.forward_heads(points, latent)
-            if probabilities:
-                seg[:, :, start:stop] = torch.softmax(seg_logits.float(), dim=1).cpu()
-            else:
-                seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
-            intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
+        with flush_denormal():
+            for start in range(0, total, self.chunk_size):
+                stop = min(start + self.chunk_size, total)
+                points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
+                seg_logits, intensity_logit = network.forward_heads(points, latent)
+                if probabilities:
+                    seg[:, :, start:stop] = torch.softmax(seg_logits.float(), dim=1).cpu()
+                else:
+                    seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
+                intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
 
     def fit_and_sample(

@@ -1,4 +1,12 @@
-from nisf_monai.transforms.coordinates import COORDINATE_MODES, CoordinateFrame, CoordinateGridd, RandPointSampled
+from nisf_monai.transforms.coordinates import (
+    COORDINATE_MODES,
+    POSE_KEY,
+    CoordinateFrame,
+    CoordinateGridd,
+    RandPointSampled,
+    pose_of,
+)
+from nisf_monai.transforms.heart_frame import HeartPosed, heart_pose, pose_matrix
 from nisf_monai.transforms.loading import LoadCase, LoadCased, SelectFramed, describe_read_error, frame_name_formatter
 from nisf_monai.transforms.masks import (
     MaskedScaleIntensityRangePercentilesd,
@@ -13,6 +21,8 @@ __all__ = [
     "COORDINATE_MODES",
     "CoordinateFrame",
     "CoordinateGridd",
+    "HeartPosed",
+    "POSE_KEY",
     "InvalidCaseError",
     "LoadCase",
     "LoadCased",
@@ -24,6 +34,9 @@ __all__ = [
     "ValidateCased",
     "describe_read_error",
     "frame_name_formatter",
+    "heart_pose",
+    "pose_matrix",
+    "pose_of",
     "kept_slices",
     "slice_selection",
     "source_of",

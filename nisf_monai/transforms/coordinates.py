@@ -24,9 +24,19 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
-__all__ = ["CoordinateFrame", "CoordinateGridd", "RandPointSampled", "COORDINATE_MODES"]
+__all__ = ["CoordinateFrame", "CoordinateGridd", "RandPointSampled", "COORDINATE_MODES", "POSE_KEY", "pose_of"]
 
 COORDINATE_MODES = ("world", "voxel")
+POSE_KEY = "heart_pose"  # MetaTensor meta key of a case's world -> heart frame similarity (4 x 4)
+
+
+def pose_of(image: torch.Tensor) -> torch.Tensor | None:
+    """The heart-frame pose carried in an image's metadata (``POSE_KEY``), or None. A batch of one case
+    may carry it with a leading batch dimension."""
+    if not isinstance(image, MetaTensor) or POSE_KEY not in image.meta:
+        return None
+    pose = torch.as_tensor(image.meta[POSE_KEY], dtype=torch.float64)
+    return pose[0] if pose.ndim == 3 else pose
 
 
 class CoordinateFrame:
@@ -37,10 +47,18 @@ class CoordinateFrame:
         spatial_shape: the reference scan's array shape (3 values).
         extent_mm: world length that maps to a unit of network coordinate (``mode='world'``).
         mode: 'world' (default) or 'voxel' (the published code's index / length).
+        pose: optional 4 x 4 similarity from world millimetres to a case's heart frame (millimetres, see
+            :mod:`nisf_monai.transforms.heart_frame`); in 'world' mode the network then sees
+            ``(pose @ x_world) / extent_mm`` instead of coordinates relative to the volume centre.
     """
 
     def __init__(
-        self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], extent_mm: float = 400.0, mode: str = "world"
+        self,
+        affine: torch.Tensor | np.ndarray,
+        spatial_shape: Sequence[int],
+        extent_mm: float = 400.0,
+        mode: str = "world",
+        pose: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         if mode not in COORDINATE_MODES:
             raise ValueError(f"coordinate mode must be one of {COORDINATE_MODES}, got {mode!r}.")
@@ -54,6 +72,11 @@ class CoordinateFrame:
         self.mode = mode
         half = (self.spatial_shape - 1) / 2
         self.centre = self.index_to_world(half[None])[0]
+        self.pose = None
+        if pose is not None:
+            self.pose = torch.as_tensor(np.asarray(pose, dtype=np.float64))
+            if self.pose.shape != (4, 4):
+                raise ValueError(f"expected a 4 x 4 pose (world mm -> heart frame mm), got shape {tuple(self.pose.shape)}.")
 
     def index_to_world(self, index: torch.Tensor) -> torch.Tensor:
         """World millimetres ``(N, 3)`` of continuous voxel indices ``(N, 3)`` of the reference scan."""
@@ -71,6 +94,8 @@ class CoordinateFrame:
         world = torch.as_tensor(world, dtype=torch.float64)
         if self.mode == "voxel":
             return (self.world_to_index(world) / self.spatial_shape).float()
+        if self.pose is not None:
+            return ((world @ self.pose[:3, :3].T + self.pose[:3, 3]) / self.extent_mm).float()
         return ((world - self.centre) / self.extent_mm).float()
 
     def grid(self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -94,8 +119,9 @@ def _affine_of(img: torch.Tensor) -> torch.Tensor:
 
 class CoordinateGridd(MapTransform):
     """Adds ``coords_key``: the network coordinates of every voxel of ``keys[0]``, channel-first
-    ``(3, X, Y, Z)`` float32, computed from its MetaTensor affine (see module docstring). Deterministic,
-    so a ``CacheDataset`` keeps it.
+    ``(3, X, Y, Z)`` float32, computed from its MetaTensor affine (see module docstring) and, when its
+    metadata holds one (``POSE_KEY``, from :class:`~nisf_monai.transforms.HeartPosed`), the case's heart-frame
+    pose. Deterministic, so a ``CacheDataset`` keeps it.
 
     Args:
         keys: the image whose grid and affine define the coordinates.
@@ -122,7 +148,7 @@ class CoordinateGridd(MapTransform):
         if len(spatial_shape) != 3:
             raise ValueError(f"expected a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}.")
         affine = _affine_of(img)
-        frame = CoordinateFrame(affine, spatial_shape, self.extent_mm, self.mode)
+        frame = CoordinateFrame(affine, spatial_shape, self.extent_mm, self.mode, pose=pose_of(img))
         coords = frame.grid(affine, spatial_shape).T.reshape(3, *spatial_shape)
         d[self.coords_key] = MetaTensor(coords, affine=affine, meta={"coordinate_mode": self.mode})
         return d

@@ -1,0 +1,178 @@
+"""ACDC levers: train NISF through the bundle's ``train.json`` with a few settings changed, under a CPU budget,
+then score it on validation frames. One row of the ablation table in ``benchmarks/README.md`` per run.
+
+    python benchmarks/acdc_levers.py train --name latent_lr_1e-2 --budget-minutes 20 --set latent_learning_rate=0.01
+    python benchmarks/acdc_levers.py evaluate --name latent_lr_1e-2
+
+``train`` counts the budget in process CPU time (all threads; one thread by default, so two runs side by
+side use both cores), saves a snapshot of the network and codes every ``--snapshot-minutes`` for the
+learning curve, and resumes from ``training_state.pt`` and its record when run again with the same name
+(a stopped session loses nothing but the last epoch). ``--set key=value`` overrides any id of
+``train.json`` (the value is read as JSON when it parses, else as a string).
+
+``evaluate`` fits codes to the first ``--frames`` validation frames with the frozen network through the
+bundle's :class:`~nisf_monai.inferers.LatentOptimisationInferer` (the settings ``inference.json`` would use,
+``--set`` overriding the inferer's arguments), records Dice at several latent steps on every voxel, and
+writes ``evaluation.json`` beside the run. ``--part test`` reads the test split: do that once per reported
+configuration, never to choose settings. ``--snapshot`` scores a snapshot instead of the last model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from nisf_monai.data import build_datalist, load_datalist
+from nisf_monai.denormals import flush_denormal
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+DATA = REPO.parent / "shared" / "data" / "acdc"
+WORK = REPO / "benchmarks" / "results" / "acdc_levers"
+CLASSES = ("LV", "Myo", "RV")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` strings into config overrides; values parsed as JSON where possible."""
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def acdc_datalist(work: Path, parts: str) -> str:
+    """The bundle datalist of the shared ACDC split; ``parts='final'`` trains on training + validation."""
+    datalist = build_datalist(str(DATA), str(work / "datalist.json"))
+    if parts == "final":
+        full = json.loads(Path(datalist).read_text())
+        full["training"] = full["training"] + full["validation"]
+        datalist = str(work / "datalist_final.json")
+        Path(datalist).write_text(json.dumps(full, indent=2))
+    return datalist
+
+
+def train(args: argparse.Namespace) -> None:
+    root = WORK / args.name
+    (root / "snapshots").mkdir(parents=True, exist_ok=True)
+    record_path = root / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"cpu_s": 0.0, "iterations": 0, "snapshots": []}
+    overrides = parse_overrides(args.set)
+    record["overrides"] = overrides
+    torch.set_num_threads(args.threads)
+    datalist = acdc_datalist(WORK, args.parts)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": True, "val_interval": 0, **overrides})
+    trainer = parser.get_parsed_content("train#trainer")
+    network, latents = parser.get_parsed_content("network"), parser.get_parsed_content("train#latents")
+    cpu_start, cpu_before = time.process_time(), float(record["cpu_s"])
+    budget = args.budget_minutes * 60.0
+    every = args.snapshot_minutes * 60.0
+
+    def cpu_now() -> float:
+        return cpu_before + time.process_time() - cpu_start
+
+    def save_record() -> None:
+        record["cpu_s"], record["threads"] = cpu_now(), args.threads
+        record_path.write_text(json.dumps(record, indent=2))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def account(engine) -> None:
+        record["iterations"] += 1
+        if engine.state.iteration % 50 == 0:
+            out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+            print(f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, dice loss {float(out['dice']):.3f}, "
+                  f"intensity bce {float(out['bce_intensity']):.4f}", flush=True)
+        taken = {s["cpu_minutes"] for s in record["snapshots"]}
+        mark = int(cpu_now() // every) * args.snapshot_minutes
+        if mark > 0 and mark not in taken:
+            path = root / "snapshots" / f"model_{mark:04d}min.pt"
+            torch.save({"network": network.state_dict(), "latents": latents.state_dict()}, path)
+            record["snapshots"].append({"cpu_minutes": mark, "iteration": record["iterations"], "path": str(path.relative_to(root))})
+            save_record()
+        if cpu_now() >= budget:
+            engine.terminate()
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def keep(_) -> None:
+        save_record()
+
+    trainer.run()
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    torch.save({"network": network.state_dict(), "latents": latents.state_dict()}, root / "snapshots" / "final.pt")
+    save_record()
+    print(f"{args.name}: {record['iterations']} iterations in {record['cpu_s'] / 60:.1f} CPU-min", flush=True)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from levers_eval import evaluate_cases  # beside this script
+
+    root = WORK / args.name
+    torch.set_num_threads(args.threads)
+    datalist = acdc_datalist(WORK, "split")
+    cases = load_datalist(datalist, args.part)[: args.frames or None]
+    train_record = json.loads((root / "record.json").read_text())
+    overrides = train_record.get("overrides", {})
+    checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
+    steps = [int(s) for s in args.steps.split(",")]
+    start = time.perf_counter()
+    with flush_denormal():
+        result = evaluate_cases(
+            checkpoint, cases, datalist, steps, config_overrides=overrides, inferer_overrides=parse_overrides(args.set),
+            objective=args.objective, pose=args.pose,
+        )
+    result.update({"name": args.name, "part": args.part, "checkpoint": str(checkpoint.name), "seconds": time.perf_counter() - start,
+                   "train_cpu_minutes": train_record["cpu_s"] / 60, "train_iterations": train_record["iterations"]})
+    out = root / f"evaluation_{args.part}_{args.objective}_{args.pose}_{checkpoint.stem}{args.tag}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{args.name} ({args.part}, {args.objective}, {checkpoint.name}): mean Dice by step")
+    for step, dice in zip(result["steps"], result["mean_dice"]):
+        per_class = " ".join(f"{c} {d:.3f}" for c, d in zip(CLASSES, result["class_dice"][result["steps"].index(step)]))
+        print(f"  step {step:4d}: {dice:.3f}  ({per_class})")
+    print(f"written {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--name", required=True)
+    t.add_argument("--budget-minutes", type=float, default=20.0, help="training CPU-minutes (process CPU time)")
+    t.add_argument("--snapshot-minutes", type=float, default=5.0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--parts", choices=("split", "final"), default="split", help="final: train on training + validation")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.json override")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--name", required=True)
+    e.add_argument("--part", default="validation", choices=("validation", "test", "training"))
+    e.add_argument("--frames", type=int, default=10, help="first N frames of the part (0: all)")
+    e.add_argument("--steps", default="0,50,100,200,400", help="latent steps at which Dice is recorded")
+    e.add_argument("--objective", default="intensity", choices=("intensity", "segmentation", "trained"),
+                   help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes")
+    e.add_argument("--pose", default="label", choices=("label", "estimate"),
+                   help="heart-frame models: pose from the labels (oracle) or estimated by the inferer")
+    e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--tag", default="", help="suffix of the output file name")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
+    args = ap.parse_args(argv)
+    if not DATA.is_dir():
+        sys.exit(f"ACDC data not found at {DATA} (see ../shared/data/README.md)")
+    train(args) if args.command == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

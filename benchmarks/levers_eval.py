@@ -1,0 +1,144 @@
+"""Scoring helpers of ``acdc_levers.py``: fit codes to ACDC frames with a frozen network and record Dice on
+every voxel at several latent steps, for three objectives.
+
+- ``intensity``: the bundle's test-time fit (``LatentOptimisationInferer``), what a user gets;
+- ``segmentation``: codes fitted to the labels themselves (cross-entropy + Dice on random voxels), the
+  ceiling of what the latent space can express for these cases;
+- ``trained``: the training codes the latent table holds (training frames only), the Dice the training
+  reached; compared with ``intensity`` on the same frames it says whether intensity finds those codes.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric
+
+from nisf_monai.label import case_ids
+from nisf_monai.networks import LatentTable
+from nisf_monai.transforms import HeartPosed
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+
+def dice_of(pred: torch.Tensor, label: torch.Tensor, num_classes: int = 4) -> np.ndarray:
+    """Per-class Dice (background excluded) of label maps (X, Y, Z) with MONAI DiceMetric on [1, C, ...] one-hot."""
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    p = F.one_hot(pred.long(), num_classes).movedim(-1, 0)[None]
+    g = F.one_hot(label.long(), num_classes).movedim(-1, 0)[None]
+    return metric(p, g)[0].numpy()
+
+
+class _Recorder:
+    """Dice of every case on its whole grid at the chosen steps (a monitor for ``inferer.fit``)."""
+
+    def __init__(self, inferer, network, images, labels, steps) -> None:
+        self.inferer, self.network, self.images, self.labels = inferer, network, images, labels
+        self.steps = set(steps)
+        self.dice: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, step: int, latent: torch.Tensor) -> None:
+        if step not in self.steps or step in self.dice:
+            return
+        scores = []
+        for b, (image, label) in enumerate(zip(self.images, self.labels)):
+            frame = self.inferer.frame_of(image[None])
+            pred, _ = self.inferer.sample(self.network, latent[b : b + 1], frame, frame.affine, image.shape[1:])
+            scores.append(dice_of(pred[0, 0], label[0]))
+        self.dice[step] = scores
+
+
+def _fit_to_labels(inferer, network, images, labels, steps, recorder, num_points: int = 4096) -> None:
+    """Codes fitted to the labels (frozen network): CE + Dice on random voxels, Adam at the inferer's rate."""
+    dice_loss = DiceLoss(to_onehot_y=True, softmax=True)
+    for b, (image, label) in enumerate(zip(images, labels)):
+        frame = inferer.frame_of(image[None])
+        points = frame.grid(frame.affine, image.shape[1:]).T
+        truth = label.reshape(1, -1).long()
+        generator = torch.Generator().manual_seed(inferer.seed)
+        code = (torch.randn(1, network.latent_dim, generator=generator) * inferer.init_std).requires_grad_(True)
+        optimiser = torch.optim.Adam([code], lr=inferer.learning_rate)
+        for step in range(max(steps) + 1):
+            if step in steps:
+                with torch.no_grad():
+                    pred, _ = inferer.sample(network, code.detach(), frame, frame.affine, image.shape[1:])
+                recorder.dice.setdefault(step, [None] * len(images))[b] = dice_of(pred[0, 0], label[0])
+            if step == max(steps):
+                break
+            index = torch.randint(points.shape[1], (num_points,), generator=generator)
+            seg, _ = network.forward_heads(points[None, :, index], code)
+            target = truth[None, :, index]
+            loss = F.cross_entropy(seg, target[:, 0]) + dice_loss(seg, target)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+
+
+def evaluate_cases(
+    checkpoint: Path,
+    cases: list[dict],
+    datalist: str,
+    steps: list[int],
+    config_overrides: dict,
+    inferer_overrides: dict,
+    objective: str = "intensity",
+    pose: str = "label",
+) -> dict:
+    """Dice per case and step of ``cases`` (datalist entries) for one objective; see the module docstring.
+
+    ``pose``: with a heart-frame model, 'label' takes each case's pose from its labels (an oracle: the upper
+    bound of pose estimation), 'estimate' leaves it to the inferer."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"datalist": datalist, **config_overrides})
+    for key, value in {"num_steps": max(steps), "log_every": 0, **inferer_overrides}.items():
+        parser[f"validate#inferer#{key}"] = value
+    network = parser.get_parsed_content("network_def")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    network.load_state_dict(saved["network"])
+    network.eval()
+    inferer = parser.get_parsed_content("validate#inferer")
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    heart_frame = bool(config_overrides.get("heart_frame", False))
+    images, labels, names = [], [], []
+    for case in cases:
+        d = preprocessing(dict(case))
+        if heart_frame and pose == "label":
+            d = HeartPosed(["image", "label"])(d)
+        images.append(d["image"])
+        labels.append(d["label"])
+        names.append(case_ids([case])[0])
+    recorder = _Recorder(inferer, network, images, labels, steps)
+    if objective == "intensity":
+        every = reduce(math.gcd, [s for s in steps if s > 0], 0) or 1
+        inferer.fit(images, network, monitor=recorder, monitor_every=every)
+    elif objective == "segmentation":
+        _fit_to_labels(inferer, network, images, labels, steps, recorder)
+    elif objective == "trained":
+        table = LatentTable(case_ids(cases), network.latent_dim)
+        table.load_state_dict(saved["latents"])
+        with torch.no_grad():
+            recorder.steps = {0}
+            recorder(0, table(names))
+        steps = [0]
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    dice = {s: np.asarray(recorder.dice[s], dtype=float) for s in steps}
+    with np.errstate(invalid="ignore"):
+        return {
+            "objective": objective,
+            "pose": pose if heart_frame else "volume centre",
+            "cases": names,
+            "steps": steps,
+            "mean_dice": [float(np.nanmean(np.nanmean(dice[s], axis=1))) for s in steps],
+            "class_dice": [np.nanmean(dice[s], axis=0).tolist() for s in steps],
+            "per_case": {str(s): dice[s].tolist() for s in steps},
+            "inferer": {k: getattr(inferer, k) for k in ("learning_rate", "num_points", "init_std", "latent_weight")},
+        }

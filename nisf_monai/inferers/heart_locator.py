@@ -1,0 +1,183 @@
+"""Finding a new image's heart frame from its intensities alone, with a network trained in that frame.
+
+A network trained on heart-frame coordinates (:mod:`nisf_monai.transforms.heart_frame`) reconstructs an image
+well only where its frame sits on the heart. Without labels, the pose is searched for in two stages:
+
+1. **Grid search**: candidate origins on a grid in the slice plane through the volume centre (within
+   ``radius_mm``, every ``step_mm``) times ``num_angles`` in-plane rotations; each is scored by the
+   population-average reconstruction (the zero code) on a fixed set of voxels, weighted around the candidate
+   heart (Gaussian of ``sigma_mm`` in the slice plane). No gradient, one batched pass per group.
+2. **Refinement**: the ``num_starts`` best candidates each get a code and a pose correction (in-plane shift
+   and angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
+   final loss wins.
+
+All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from torch import nn
+
+from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.heart_frame import pose_matrix
+
+__all__ = ["HeartLocator", "heart_weights"]
+
+
+def heart_weights(points: torch.Tensor, extent_mm: float, sigma_mm: float | None) -> torch.Tensor:
+    """Per-point loss weights ``(..., N)`` for network coordinates ``(..., 3, N)`` in a heart frame: a Gaussian of
+    the in-plane distance to the heart's origin (``sigma_mm``), normalised to mean 1; all ones for None."""
+    if sigma_mm is None or sigma_mm <= 0:
+        return torch.ones_like(points[..., 0, :])
+    radius2 = (points[..., 0, :] ** 2 + points[..., 1, :] ** 2) * extent_mm**2
+    weights = torch.exp(-radius2 / (2.0 * sigma_mm**2))
+    return weights / weights.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _in_plane_axes(affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthonormal world directions (e1, e2, normal) of an image's slice plane and slice normal."""
+    normal = affine[:3, 2] / torch.linalg.norm(affine[:3, 2])
+    e1 = affine[:3, 0] - (affine[:3, 0] @ normal) * normal
+    e1 = e1 / torch.linalg.norm(e1)
+    return e1, torch.linalg.cross(normal, e1), normal
+
+
+class HeartLocator:
+    """Estimates a case's heart-frame pose from its intensities with a frozen heart-frame network.
+
+    Args:
+        radius_mm: how far from the volume centre (in the slice plane) candidate origins go.
+        step_mm: spacing of the candidate origins.
+        num_angles: in-plane rotations tried per origin (evenly spread over 360 degrees).
+        sigma_mm: width of the loss weighting around the candidate heart.
+        score_points: voxels scored per candidate.
+        num_starts: best candidates refined.
+        refine_steps: Adam steps of each refinement (code + in-plane shift + angle).
+        learning_rate: the code's Adam rate in refinement; the shift moves at ``learning_rate / 4`` network units
+            and the angle at ``learning_rate`` radians per step.
+        seed: seeds the voxel draws and initial codes.
+    """
+
+    def __init__(
+        self,
+        radius_mm: float = 60.0,
+        step_mm: float = 15.0,
+        num_angles: int = 8,
+        sigma_mm: float = 50.0,
+        score_points: int = 2048,
+        num_starts: int = 4,
+        refine_steps: int = 50,
+        learning_rate: float = 1e-2,
+        seed: int = 0,
+    ) -> None:
+        if step_mm <= 0 or radius_mm < 0 or num_angles < 1 or num_starts < 1 or score_points < 1:
+            raise ValueError("HeartLocator needs step_mm > 0, radius_mm >= 0, and at least one angle, start and point.")
+        self.radius_mm, self.step_mm, self.num_angles = float(radius_mm), float(step_mm), int(num_angles)
+        self.sigma_mm, self.score_points, self.num_starts = float(sigma_mm), int(score_points), int(num_starts)
+        self.refine_steps, self.learning_rate, self.seed = int(refine_steps), float(learning_rate), int(seed)
+
+    def candidates(self, image: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes)."""
+        affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
+        frame = CoordinateFrame(affine, image.shape[-3:])
+        e1, e2, normal = _in_plane_axes(affine)
+        n = int(self.radius_mm // self.step_mm)
+        offsets = [(i * self.step_mm, j * self.step_mm) for i in range(-n, n + 1) for j in range(-n, n + 1)
+                   if math.hypot(i, j) * self.step_mm <= self.radius_mm + 1e-9]
+        origins, rotations = [], []
+        for a in range(self.num_angles):
+            theta = 2.0 * math.pi * a / self.num_angles
+            x_axis = math.cos(theta) * e1 + math.sin(theta) * e2
+            rotation = torch.stack([x_axis, torch.linalg.cross(normal, x_axis), normal])
+            for u, v in offsets:
+                origins.append(frame.centre + u * e1 + v * e2)
+                rotations.append(rotation)
+        return torch.stack(origins), torch.stack(rotations)
+
+    def _voxels(self, image: MetaTensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """World positions ``(P, 3)`` (float64) and intensities ``(P,)`` of the voxels scored."""
+        affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
+        shape = tuple(image.shape[-3:])
+        values = image.as_tensor().reshape(-1).float()
+        index = torch.randint(values.numel(), (self.score_points,), generator=generator)
+        voxel = torch.stack(torch.unravel_index(index, shape), dim=-1).to(torch.float64)
+        return voxel @ affine[:3, :3].T + affine[:3, 3], values[index].clamp(0.0, 1.0)
+
+    @staticmethod
+    def _coords(world: torch.Tensor, origins: torch.Tensor, rotations: torch.Tensor, extent_mm: float) -> torch.Tensor:
+        """Network coordinates ``(K, 3, P)`` of world points ``(P, 3)`` in K poses."""
+        local = torch.einsum("kij,kpj->kip", rotations, world[None] - origins[:, None, :])
+        return (local / extent_mm).float()
+
+    @torch.no_grad()
+    def _scores(self, network: nn.Module, coords: torch.Tensor, target: torch.Tensor, extent_mm: float, group: int) -> torch.Tensor:
+        scores = []
+        latent_dim = int(network.latent_dim)
+        for start in range(0, coords.shape[0], group):
+            chunk = coords[start : start + group]
+            _, logit = network.forward_heads(chunk, chunk.new_zeros((chunk.shape[0], latent_dim)))
+            bce = F.binary_cross_entropy_with_logits(logit[:, 0], target.expand(chunk.shape[0], -1), reduction="none")
+            scores.append((bce * heart_weights(chunk, extent_mm, self.sigma_mm)).mean(dim=-1))
+        return torch.cat(scores)
+
+    def locate(self, image: MetaTensor, network: nn.Module, extent_mm: float) -> torch.Tensor:
+        """The 4 x 4 pose (world mm -> heart frame mm) of one case ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)``."""
+        device = next(network.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed)
+        world, target = self._voxels(image, generator)
+        origins, rotations = self.candidates(image)
+        coords = self._coords(world, origins, rotations, extent_mm).to(device)
+        group = max(1, 16384 // self.score_points) if device.type == "cpu" else coords.shape[0]
+        scores = self._scores(network, coords, target.to(device), extent_mm, group)
+        best = torch.argsort(scores)[: self.num_starts]
+        return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device)
+
+    def _refine(self, network, image, origins, rotations, extent_mm, generator, device) -> torch.Tensor:
+        """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
+        starts = origins.shape[0]
+        latent = (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
+        shift = torch.zeros(starts, 2, device=device, requires_grad=True)  # network units, heart x and y
+        angle = torch.zeros(starts, device=device, requires_grad=True)  # radians about heart z
+        optimiser = torch.optim.Adam([{"params": [latent], "lr": self.learning_rate},
+                                      {"params": [shift], "lr": self.learning_rate / 4},
+                                      {"params": [angle], "lr": self.learning_rate}])
+        losses = torch.zeros(starts)
+        for step in range(self.refine_steps + 1):
+            world, target = self._voxels(image, generator)
+            base = self._coords(world, origins, rotations, extent_mm).to(device)  # (S, 3, P)
+            coords = _moved(base, shift, angle)
+            _, logit = network.forward_heads(coords, latent)
+            bce = F.binary_cross_entropy_with_logits(logit[:, 0], target.to(device).expand(starts, -1), reduction="none")
+            per_start = (bce * heart_weights(coords.detach(), extent_mm, self.sigma_mm)).mean(dim=-1)
+            if step == self.refine_steps:
+                losses = per_start.detach().cpu()
+                break
+            loss = per_start.sum() + 1e-4 * latent.pow(2).mean(dim=1).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        b = int(torch.argmin(losses))
+        return _corrected_pose(origins[b], rotations[b], shift[b].detach().cpu().double() * extent_mm, float(angle[b].detach()))
+
+
+def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Heart coordinates ``(S, 3, P)`` shifted in-plane by ``shift (S, 2)`` then turned by ``angle (S,)``."""
+    x = coords[:, 0] - shift[:, :1]
+    y = coords[:, 1] - shift[:, 1:]
+    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+    return torch.stack([c * x + s * y, -s * x + c * y, coords[:, 2]], dim=1)
+
+
+def _corrected_pose(origin: torch.Tensor, rotation: torch.Tensor, shift_mm: torch.Tensor, angle: float) -> torch.Tensor:
+    """The pose whose coordinates equal ``_moved`` of the start pose's: origin moved by the shift along the
+    start's heart axes, axes turned by the angle about heart z."""
+    new_origin = origin + shift_mm[0] * rotation[0] + shift_mm[1] * rotation[1]
+    c, s = math.cos(angle), math.sin(angle)
+    turn = torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return pose_matrix(new_origin.numpy(), (turn @ rotation).numpy())
