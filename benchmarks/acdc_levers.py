@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
             print(f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, dice loss {float(out['dice']):.3f}, "
                   f"intensity bce {float(out['bce_intensity']):.4f}", flush=True)
         taken = {s["cpu_minutes"] for s in record["snapshots"]}
-        mark = int(cpu_now() // every) * args.snapshot_minutes
+        mark = int(cpu_now() // every * args.snapshot_minutes)
         if mark > 0 and mark not in taken:
             path = root / "snapshots" / f"model_{mark:04d}min.pt"
             torch.save({"network": network.state_dict(), "latents": latents.state_dict()}, path)

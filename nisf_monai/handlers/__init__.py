@@ -1,5 +1,6 @@
 from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.handlers.metrics import class_dice_metrics
+from nisf_monai.handlers.quality_control import QualityControlHandler, case_quality, qc_reference
 from nisf_monai.handlers.step_selection import StepSelectionHandler, select_step, selected_inference_steps
 from nisf_monai.handlers.streaming_saver import StreamingSegmentationSaver
 from nisf_monai.handlers.training_state import (
@@ -13,11 +14,14 @@ __all__ = [
     "CheckpointError",
     "describe_state_mismatch",
     "OverlayFigured",
+    "QualityControlHandler",
     "mid_ventricular_slice",
+    "qc_reference",
     "StepSelectionHandler",
     "StreamingSegmentationSaver",
     "TrainingStateHandler",
     "atomic_save",
+    "case_quality",
     "class_dice_metrics",
     "select_step",
     "selected_inference_steps",

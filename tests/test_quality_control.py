@@ -1,0 +1,83 @@
+"""Quality control of fitted cases: <case>_qc.json beside the outputs, and a warning for out-of-distribution cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from monai.data import MetaTensor
+
+from nisf_monai.handlers import QualityControlHandler, case_quality
+from nisf_monai.inferers import LatentOptimisationInferer
+from nisf_monai.networks import NISFNet
+
+LABELS = ["background", "lv_blood_pool", "lv_myocardium", "rv_blood_pool"]
+
+
+class ConstantField(torch.nn.Module):
+    """Predicts one class everywhere and a fixed intensity, whatever the code: QC numbers are then known."""
+
+    latent_dim = 4
+    num_classes = 4
+
+    def __init__(self, label: int, intensity: float) -> None:
+        super().__init__()
+        self.label, self.logit = label, float(torch.logit(torch.tensor(intensity)))
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_heads(self, coords, latent):
+        seg = torch.full((coords.shape[0], 4, *coords.shape[2:]), -10.0)
+        seg[:, self.label] = 10.0
+        return seg, torch.full((coords.shape[0], 1, *coords.shape[2:]), self.logit)
+
+
+def image(value: float = 0.5) -> MetaTensor:
+    affine = torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0], dtype=torch.float64))
+    return MetaTensor(torch.full((1, 10, 10, 4), value), affine=affine, meta={"filename_or_obj": "/data/case7.nii.gz"})
+
+
+class Engine:
+    def __init__(self, outputs):
+        self.state = type("State", (), {"output": outputs})()
+
+
+def test_numbers_of_a_known_fit():
+    quality = case_quality(LatentOptimisationInferer(), ConstantField(1, 0.3), image(0.5), torch.zeros(4), LABELS,
+                           training_codes=torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert abs(quality["reconstruction_error"] - 0.2) < 1e-5
+    assert abs(quality["volume_ml"]["lv_blood_pool"] - 400 * 20 / 1000) < 1e-9  # 400 voxels of 20 mm^3
+    assert quality["volume_ml"]["rv_blood_pool"] == 0.0
+    assert abs(quality["nearest_training_code_distance"] - 1.0) < 1e-6
+
+
+def test_writes_json_and_warns_only_out_of_distribution(tmp_path, caplog):
+    reference = tmp_path / "qc_reference.json"
+    reference.write_text(json.dumps({"reconstruction_error": [0.05, 0.1], "nearest_training_code_distance": [1.0],
+                                     "training_codes": [[0.0, 0.0, 0.0, 0.0]]}))
+    inferer = LatentOptimisationInferer()
+    good = QualityControlHandler(inferer, ConstantField(1, 0.45), tmp_path / "good", LABELS, reference)
+    with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+        good(Engine([{"image": image(0.5), "latent": torch.zeros(4)}]))
+    written = json.loads((tmp_path / "good" / "case7_qc.json").read_text())
+    assert written["warnings"] == [] and "QC" not in caplog.text
+
+    bad = QualityControlHandler(inferer, ConstantField(0, 0.1), tmp_path / "bad", LABELS, reference)
+    with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+        bad(Engine([{"image": image(0.5), "latent": torch.full((4,), 3.0)}]))
+    written = json.loads((tmp_path / "bad" / "case7_qc.json").read_text())
+    assert any("no left ventricle" in w for w in written["warnings"])
+    assert any("reconstruction error" in w for w in written["warnings"])
+    assert any("nearest training code" in w for w in written["warnings"])
+    assert "QC case7.nii.gz: no left ventricle found" in caplog.text
+
+
+def test_without_reference_only_the_lv_check(tmp_path):
+    handler = QualityControlHandler(LatentOptimisationInferer(), ConstantField(1, 0.9), tmp_path, LABELS, tmp_path / "missing.json")
+    assert handler.warnings(case_quality(handler.inferer, handler.network, image(), torch.zeros(4), LABELS)) == []
+
+
+def test_real_network_runs(tmp_path):
+    net = NISFNet(latent_dim=8, hidden_dim=8, num_layers=1)
+    quality = case_quality(LatentOptimisationInferer(), net, image(), torch.zeros(8), LABELS)
+    assert set(quality["volume_ml"]) == set(LABELS[1:]) and 0 <= quality["reconstruction_error"] <= 1
