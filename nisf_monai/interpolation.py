@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import os
 import warnings
@@ -34,6 +33,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.metrics import DiceMetric
 
 from nisf_monai.data.datalist import case_name
+from nisf_monai.io import atomic_open, atomic_save_figure, atomic_write_json
 from nisf_monai.transforms.masks import kept_slices
 from nisf_monai.transforms.validation import source_of
 
@@ -311,7 +311,7 @@ class HiddenSliceReport:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         names = self.class_names[1:]
-        with open(self.output_dir / f"{self.prefix}.csv", "w", newline="") as f:
+        with atomic_open(self.output_dir / f"{self.prefix}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["case", "method", *names, "mean", "scored_slices"])
             for c in self.cases:
@@ -329,7 +329,7 @@ class HiddenSliceReport:
             "summary": summary,
             "cases": [{**c, "dice": {m: [_num(v) for v in d] for m, d in c["dice"].items()}} for c in self.cases],
         }
-        (self.output_dir / f"{self.prefix}.json").write_text(json.dumps(record, indent=2))
+        atomic_write_json(self.output_dir / f"{self.prefix}.json", record)
         for method, stats in summary.items():
             logger.info("hidden-slice report: %s mean Dice %s over %d cases (%s)", method, _fmt(stats["mean"][0]), len(self.cases),
                         ", ".join(f"{n} {_fmt(stats[n][0])}" for n in names))
@@ -368,8 +368,10 @@ class HiddenSliceReport:
             axes[r, 0].set_ylabel(f"{ex['case']}\nslice {ex['slice']}", fontsize=8)
         fig.suptitle("slices hidden from the latent fit (red LV, green myocardium, blue RV)", fontsize=10)
         fig.tight_layout()
-        fig.savefig(self.output_dir / f"{self.prefix}_examples.png", dpi=90)
-        plt.close(fig)
+        try:
+            atomic_save_figure(fig, self.output_dir / f"{self.prefix}_examples.png", dpi=90)
+        finally:
+            plt.close(fig)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 
 from nisf_monai.data.datalist import case_name
 from nisf_monai.errors import DatalistError, MissingFileError
+from nisf_monai.io import atomic_write_json
 
 __all__ = ["ACDC_LABEL_MAPPING", "build_datalist", "read_label_mapping", "split_of"]
 
@@ -96,8 +97,7 @@ def build_datalist(
     }
     for entry in sorted(entries, key=lambda e: (e["subject"], e["case"])):
         datalist[split_of(number[entry["subject"]])].append(entry)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(datalist, indent=2))
+    atomic_write_json(out, datalist)
     counts = {part: len({e["subject"] for e in datalist[part]}) for part in ("training", "validation", "test")}
     logger.info("wrote %s: %s subjects (training/validation/test)", out, counts)
     return str(out)

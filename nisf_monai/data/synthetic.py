@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from nisf_monai.io import atomic_write_json
 
 __all__ = [
     "LABELS",
@@ -510,11 +511,7 @@ def generate_cohort(
             entry.update({f"{name}_ml": round(info[f"{name}_ml"], 4) for name in _STRUCTURES})
             datalist[section].append(entry)
     datalist["numTraining"] = len(datalist["training"])
-    path = out / DATALIST_NAME
-    tmp = out / f".{DATALIST_NAME}.tmp"
-    tmp.write_text(json.dumps(datalist, indent=2))
-    os.replace(tmp, path)
-    return str(path)
+    return atomic_write_json(out / DATALIST_NAME, datalist)
 
 
 def ensure_synthetic_cohort(dataset_dir: str, **kwargs: Any) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from nisf_monai.geometry.meshes import Mesh
+from nisf_monai.io import atomic_save_figure
 
 __all__ = ["plane_figure", "agreement_figure", "surface_figure"]
 
@@ -32,10 +33,10 @@ def _pyplot() -> Any | None:
 
 
 def _save(fig: Any, path: str | os.PathLike, plt: Any) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-    fig.savefig(str(path), dpi=100)
-    plt.close(fig)
-    return str(path)
+    try:
+        return atomic_save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plane_figure(

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nisf_monai.io import atomic_open
+
 __all__ = [
     "MYOCARDIAL_DENSITY",
     "STRUCTURES",
@@ -133,8 +135,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from nisf_monai.io import atomic_open
+
 __all__ = ["Mesh", "marching_tetrahedra", "mesh_area", "mesh_volume", "write_mesh", "MESH_FORMATS"]
 
 MESH_FORMATS = ("vtk", "stl", "obj")
@@ -199,12 +201,11 @@ def write_mesh(path: str | os.PathLike, mesh: Mesh, name: str = "nisf_monai surf
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in MESH_FORMATS:
         raise ValueError(f"mesh format must be one of {MESH_FORMATS} (by file extension), got {path.name!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     title = f"{name} SPACE=RAS".replace("\n", " ")
     if suffix == "vtk":
-        with open(path, "w") as f:
+        with atomic_open(path, "w") as f:
             f.write(f"# vtk DataFile Version 4.2\n{title[:255]}\nASCII\nDATASET POLYDATA\n")
             f.write(f"POINTS {len(vertices)} double\n")
             np.savetxt(f, vertices, fmt="%.5f")
@@ -218,12 +219,12 @@ def write_mesh(path: str | os.PathLike, mesh: Mesh, name: str = "nisf_monai surf
         header = title.encode("ascii", "replace")[:80].ljust(80, b" ")
         if header.lower().startswith(b"solid"):
             header = b"x" + header[1:]  # a binary STL must not start with "solid"
-        with open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             f.write(header)
             f.write(np.uint32(len(faces)).tobytes())
             f.write(data.tobytes())
     else:
-        with open(path, "w") as f:
+        with atomic_open(path, "w") as f:
             f.write(f"# {title}\n")
             np.savetxt(f, vertices, fmt="v %.5f %.5f %.5f")
             np.savetxt(f, faces + 1, fmt="f %d %d %d")

@@ -4,7 +4,6 @@ model is read exactly as inference reads it; ``nisf-monai plane`` / ``nisf-monai
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from nisf_monai.geometry.measures import (
 )
 from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
 from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image, save_nifti
+from nisf_monai.io import atomic_write_json
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
 
@@ -302,7 +302,7 @@ class MeasureRun(_FittedRun):
             "frames": frames_rows,
             "agreement": agreement,
         }
-        (out / "measures.json").write_text(json.dumps(_jsonable(report), indent=2))
+        atomic_write_json(out / "measures.json", _jsonable(report))
         logger.info("measures of %d subject(s) written to %s", len(subject_info), out)
         return report
 
@@ -429,7 +429,7 @@ class PlaneRun(_FittedRun):
             info = {"case": name, "affine": affine, "shape": shape, "spacing_mm": voxel_sizes(affine),
                     "centre_mm": grid_centre(affine, shape), "reference": self.reference, "files": paths,
                     "label_voxels": {n: int((labels == c).sum()) for n, c in STRUCTURES.items()}}
-            Path(f"{stem}.json").write_text(json.dumps(_jsonable(info), indent=2))
+            atomic_write_json(f"{stem}.json", _jsonable(info))
             logger.info("%s: %s %s written to %s", name, self.name, "x".join(map(str, shape)), stem.parent)
             written.append(info)
         return written

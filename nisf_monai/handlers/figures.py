@@ -13,6 +13,7 @@ import torch
 from monai.transforms import Transform
 
 from nisf_monai.data.datalist import case_name
+from nisf_monai.io import atomic_save_figure
 from nisf_monai.transforms.validation import source_of
 
 __all__ = ["OverlayFigured", "mid_ventricular_slice"]
@@ -74,8 +75,9 @@ class OverlayFigured(Transform):
         name = case_name(source_of(data[self.image_key], f"case{self.written}"))
         fig.suptitle(f"{name}, slice {z} (red LV, green myocardium, blue RV)")
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / f"{name}_overlay.png", dpi=90)
-        plt.close(fig)
+        try:
+            atomic_save_figure(fig, self.output_dir / f"{name}_overlay.png", dpi=90)
+        finally:
+            plt.close(fig)
         self.written += 1
         return data

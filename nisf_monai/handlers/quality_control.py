@@ -22,6 +22,7 @@ from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
+from nisf_monai.io import atomic_write_json
 from nisf_monai.transforms.loading import frame_name_formatter
 
 if TYPE_CHECKING:
@@ -166,16 +167,8 @@ class QualityControlHandler:
             quality["warnings"] = self.warnings(quality)
             layout = FolderLayout(self.output_dir, postfix="qc", extension=".json", parent=False, makedirs=True)
             path = layout.filename(**self.output_name_formatter(dict(image.meta), self))
-            _write_json(quality, path)
+            atomic_write_json(path, quality)
             self._data_index += 1
             name = os.path.basename(str(image.meta.get("filename_or_obj", path)))
             for warning in quality["warnings"]:
                 logger.warning("QC %s: %s; check this case's segmentation", name, warning)
-
-
-def _write_json(obj: Any, path: str) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

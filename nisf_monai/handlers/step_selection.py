@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from nisf_monai.distributed import is_distributed, is_rank_zero
+from nisf_monai.io import atomic_save_figure, atomic_write_json
 
 __all__ = ["StepSelectionHandler", "select_step", "selected_inference_steps"]
 
@@ -112,10 +113,7 @@ class StepSelectionHandler:
             "mean_dice": [None if np.isnan(v) else float(v) for v in curve],
             "per_class_dice": {n: [None if np.isnan(v) else float(v) for v in per_class[:, c]] for c, n in enumerate(names)},
         }
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.save_dir / f".{STEPS_FILENAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, self.save_dir / STEPS_FILENAME)
+        atomic_write_json(self.save_dir / STEPS_FILENAME, record)
         engine.state.metrics["selected_inference_steps"] = best
         logger.info("step selection: best mean Dice %.4f at %d latent steps over %d cases", record["mean_dice_at_best"], best, dice.shape[0])
         if self.figure_path is not None:
@@ -141,6 +139,7 @@ class StepSelectionHandler:
         ax.legend(loc="lower right")
         ax.set_title(f"Dice against latent step; best at {best}")
         fig.tight_layout()
-        self.figure_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.figure_path, dpi=100)
-        plt.close(fig)
+        try:
+            atomic_save_figure(fig, self.figure_path, dpi=100)
+        finally:
+            plt.close(fig)

@@ -6,7 +6,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch.optim import Optimizer
 
 from nisf_monai.distributed import all_ranks_agree, is_distributed, is_rank_zero, unwrap_network
 from nisf_monai.errors import InputDataError
+from nisf_monai.io import atomic_open
 from nisf_monai.networks import LatentTable
 
 __all__ = ["CheckpointError", "TrainingStateHandler", "atomic_save", "describe_state_mismatch"]
@@ -31,24 +31,10 @@ class CheckpointError(InputDataError, RuntimeError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it: a process killed while
-    saving leaves the previous file intact, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is as readable as any output
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through :func:`nisf_monai.io.atomic_open`: a process killed while saving leaves the
+    previous file intact, never a truncated one."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
