@@ -145,6 +145,52 @@ def evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def report(args: argparse.Namespace) -> None:
+    """The ablation table (markdown, best step per run) and the learning curve PNG of ``--curve`` runs."""
+    rows = ["| run | changes from train.json | training CPU-min | iterations | validation Dice at step 0 | best step | "
+            "validation Dice (LV / Myo / RV) |", "|---|---|---:|---:|---:|---:|---|"]
+    for root in sorted(p for p in WORK.iterdir() if (p / "record.json").is_file()):
+        record = json.loads((root / "record.json").read_text())
+        for path in sorted(root.glob(f"evaluation_validation_*{args.checkpoint}*.json")):
+            result = json.loads(path.read_text())
+            best = int(np.nanargmax(result["mean_dice"]))
+            label = root.name + ("" if path.stem.endswith(args.checkpoint) else f" ({path.stem.split(args.checkpoint)[-1].strip('_')})")
+            changes = ", ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items())
+            objective = "" if result["objective"] == "intensity" else f" [{result['objective']} fit]"
+            rows.append(f"| {label}{objective} | {changes} | {result['train_cpu_minutes']:.0f} | {result['train_iterations']} | "
+                        f"{result['mean_dice'][0]:.3f} | {result['steps'][best]} | **{result['mean_dice'][best]:.3f}** "
+                        f"({' / '.join(f'{d:.2f}' for d in result['class_dice'][best])}) |")
+    print("\n".join(rows))
+    for name in args.curve:
+        root = WORK / name
+        points = []
+        for path in root.glob("evaluation_validation_intensity_*_model_*min*.json"):
+            result = json.loads(path.read_text())
+            minutes = int(path.stem.split("model_")[1][:4])
+            points.append((minutes, max(result["mean_dice"]), result["mean_dice"][0]))
+        if not points:
+            continue
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        points.sort()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="after the latent fit (best step)")
+        ax.plot([p[0] for p in points], [p[2] for p in points], "s--", label="zero code (step 0)")
+        ax.set_xlabel("training CPU-minutes")
+        ax.set_ylabel("validation mean Dice")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"ACDC learning curve: {name}")
+        fig.tight_layout()
+        out = REPO / "benchmarks" / f"learning_curve_{name}.png"
+        fig.savefig(out, dpi=110)
+        print(f"learning curve: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -168,7 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
+    r = sub.add_parser("report")
+    r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
+    r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
     args = ap.parse_args(argv)
+    if args.command == "report":
+        return report(args)
     if not DATA.is_dir():
         sys.exit(f"ACDC data not found at {DATA} (see ../shared/data/README.md)")
     train(args) if args.command == "train" else evaluate(args)

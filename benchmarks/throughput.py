@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nisf_monai.denormals import flush_denormal, set_flush_denormal
 from nisf_monai.networks import NISFNet, fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -176,6 +177,8 @@ def make_step_fns(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """One closure per variant; each runs one full step."""
     torch.manual_seed(args.seed)
     net = NISFNet(args.coord_dim, args.latent_dim, args.classes, args.hidden_dim, args.layers)
+    if args.weights:  # a trained network: its activations reach the subnormal range far more than random weights
+        net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     ref = EagerNISF(args.coord_dim, args.latent_dim, args.classes, args.hidden_dim, args.layers)
     ref.load_state_dict(net.state_dict())
     coords = torch.rand(args.batch, args.coord_dim, args.points) - 0.5
@@ -214,12 +217,29 @@ def make_step_fns(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         return step
 
     net_frozen, ref_frozen = copy.deepcopy(net), copy.deepcopy(ref)
+    net_subnormal, net_frozen_subnormal = copy.deepcopy(net), copy.deepcopy(net_frozen)
     return {
         "train/package": trainer(net),
         "train/eager": trainer(ref),
+        "train/subnormals": with_subnormals(trainer(net_subnormal)),
         "latent/package": latent_fitter(net_frozen),
         "latent/eager": latent_fitter(ref_frozen),
+        "latent/subnormals": with_subnormals(latent_fitter(net_frozen_subnormal)),
     }
+
+
+def with_subnormals(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with subnormal floats computed as such (the CPU's default), inside a run that flushes them as
+    the bundle does: the "before" of the flush."""
+
+    def run() -> None:
+        set_flush_denormal(False)
+        try:
+            step()
+        finally:
+            set_flush_denormal(True)
+
+    return run
 
 
 def agreement(args: argparse.Namespace) -> dict[str, float]:
@@ -277,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager kernels in the package")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="", help="state_dict of a trained NISFNet of these sizes (default: random init)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
     parser.add_argument("--inference", action="store_true", help="also run the inference benchmarks (inference.py)")
     inference.add_arguments(parser)
@@ -296,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         fns["matmul/onednn"] = MatmulProbe(rows, shapes, route="onednn")
     load_before = os.getloadavg()
     start = time.perf_counter()
-    times = measure(fns, args.repeats, args.warmup)
+    with flush_denormal():  # as the bundle runs; the "subnormals" variants switch it off for their own steps
+        times = measure(fns, args.repeats, args.warmup)
     wall = time.perf_counter() - start
     med = {name: statistics.median(t) for name, t in times.items()}
     rates = {name.split("/")[1]: probe.flops / med[name] / 1e9 for name in med if name.startswith("matmul/")}
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
             "latent_package_over_limit": pts["latent/package"] / limit_latent,
             "latent_package_over_limit_paired": of_limit_paired["latent"],
             "latent_eager_over_limit": pts["latent/eager"] / limit_latent,
+            "train_flushed_over_subnormals_paired": paired_ratio(times["train/subnormals"], times["train/package"]),
+            "latent_flushed_over_subnormals_paired": paired_ratio(times["latent/subnormals"], times["latent/package"]),
         },
         "spread": {name: [min(t), max(t)] for name, t in times.items()},
         "wall_seconds": wall,
@@ -365,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{task:<8}{'limit':<10}{limit:>12,.0f}")
     print(f"paired ratios (median over repeats): train {r['train_package_over_eager_paired']:.2f}x eager, "
           f"latent {r['latent_package_over_eager_paired']:.2f}x eager, train {r['train_package_over_limit_paired']:.0%} of limit")
+    for task in ("train", "latent"):
+        print(f"subnormals flushed ({task}): {pts[f'{task}/package']:,.0f} points/s vs {pts[f'{task}/subnormals']:,.0f} "
+              f"computed as subnormals: {r[f'{task}_flushed_over_subnormals_paired']:.2f}x (paired)")
     agree = result["agreement"]
     print(f"agreement: max |seg diff| {agree['max_abs_diff_seg']:.2e} (max |seg| {agree['max_abs_seg']:.2f}), "
           f"latent grad rel diff {agree['rel_diff_latent_grad']:.2e}; wall {wall:.0f} s")

@@ -7,8 +7,8 @@ well only where its frame sits on the heart. Without labels, the pose is searche
    ``radius_mm``, every ``step_mm``) times ``num_angles`` in-plane rotations; each is scored by the
    population-average reconstruction (the zero code) on a fixed set of voxels, weighted around the candidate
    heart (Gaussian of ``sigma_mm`` in the slice plane). No gradient, one batched pass per group.
-2. **Refinement**: the ``num_starts`` best candidates each get a code and a pose correction (in-plane shift
-   and angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
+2. **Refinement**: the ``num_starts`` best candidates each get a code and a pose correction (a shift along
+   the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
    final loss wins.
 
 All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame.
@@ -58,7 +58,7 @@ class HeartLocator:
         sigma_mm: width of the loss weighting around the candidate heart.
         score_points: voxels scored per candidate.
         num_starts: best candidates refined.
-        refine_steps: Adam steps of each refinement (code + in-plane shift + angle).
+        refine_steps: Adam steps of each refinement (code + shift + in-plane angle).
         learning_rate: the code's Adam rate in refinement; the shift moves at ``learning_rate / 4`` network units
             and the angle at ``learning_rate`` radians per step.
         seed: seeds the voxel draws and initial codes.
@@ -142,7 +142,7 @@ class HeartLocator:
         """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
         starts = origins.shape[0]
         latent = (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
-        shift = torch.zeros(starts, 2, device=device, requires_grad=True)  # network units, heart x and y
+        shift = torch.zeros(starts, 3, device=device, requires_grad=True)  # network units along the heart axes
         angle = torch.zeros(starts, device=device, requires_grad=True)  # radians about heart z
         optimiser = torch.optim.Adam([{"params": [latent], "lr": self.learning_rate},
                                       {"params": [shift], "lr": self.learning_rate / 4},
@@ -167,17 +167,17 @@ class HeartLocator:
 
 
 def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Heart coordinates ``(S, 3, P)`` shifted in-plane by ``shift (S, 2)`` then turned by ``angle (S,)``."""
-    x = coords[:, 0] - shift[:, :1]
-    y = coords[:, 1] - shift[:, 1:]
+    """Heart coordinates ``(S, 3, P)`` shifted by ``shift (S, 3)`` then turned in-plane by ``angle (S,)``."""
+    x = coords[:, 0] - shift[:, 0:1]
+    y = coords[:, 1] - shift[:, 1:2]
     c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
-    return torch.stack([c * x + s * y, -s * x + c * y, coords[:, 2]], dim=1)
+    return torch.stack([c * x + s * y, -s * x + c * y, coords[:, 2] - shift[:, 2:3]], dim=1)
 
 
 def _corrected_pose(origin: torch.Tensor, rotation: torch.Tensor, shift_mm: torch.Tensor, angle: float) -> torch.Tensor:
     """The pose whose coordinates equal ``_moved`` of the start pose's: origin moved by the shift along the
     start's heart axes, axes turned by the angle about heart z."""
-    new_origin = origin + shift_mm[0] * rotation[0] + shift_mm[1] * rotation[1]
+    new_origin = origin + shift_mm[0] * rotation[0] + shift_mm[1] * rotation[1] + shift_mm[2] * rotation[2]
     c, s = math.cos(angle), math.sin(angle)
     turn = torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     return pose_matrix(new_origin.numpy(), (turn @ rotation).numpy())
