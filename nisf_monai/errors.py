@@ -12,7 +12,15 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["InputDataError", "InvalidCaseError", "DatalistError", "MissingFileError", "report_input_errors", "find_input_error"]
+__all__ = [
+    "InputDataError",
+    "InvalidCaseError",
+    "DatalistError",
+    "MissingFileError",
+    "NoUsableCaseError",
+    "report_input_errors",
+    "find_input_error",
+]
 
 TRACEBACK_ENV = "NISF_MONAI_TRACEBACK"
 
@@ -31,6 +39,10 @@ class DatalistError(InputDataError):
 
 class MissingFileError(DatalistError, FileNotFoundError):
     """A datalist entry or folder that points to nothing."""
+
+
+class NoUsableCaseError(InputDataError):
+    """Every case of a run failed, so it produced nothing; each case's reason was logged as it failed."""
 
 
 def find_input_error(error: BaseException | None) -> InputDataError | None:

@@ -1,10 +1,19 @@
 from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
 from nisf_monai.data.datalist import case_name, expand_cine_datalist, list_images, load_datalist
-from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset
+from nisf_monai.data.dataset import (
+    FAILED_CASES_FILENAME,
+    SKIPPED_KEY,
+    SkippingDataset,
+    report_failed_cases,
+    write_failed_cases,
+)
 
 __all__ = [
+    "FAILED_CASES_FILENAME",
     "SKIPPED_KEY",
     "SkippingDataset",
+    "report_failed_cases",
+    "write_failed_cases",
     "ACDC_LABEL_MAPPING",
     "build_datalist",
     "read_label_mapping",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -11,7 +12,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-from nisf_monai.data.dataset import SKIPPED_KEY
+from nisf_monai.data.dataset import SKIPPED_KEY, report_failed_cases
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.engines.dice_curve import DiceCurveRecorder
 from nisf_monai.inferers import LatentOptimisationInferer
@@ -34,8 +35,12 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
     :class:`~nisf_monai.transforms.SliceMaskd` or a ``mask`` image in the datalist) limits the voxels its code
     is fitted to (see :meth:`LatentOptimisationInferer.fit`) and is passed on in the output. Cases that a
     :class:`~nisf_monai.data.SkippingDataset` marked as skipped are left out of the batch and listed in
-    ``engine.state.skipped_cases``. Postprocessing (``SaveImaged``, ``AsDiscreted``) and metrics then work as
-    for any MONAI evaluator.
+    ``engine.state.skipped_cases`` (sources) and ``engine.state.failed_cases`` (``(source, reason)`` pairs,
+    which :class:`~nisf_monai.handlers.FailedCasesHandler` writes to a file); ``engine.state.num_cases_done``
+    counts the others. A run ends with a log line saying how many were skipped; a run in which every case was
+    skipped stops before its metrics (there is nothing to compute them on) and raises
+    :class:`~nisf_monai.errors.NoUsableCaseError`, so it exits non-zero. Postprocessing (``SaveImaged``,
+    ``AsDiscreted``) and metrics then work as for any MONAI evaluator.
 
     Args:
         inferer: the :class:`LatentOptimisationInferer` holding the optimisation settings.
@@ -63,19 +68,38 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         self.monitor_every = int(monitor_every)
         self.monitor_points = int(monitor_points)
         self.mask_key = mask_key
-        self.add_event_handler(Events.COMPLETED, self._report_skipped)
+        self.add_event_handler(Events.STARTED, self._reset_cases)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_nothing_usable)
 
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
         """Evaluate with subnormal floats flushed to zero (see :mod:`nisf_monai.denormals`), restoring the
-        caller's setting afterwards."""
+        caller's setting afterwards; then account for skipped cases (after every handler and ignite's own
+        messages, so that it is the run's last log line)."""
         with flush_denormal():
             super().run(global_epoch)
+        state = self.state  # an empty loader never starts the engine: no case counts then
+        report_failed_cases(getattr(state, "failed_cases", []), getattr(state, "num_cases_done", 0), getattr(state, "failed_cases_file", None))
+
+    def _register_metrics(self, k_metric: dict, add_metrics: dict | None = None) -> None:
+        """Register metrics as MONAI does, each made to pass over an iteration whose cases were all skipped:
+        its output is an empty list, on which MONAI's ``from_engine`` output transforms fail."""
+        for metric in [*k_metric.values(), *(add_metrics or {}).values()]:
+            metric.iteration_completed = _unless_all_skipped(metric.iteration_completed)
+        super()._register_metrics(k_metric, add_metrics)
 
     @staticmethod
-    def _report_skipped(engine: LatentOptimisationEvaluator) -> None:
-        skipped = getattr(engine.state, "skipped_cases", [])
-        if skipped:
-            logger.warning("%d case(s) were skipped (see the errors above): %s", len(skipped), ", ".join(skipped))
+    def _reset_cases(engine: LatentOptimisationEvaluator) -> None:
+        engine.state.skipped_cases, engine.state.failed_cases, engine.state.num_cases_done = [], [], 0
+        engine.state.failed_cases_file = None
+
+    @staticmethod
+    def _stop_if_nothing_usable(engine: LatentOptimisationEvaluator) -> None:
+        """After the last batch of a run in which every case was skipped, end the run without its epoch's
+        metrics, which cannot be computed over no case (``run`` then raises)."""
+        length = engine.state.epoch_length
+        last = bool(length) and engine.state.iteration % length == 0
+        if last and engine.state.num_cases_done == 0 and engine.state.failed_cases:
+            engine.terminate()
 
     def _iteration(self, engine: LatentOptimisationEvaluator, batchdata: Any) -> Any:  # type: ignore[override]
         if batchdata is None:
@@ -88,6 +112,7 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 engine.state.output = self._cases_iteration(engine, list(batchdata))
             else:
                 image = batchdata[Keys.IMAGE].to(device, non_blocking=engine.non_blocking)
+                engine.state.num_cases_done += int(image.shape[0])
                 engine.state.output = {Keys.IMAGE: image}
                 if Keys.LABEL in batchdata:
                     engine.state.output[Keys.LABEL] = batchdata[Keys.LABEL]
@@ -106,11 +131,13 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         skipped = [case for case in cases if SKIPPED_KEY in case]
         if skipped:
             # reported by SkippingDataset; the batch goes on without them
-            engine.state.skipped_cases = getattr(engine.state, "skipped_cases", []) + [c["source"] for c in skipped]
+            engine.state.skipped_cases += [c["source"] for c in skipped]
+            engine.state.failed_cases += [(c["source"], c[SKIPPED_KEY]) for c in skipped]
             cases = [case for case in cases if SKIPPED_KEY not in case]
             engine.state.batch = cases
         if not cases:
             return []
+        engine.state.num_cases_done += len(cases)
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
         engine.inferer.locate(images, engine.network)  # heart-frame networks: poses first, so every frame below has its own
         recorder = None
@@ -136,3 +163,16 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
             if recorder is not None:
                 output["dice_curve"] = recorder.curve(b)
         return outputs
+
+
+def _unless_all_skipped(handler: Any) -> Any:
+    """``handler(engine)`` for iterations with at least one case (the output of a wholly skipped batch is [])."""
+
+    @functools.wraps(handler)
+    def wrapper(engine: Any) -> None:
+        output = engine.state.output
+        if isinstance(output, list) and not output:
+            return
+        handler(engine)
+
+    return wrapper

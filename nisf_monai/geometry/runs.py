@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset
+from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset, report_failed_cases, write_failed_cases
 from nisf_monai.errors import InputDataError, MissingFileError
 from nisf_monai.geometry.fields import LabelField, NetworkField, measure_frame, structure_meshes
 from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_figure
@@ -52,13 +52,18 @@ def load_weights(network: nn.Module, path: str | os.PathLike | None, device: Any
     return network.eval()
 
 
-def _cases(datalist: Sequence[Mapping[str, Any]], preprocessing: Callable) -> list[tuple[dict, dict]]:
-    """(entry, loaded case) pairs; cases with bad files are logged and left out (``SkippingDataset``)."""
+def _cases(
+    datalist: Sequence[Mapping[str, Any]], preprocessing: Callable, failed: list[tuple[str, str]] | None = None
+) -> list[tuple[dict, dict]]:
+    """(entry, loaded case) pairs; cases with bad files are logged and left out (``SkippingDataset``), and their
+    ``(source, reason)`` appended to ``failed``."""
     dataset = SkippingDataset(data=[dict(e) for e in datalist], transform=preprocessing)
     out = []
     for i, entry in enumerate(dataset.data):
         item = dataset[i]
         if SKIPPED_KEY in item:
+            if failed is not None:
+                failed.append((item["source"], item[SKIPPED_KEY]))
             continue
         out.append((entry, item))
     return out
@@ -111,10 +116,21 @@ class _FittedRun:
         self.output_dir = Path(output_dir)
         self.ckpt_path = ckpt_path
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.failed: list[tuple[str, str]] = []  # (source, reason) of the cases of the last run that failed
 
     def _prepare_network(self) -> None:
         load_weights(self.network, self.ckpt_path, self.device)
         self.network.to(self.device)
+
+    def _load_cases(self) -> list[tuple[dict, dict]]:
+        self.failed = []
+        return _cases(self.datalist, self.preprocessing, self.failed)
+
+    def _account_for_failures(self, num_done: int) -> None:
+        """List the failed cases in ``output_dir/failed_cases.txt`` and end the run with how many there were,
+        or raise ``NoUsableCaseError`` if no case could be used."""
+        listed_in = write_failed_cases(self.output_dir, self.failed)
+        report_failed_cases(self.failed, num_done, listed_in)
 
 
 class MeasureRun(_FittedRun):
@@ -194,10 +210,11 @@ class MeasureRun(_FittedRun):
     def run(self) -> dict[str, Any]:
         self._prepare_network()
         subjects: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
-        for entry, item in _cases(self.datalist, self.preprocessing):
+        for entry, item in self._load_cases():
             subjects[str(entry.get("subject", _name(entry, item)))].append((entry, item))
         if not subjects:
-            raise InputDataError("no case could be loaded for measuring (see the errors above).")
+            self._account_for_failures(0)  # raises when cases failed
+            raise InputDataError("no case could be loaded for measuring: the datalist is empty.")
         frames_rows: list[dict] = []
         measures: dict[str, dict[str, dict[str, float]]] = {self.source: {}, "manual": {}}
         subject_info: dict[str, dict] = {}
@@ -249,7 +266,9 @@ class MeasureRun(_FittedRun):
             if figures < self.max_surface_figures and meshes[ed]:
                 surface_figure(self.output_dir / "figures" / f"{subject}_surfaces.png", meshes[ed], f"{subject} {names[ed]} (ED)")
                 figures += 1
-        return self._write(measures, frames_rows, subject_info)
+        report = self._write(measures, frames_rows, subject_info)
+        self._account_for_failures(sum(len(cases) for cases in subjects.values()))
+        return report
 
     @staticmethod
     def _figure_meshes(result: Any, spacing_mm: float = 2.0) -> dict:
@@ -402,7 +421,7 @@ class PlaneRun(_FittedRun):
     def run(self) -> list[dict[str, Any]]:
         self._prepare_network()
         written = []
-        for entry, item in _cases(self.datalist, self.preprocessing):
+        for entry, item in self._load_cases():
             name = _name(entry, item)
             image = item["image"].to(self.device)
             latent = self.inferer.fit([image], self.network)
@@ -432,4 +451,5 @@ class PlaneRun(_FittedRun):
             atomic_write_json(f"{stem}.json", _jsonable(info))
             logger.info("%s: %s %s written to %s", name, self.name, "x".join(map(str, shape)), stem.parent)
             written.append(info)
+        self._account_for_failures(len(written))
         return written

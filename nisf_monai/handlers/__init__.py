@@ -1,3 +1,4 @@
+from nisf_monai.handlers.failed_cases import FailedCasesHandler
 from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.handlers.metrics import class_dice_metrics
 from nisf_monai.handlers.quality_control import QualityControlHandler, case_quality, qc_reference
@@ -13,6 +14,7 @@ from nisf_monai.handlers.training_state import (
 __all__ = [
     "CheckpointError",
     "describe_state_mismatch",
+    "FailedCasesHandler",
     "OverlayFigured",
     "QualityControlHandler",
     "mid_ventricular_slice",
