@@ -17,6 +17,7 @@ __all__ = [
     "InvalidCaseError",
     "DatalistError",
     "MissingFileError",
+    "SettingsError",
     "NoUsableCaseError",
     "report_input_errors",
     "find_input_error",
@@ -45,6 +46,15 @@ class NoUsableCaseError(InputDataError):
     """Every case of a run failed, so it produced nothing; each case's reason was logged as it failed."""
 
 
+class SettingsError(InputDataError):
+    """A setting (config id) whose value a run cannot use (see :mod:`nisf_monai.settings`). The message is
+    ``<setting>: <what is wrong>; <what would be accepted>``: complete, so no traceback hint goes with it."""
+
+    def __init__(self, setting: str, problem: str, accepted: str) -> None:
+        super().__init__(f"{setting}: {problem}; {accepted}")
+        self.setting, self.problem, self.accepted = setting, problem, accepted
+
+
 def find_input_error(error: BaseException | None) -> InputDataError | None:
     """The first :class:`InputDataError` in an exception's cause/context chain, if any."""
     seen: set[int] = set()
@@ -58,7 +68,8 @@ def find_input_error(error: BaseException | None) -> InputDataError | None:
 
 def report_input_errors() -> None:
     """Make an uncaught :class:`InputDataError` print as one line (``NISF_MONAI_TRACEBACK=1`` restores the
-    full traceback). Idempotent; other exceptions keep the current hook."""
+    full traceback; a :class:`SettingsError` says all there is, so it gets no hint about it). Idempotent;
+    other exceptions keep the current hook."""
     previous = sys.excepthook
     if getattr(previous, "_nisf_monai", False):
         return
@@ -68,7 +79,8 @@ def report_input_errors() -> None:
         if found is None or os.environ.get(TRACEBACK_ENV):
             previous(kind, error, tb)
             return
-        print(f"ERROR: {found}\n(set {TRACEBACK_ENV}=1 to see the full traceback)", file=sys.stderr)
+        hint = "" if isinstance(found, SettingsError) else f"\n(set {TRACEBACK_ENV}=1 to see the full traceback)"
+        print(f"ERROR: {found}{hint}", file=sys.stderr)
 
     hook._nisf_monai = True  # type: ignore[attr-defined]
     sys.excepthook = hook
