@@ -149,7 +149,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str], none_means: str 
     if value is None and none_means:
         return None
     if value not in choices:
-        raise SettingsError(name, f"{_show(value)} is not one of them", accepted)
+        raise SettingsError(name, f"{_show(value)} is not one of the accepted values", accepted)
     return str(value)
 
 

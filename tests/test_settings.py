@@ -69,9 +69,9 @@ BAD = [
     ("save_images", 1, "save_images: 1 is not True or False; give True or False, capitalised on the command line "
      "(e.g. --save_images True)"),
     ("roi_margin_mm", -5, "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab"),
-    ("volume_mode", "soft", "volume_mode: 'soft' is not one of them; give one of 'label', 'probability'"),
-    ("measure_source", "manual", "measure_source: 'manual' is not one of them; give one of 'nisf', 'labels'"),
-    ("mesh_format", "ply", "mesh_format: 'ply' is not one of them; give one of 'vtk', 'stl', 'obj', or None for no meshes"),
+    ("volume_mode", "soft", "volume_mode: 'soft' is not one of the accepted values; give one of 'label', 'probability'"),
+    ("measure_source", "manual", "measure_source: 'manual' is not one of the accepted values; give one of 'nisf', 'labels'"),
+    ("mesh_format", "ply", "mesh_format: 'ply' is not one of the accepted values; give one of 'vtk', 'stl', 'obj', or None for no meshes"),
 ]
 if NO_CUDA:
     BAD += [
@@ -232,7 +232,7 @@ def test_initialize_checks_defaults_without_touching_data(run: str, tmp_path: Pa
         ("evaluating", {"monitor_every": -1}, "monitor_every: -1 is negative"),
         ("interpolating", {"point_fraction": 2.0}, "point_fraction: 2.0 is outside (0, 1]"),
         ("sampling_plane", {"plane_spacing": [1, 0]}, "plane_spacing: [1, 0] has a value that is not positive"),
-        ("measuring", {"mesh_format": "ply"}, "mesh_format: 'ply' is not one of them"),
+        ("measuring", {"mesh_format": "ply"}, "mesh_format: 'ply' is not one of the accepted values"),
         ("training", {"val_batch_size": 0}, "val_batch_size: 0 is less than 1"),
         ("training", {"device": "cuda:9"}, "device: cuda:9"),
     ],
