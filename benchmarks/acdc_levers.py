@@ -191,7 +191,7 @@ def report(args: argparse.Namespace) -> None:
         print(f"learning curve: {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
@@ -219,10 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
     args = ap.parse_args(argv)
     if args.command == "report":
-        return report(args)
+        report(args)
+        return None
     if not DATA.is_dir():
         sys.exit(f"ACDC data not found at {DATA} (see ../shared/data/README.md)")
-    train(args) if args.command == "train" else evaluate(args)
+    if args.command == "train":
+        return train(args)
+    return evaluate(args)
 
 
 if __name__ == "__main__":

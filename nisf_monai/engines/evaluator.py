@@ -139,7 +139,9 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
             return []
         engine.state.num_cases_done += len(cases)
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
-        engine.inferer.locate(images, engine.network)  # heart-frame networks: poses first, so every frame below has its own
+        masks = [case.get(self.mask_key) for case in cases]
+        kept = masks if any(m is not None for m in masks) else None
+        engine.inferer.locate(images, engine.network, kept)  # heart-frame networks: poses first, for every frame below
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
             frames = [engine.inferer.frame_of(image[None]) for image in images]
@@ -147,8 +149,6 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 engine.network, images, [case[Keys.LABEL] for case in cases], frames,
                 int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,
             )
-        masks = [case.get(self.mask_key) for case in cases]
-        kept = masks if any(m is not None for m in masks) else None
         if self.sample_outputs:
             outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every, masks=kept)
         else:

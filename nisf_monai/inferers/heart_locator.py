@@ -100,12 +100,16 @@ class HeartLocator:
                 rotations.append(rotation)
         return torch.stack(origins), torch.stack(rotations)
 
-    def _voxels(self, image: MetaTensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """World positions ``(P, 3)`` (float64) and intensities ``(P,)`` of the voxels scored."""
+    def _voxels(self, image: MetaTensor, generator: torch.Generator, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """World positions ``(P, 3)`` (float64) and intensities ``(P,)`` of random voxels (among ``kept`` flat
+        indices when given)."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
         shape = tuple(image.shape[-3:])
         values = image.as_tensor().reshape(-1).float()
-        index = torch.randint(values.numel(), (self.score_points,), generator=generator)
+        if kept is None:
+            index = torch.randint(values.numel(), (self.score_points,), generator=generator)
+        else:
+            index = kept[torch.randint(kept.numel(), (self.score_points,), generator=generator)]
         voxel = torch.stack(torch.unravel_index(index, shape), dim=-1).to(torch.float64)
         return voxel @ affine[:3, :3].T + affine[:3, 3], values[index].clamp(0.0, 1.0)
 
@@ -126,19 +130,21 @@ class HeartLocator:
             scores.append((bce * heart_weights(chunk, extent_mm, self.sigma_mm)).mean(dim=-1))
         return torch.cat(scores)
 
-    def locate(self, image: MetaTensor, network: nn.Module, extent_mm: float) -> torch.Tensor:
-        """The 4 x 4 pose (world mm -> heart frame mm) of one case ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)``."""
+    def locate(self, image: MetaTensor, network: nn.Module, extent_mm: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The 4 x 4 pose (world mm -> heart frame mm) of one case ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)``; a
+        boolean ``mask`` of the image's grid limits the voxels used (hidden slices, sparse inputs)."""
         device = next(network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
-        world, target = self._voxels(image, generator)
+        kept = None if mask is None else torch.as_tensor(mask).reshape(-1).nonzero().squeeze(1)
+        world, target = self._voxels(image, generator, kept)
         origins, rotations = self.candidates(image)
         coords = self._coords(world, origins, rotations, extent_mm).to(device)
         group = max(1, 16384 // self.score_points) if device.type == "cpu" else coords.shape[0]
         scores = self._scores(network, coords, target.to(device), extent_mm, group)
         best = torch.argsort(scores)[: self.num_starts]
-        return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device)
+        return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device, kept)
 
-    def _refine(self, network, image, origins, rotations, extent_mm, generator, device) -> torch.Tensor:
+    def _refine(self, network, image, origins, rotations, extent_mm, generator, device, kept) -> torch.Tensor:
         """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
         starts = origins.shape[0]
         latent = (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
@@ -149,7 +155,7 @@ class HeartLocator:
                                       {"params": [angle], "lr": self.learning_rate}])
         losses = torch.zeros(starts)
         for step in range(self.refine_steps + 1):
-            world, target = self._voxels(image, generator)
+            world, target = self._voxels(image, generator, kept)
             base = self._coords(world, origins, rotations, extent_mm).to(device)  # (S, 3, P)
             coords = _moved(base, shift, angle)
             _, logit = network.forward_heads(coords, latent)

@@ -152,22 +152,27 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError("no images to fit.")
         return cases
 
-    def locate(self, inputs: torch.Tensor | Sequence[torch.Tensor], network: nn.Module) -> None:
+    def locate(
+        self,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        network: nn.Module,
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
         """Estimate the heart pose of every case that has none (``heart_frame`` networks) and store it in the
-        case's metadata (``POSE_KEY``), where :meth:`frame_of` and every later step read it. Does nothing for
-        networks trained without the heart frame."""
+        case's metadata (``POSE_KEY``), where :meth:`frame_of` and every later step read it. ``masks`` as in
+        :meth:`fit`: only kept voxels are looked at. Does nothing for networks trained without the heart frame."""
         if not self.heart_frame:
             return
         images = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-        missing = [image for image in images if pose_of(image) is None]
-        if not missing:
-            return
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] > 1:
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] > 1 and pose_of(inputs) is None:
             raise ValueError("a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch.")
+        case_masks = self._masks(masks, [image if image.dim() == 5 else image[None] for image in images])
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self._device_type(network), enabled=False), \
                 _frozen(network), flush_denormal():
-            for image in missing:
-                pose = self.heart_locator.locate(image, network, self.extent_mm)
+            for image, mask in zip(images, case_masks):
+                if pose_of(image) is not None:
+                    continue
+                pose = self.heart_locator.locate(image, network, self.extent_mm, mask)
                 image.meta[POSE_KEY] = pose
                 logger.debug("heart frame of %s: origin %s mm", image.meta.get("filename_or_obj", "a case"),
                              np.round((-pose[:3, :3].T @ pose[:3, 3]).numpy(), 1).tolist())
@@ -199,7 +204,7 @@ class LatentOptimisationInferer(Inferer):
         never sees the others; points are drawn among them (all of them when ``num_points`` is None or at
         least their number). A mask keeping every voxel gives the code of no mask.
         """
-        self.locate(inputs, network)
+        self.locate(inputs, network, masks)
         cases = self._cases(inputs)
         case_masks = self._masks(masks, cases)
         device = cases[0].device
