@@ -316,21 +316,29 @@ def test_batched_fit_in_groups_equals_fitting_each_case_alone(monkeypatch) -> No
         torch.testing.assert_close(inferer(num_steps=4).fit(cases, net), alone, rtol=1e-4, atol=1e-6)
 
 
-def test_fit_computes_no_weight_gradients_and_restores_the_flags() -> None:
-    """While a code is fitted the weights are marked frozen (so autograd skips their gradients); afterwards
-    every parameter requires grad again, including after an error, and none has a gradient."""
+def test_fit_computes_no_weight_gradients_and_leaves_the_flags_alone(monkeypatch) -> None:
+    """The code is fitted through weights that do not require grad (so the fused network skips their
+    gradients), while the network's own parameters keep requiring grad throughout, also when the fit is
+    interrupted, and none gets a gradient."""
+    from nisf_monai.networks import fused
+
     net = tiny_net()
-    seen: list[bool] = []
-    net.register_forward_pre_hook(lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
-    forward_heads = net.forward_heads
+    weight_flags: list[bool] = []
+    apply = fused._GaborNetwork.apply
 
-    def spy(*args, **kwargs):
-        seen.append(any(p.requires_grad for p in net.parameters()))
-        return forward_heads(*args, **kwargs)
+    def spy(points, weight_t, frame_bias, residual, *params):
+        weight_flags.extend(t.requires_grad for t in (weight_t, *params))
+        return apply(points, weight_t, frame_bias, residual, *params)
 
-    net.forward_heads = spy
-    inferer(num_steps=3).fit(as_image(volumes()[0]), net)
-    assert seen and not any(seen)
+    monkeypatch.setattr(fused._GaborNetwork, "apply", spy)
+    own_flags: list[bool] = []
+
+    def watch(step: int, codes: torch.Tensor) -> None:
+        own_flags.extend(p.requires_grad for p in net.parameters())
+
+    inferer(num_steps=3).fit(as_image(volumes()[0]), net, monitor=watch, monitor_every=1)
+    assert weight_flags and not any(weight_flags)  # the fused backward gets no weight to differentiate
+    assert own_flags and all(own_flags)
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
     def interrupt(step: int, codes: torch.Tensor) -> None:
@@ -339,4 +347,4 @@ def test_fit_computes_no_weight_gradients_and_restores_the_flags() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         inferer(num_steps=5).fit(as_image(volumes()[0]), net, monitor=interrupt, monitor_every=1)
-    assert all(p.requires_grad for p in net.parameters())
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())

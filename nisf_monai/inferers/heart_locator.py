@@ -11,23 +11,27 @@ well only where its frame sits on the heart. Without labels, the pose is searche
    the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
    final loss wins.
 
-All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame.
+All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame. The search
+runs through a :func:`frozen_view` of the network and leaves the network object itself untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.transforms.coordinates import CoordinateFrame
 from nisf_monai.transforms.heart_frame import pose_matrix
 
-__all__ = ["HeartLocator", "heart_weights"]
+__all__ = ["HeartLocator", "frozen_view", "heart_weights"]
 
 
 def heart_weights(points: torch.Tensor, extent_mm: float, sigma_mm: float | None) -> torch.Tensor:
@@ -40,6 +44,30 @@ def heart_weights(points: torch.Tensor, extent_mm: float, sigma_mm: float | None
     return weights / weights.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def frozen_view(network: nn.Module) -> nn.Module:
+    """A copy of ``network``'s module structure whose parameters are detached aliases of the network's (same
+    storage, ``requires_grad=False``) and whose buffers are the network's own, for fitting codes and poses.
+
+    Through it autograd skips every weight gradient (``autograd.grad`` on a code alone would otherwise still
+    run them: a third of a step's work; the fused Gabor path drops them when no weight requires grad) without
+    switching ``requires_grad`` off on the network, which other threads may be using at the same time
+    (concurrent fits, a training loop). Costs a copy of the modules (about 2 ms for the default network), not
+    of the weights, so weights changed in place (an optimiser step elsewhere) show through. A TorchScript
+    module copies its weights when deep-copied: it becomes a frozen copy instead (right, but not shared)."""
+    if isinstance(network, (DataParallel, DistributedDataParallel)):
+        raise TypeError(
+            f"pass the network itself, not a {type(network).__name__} wrapper (nisf_monai.distributed.unwrap_network)."
+        )
+    with torch.inference_mode(False):  # a plain alias even when the caller is in inference mode
+        memo: dict[int, Any] = {id(buffer): buffer for buffer in network.buffers()}
+        memo.update({id(parameter): parameter.detach() for parameter in network.parameters()})
+        view = copy.deepcopy(network, memo)
+    for parameter in view.parameters():
+        if parameter.requires_grad:  # copied rather than taken from the memo (TorchScript): a copy of our own
+            parameter.requires_grad_(False)
+    return view
+
+
 def _in_plane_axes(affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Orthonormal world directions (e1, e2, normal) of an image's slice plane and slice normal."""
     normal = affine[:3, 2] / torch.linalg.norm(affine[:3, 2])
@@ -49,7 +77,9 @@ def _in_plane_axes(affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 class HeartLocator:
-    """Estimates a case's heart-frame pose from its intensities with a frozen heart-frame network.
+    """Estimates a case's heart-frame pose from its intensities with a heart-frame network, which it only reads
+    (the search runs through a :func:`frozen_view`: no flag or gradient of the network changes, so a network
+    in use by other threads can be passed).
 
     Args:
         radius_mm: how far from the volume centre (in the slice plane) candidate origins go.
@@ -133,6 +163,7 @@ class HeartLocator:
     def locate(self, image: MetaTensor, network: nn.Module, extent_mm: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The 4 x 4 pose (world mm -> heart frame mm) of one case ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)``; a
         boolean ``mask`` of the image's grid limits the voxels used (hidden slices, sparse inputs)."""
+        network = frozen_view(network)  # refinement's backward then reaches the code and pose alone
         device = next(network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         kept = None if mask is None else torch.as_tensor(mask).reshape(-1).nonzero().squeeze(1)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from nisf_monai.denormals import flush_denormal
-from nisf_monai.inferers.heart_locator import HeartLocator, heart_weights
+from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
 from nisf_monai.losses import intensity_loss
 from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateFrame, pose_of
 
@@ -58,8 +57,13 @@ class LatentOptimisationInferer(Inferer):
     Per case: start from ``h ~ N(0, init_std^2)``, minimise the intensity reconstruction loss
     (+ ``latent_weight * mean(h^2)``) over ``h`` alone for ``num_steps`` Adam steps on ``num_points``
     random voxels per step, then evaluate the segmentation head on the target grid in chunks.
-    The network is never modified: gradients are taken with respect to ``h`` only
-    (``torch.autograd.grad``), so the same network object can serve many cases concurrently, and grad is
+    The network object is only read, never modified: the code (and the pose search of ``heart_frame``
+    networks) is fitted through a :func:`~nisf_monai.inferers.heart_locator.frozen_view` of it, which shares
+    its weights but not its ``requires_grad`` flags, gradients are taken with respect to ``h`` only
+    (``torch.autograd.grad``) and no weight gradient is computed or stored. So one network can serve many
+    cases from several threads at once, each getting the codes it would get alone, and a training loop that
+    shares it keeps its flags and ``.grad``. What it cannot isolate: weights changed in place while a fit
+    runs (an optimiser step elsewhere) are seen by that fit, and train/eval mode is the caller's. Grad is
     re-enabled locally because MONAI's evaluators and MONAI Label call inferers under ``torch.no_grad()``.
 
     Input images are channel-first MetaTensors ``(B, 1, X, Y, Z)`` whose intensities are already scaled to
@@ -168,7 +172,7 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError("a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch.")
         case_masks = self._masks(masks, [image if image.dim() == 5 else image[None] for image in images])
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self._device_type(network), enabled=False), \
-                _frozen(network), flush_denormal():
+                flush_denormal():
             for image, mask in zip(images, case_masks):
                 if pose_of(image) is not None:
                     continue
@@ -190,7 +194,7 @@ class LatentOptimisationInferer(Inferer):
         monitor_every: int = 0,
         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Fitted codes ``(B, latent_dim)``; the network stays untouched.
+        """Fitted codes ``(B, latent_dim)``; the network stays untouched (see the class docstring).
 
         ``inputs`` is a batch ``(B, 1, X, Y, Z)`` on one grid or a list of images ``(1, X, Y, Z)`` on grids of
         their own. All cases are optimised together (one batched forward per step), each with its own
@@ -212,7 +216,9 @@ class LatentOptimisationInferer(Inferer):
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not. The fit
         # runs in float32 even inside an autocast region (the bundle's AMP on CUDA): the code's gradient is a
         # mean over thousands of points and would underflow in float16 without loss scaling
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), _frozen(network), flush_denormal():
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                flush_denormal():
+            frozen = frozen_view(network)  # no weight gradients, and no flag of the shared network flipped
             coords, targets, generators = [], [], []
             for case, mask in zip(cases, case_masks):
                 frame = self.frame_of(case)
@@ -236,7 +242,7 @@ class LatentOptimisationInferer(Inferer):
                 loss = latent.new_zeros(())
                 for group in self._groups([p.shape[-1] for p in points], device):
                     # each case's loss depends on its own code only: per-group gradients add up to the batch's
-                    group_loss = self._loss(network, latent[group], [points[b] for b in group], [values[b] for b in group])
+                    group_loss = self._loss(frozen, latent[group], [points[b] for b in group], [values[b] for b in group])
                     latent.grad += torch.autograd.grad(group_loss, [latent])[0]
                     loss = loss + group_loss.detach()
                 optimiser.step()
@@ -394,21 +400,6 @@ class LatentOptimisationInferer(Inferer):
             out.affine = affine
             out.meta["spatial_shape"] = shape
         return out
-
-
-@contextlib.contextmanager
-def _frozen(network: nn.Module) -> Iterator[None]:
-    """Mark the network's trainable parameters as not requiring grad while a code is fitted, and restore the
-    flags afterwards. ``autograd.grad`` on the code alone would otherwise still compute every weight
-    gradient (autograd runs a node's backward for all inputs that require grad): a third of each step's work."""
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
 
 
 def _grid_affine(image: MetaTensor) -> torch.Tensor:
