@@ -21,7 +21,6 @@ import copy
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
