@@ -123,11 +123,11 @@ def image_at_pose(field: TwoBlobField, affine: np.ndarray, shape, pose: torch.Te
     return MetaTensor(torch.sigmoid(logit[0]).reshape(1, *shape), affine=torch.as_tensor(affine))
 
 
-def test_locator_recovers_a_known_pose():
+@pytest.mark.parametrize("extent", [100.0, 400.0])  # the search moves in millimetres whatever the coordinate scale
+def test_locator_recovers_a_known_pose(extent):
     from nisf_monai.inferers import HeartLocator
     from nisf_monai.transforms import pose_matrix
 
-    extent = 400.0
     field = TwoBlobField(extent)
     affine = oblique_affine(0.4)
     affine[:3, :3] = affine[:3, :3] @ np.diag([2.0 / 1.5, 2.0 / 1.25, 1.0])  # 2 mm in-plane, 8 mm slices

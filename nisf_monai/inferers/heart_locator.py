@@ -88,8 +88,8 @@ class HeartLocator:
         score_points: voxels scored per candidate.
         num_starts: best candidates refined.
         refine_steps: Adam steps of each refinement (code + shift + in-plane angle).
-        learning_rate: the code's Adam rate in refinement; the shift moves at ``learning_rate / 4`` network units
-            and the angle at ``learning_rate`` radians per step.
+        learning_rate: the code's Adam rate in refinement; the angle moves at about ``learning_rate`` radians per
+            step and the shift at about ``4 * learning_rate * step_mm`` millimetres (whatever the coordinate scale).
         seed: seeds the voxel draws and initial codes.
     """
 
@@ -178,16 +178,16 @@ class HeartLocator:
         """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
         starts = origins.shape[0]
         latent = (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
-        shift = torch.zeros(starts, 3, device=device, requires_grad=True)  # network units along the heart axes
+        shift = torch.zeros(starts, 3, device=device, requires_grad=True)  # along the heart axes, in units of step_mm
         angle = torch.zeros(starts, device=device, requires_grad=True)  # radians about heart z
         optimiser = torch.optim.Adam([{"params": [latent], "lr": self.learning_rate},
-                                      {"params": [shift], "lr": self.learning_rate / 4},
+                                      {"params": [shift], "lr": 4 * self.learning_rate},
                                       {"params": [angle], "lr": self.learning_rate}])
         losses = torch.zeros(starts)
         for step in range(self.refine_steps + 1):
             world, target = self._voxels(image, generator, kept)
             base = self._coords(world, origins, rotations, extent_mm).to(device)  # (S, 3, P)
-            coords = _moved(base, shift, angle)
+            coords = _moved(base, shift * (self.step_mm / extent_mm), angle)
             _, logit = network.forward_heads(coords, latent)
             bce = F.binary_cross_entropy_with_logits(logit[:, 0], target.to(device).expand(starts, -1), reduction="none")
             per_start = (bce * heart_weights(coords.detach(), extent_mm, self.sigma_mm)).mean(dim=-1)
@@ -199,7 +199,7 @@ class HeartLocator:
             loss.backward()
             optimiser.step()
         b = int(torch.argmin(losses))
-        return _corrected_pose(origins[b], rotations[b], shift[b].detach().cpu().double() * extent_mm, float(angle[b].detach()))
+        return _corrected_pose(origins[b], rotations[b], shift[b].detach().cpu().double() * self.step_mm, float(angle[b].detach()))
 
 
 def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
