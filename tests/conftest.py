@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+SYNTHETIC_MODEL = Path(__file__).resolve().parent / "data" / "synthetic_model"
+# the settings the synthetic model was trained with (the bundle's defaults now describe the ACDC model)
+SYNTHETIC_MODEL_SETTINGS = {"heart_frame": False, "extent_mm": 400.0}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from nisf_monai.networks import GaborLayer, NISFNet, fused
 
+from conftest import SYNTHETIC_MODEL
+
 SMALL = {"latent_dim": 32, "hidden_dim": 32, "num_layers": 3, "num_classes": 4}
 
 
@@ -334,11 +336,11 @@ def test_cuda_matches_cpu() -> None:
     assert_all_close([t.cpu() for t in gpu], cpu, rtol=1e-3, names=names_of(net))
 
 
-def test_float16_autocast_keeps_the_shipped_models_segmentation() -> None:
+def test_float16_autocast_keeps_a_trained_models_segmentation() -> None:
     """What the bundle's AMP (on CUDA: float16 autocast) does to the trained network's outputs, measured here
     with the CPU's float16 autocast: the argmax segmentation must stay (>= 99% of points agree), so sampling
     under AMP gives the same labels. bfloat16 (7 mantissa bits) is not used: omega0 = 10 amplifies rounding."""
-    model = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
+    model = SYNTHETIC_MODEL / "model.pt"
     network = NISFNet()
     network.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
     network.eval()
