@@ -141,6 +141,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     for step, dice in zip(result["steps"], result["mean_dice"]):
         per_class = " ".join(f"{c} {d:.3f}" for c, d in zip(CLASSES, result["class_dice"][result["steps"].index(step)]))
         print(f"  step {step:4d}: {dice:.3f}  ({per_class})")
+    if result.get("pose_errors"):
+        errors = result["pose_errors"]
+        print(f"  estimated pose vs labels: origin {errors['median_origin_mm']:.1f} mm (median; max {max(errors['origin_mm']):.1f}), "
+              f"angle {errors['median_angle_deg']:.1f} deg (median; max {max(errors['angle_deg']):.1f})")
     print(f"written {out}")
     return result
 

@@ -23,7 +23,7 @@ from monai.metrics import DiceMetric
 
 from nisf_monai.label import case_ids
 from nisf_monai.networks import LatentTable
-from nisf_monai.transforms import HeartPosed
+from nisf_monai.transforms import HeartPosed, heart_pose, pose_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
@@ -130,6 +130,7 @@ def evaluate_cases(
         steps = [0]
     else:
         raise ValueError(f"unknown objective {objective!r}")
+    pose_errors = _pose_errors(images, labels) if heart_frame and pose == "estimate" else None
     dice = {s: np.asarray(recorder.dice[s], dtype=float) for s in steps}
     with np.errstate(invalid="ignore"):
         return {
@@ -141,4 +142,19 @@ def evaluate_cases(
             "class_dice": [np.nanmean(dice[s], axis=0).tolist() for s in steps],
             "per_case": {str(s): dice[s].tolist() for s in steps},
             "inferer": {k: getattr(inferer, k) for k in ("learning_rate", "num_points", "init_std", "latent_weight")},
+            "pose_errors": pose_errors,
         }
+
+
+def _pose_errors(images: list, labels: list) -> dict:
+    """Estimated heart poses against the labels' (origin distance in mm, in-plane angle in degrees), per case."""
+    origin_mm, angle_deg = [], []
+    for image, label in zip(images, labels):
+        found = pose_of(image).numpy()
+        truth = heart_pose(label.as_tensor(), label.affine).numpy()
+        origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
+        origin_mm.append(float(np.linalg.norm(origin(found) - origin(truth))))
+        cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
+        angle_deg.append(float(np.degrees(np.arccos(cosine))))
+    return {"origin_mm": origin_mm, "angle_deg": angle_deg,
+            "median_origin_mm": float(np.median(origin_mm)), "median_angle_deg": float(np.median(angle_deg))}
