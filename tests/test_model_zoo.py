@@ -51,3 +51,16 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(exported(coords), net(coords), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(exported(coords, latent), net(coords, latent), rtol=1e-5, atol=1e-6)
+
+
+def test_one_version_for_package_and_bundle() -> None:
+    """pyproject, the package, the bundle's metadata and its pin of the package name one version."""
+    import json
+    import re
+
+    import nisf_monai
+
+    pyproject = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert pyproject == nisf_monai.__version__ == metadata["version"] == metadata["required_packages_version"]["nisf-monai"]
+    assert pyproject in metadata["changelog"]

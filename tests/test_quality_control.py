@@ -81,3 +81,13 @@ def test_real_network_runs(tmp_path):
     net = NISFNet(latent_dim=8, hidden_dim=8, num_layers=1)
     quality = case_quality(LatentOptimisationInferer(), net, image(), torch.zeros(8), LABELS)
     assert set(quality["volume_ml"]) == set(LABELS[1:]) and 0 <= quality["reconstruction_error"] <= 1
+
+
+def test_records_the_heart_frame_of_the_case():
+    from nisf_monai.transforms import POSE_KEY, pose_matrix
+
+    case = image()
+    case.meta[POSE_KEY] = pose_matrix([10.0, -5.0, 20.0], torch.eye(3))
+    quality = case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), case, torch.zeros(4), LABELS)
+    assert quality["heart_frame"]["origin_mm"] == [10.0, -5.0, 20.0]
+    assert case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), image(), torch.zeros(4), LABELS)["heart_frame"] is None

@@ -22,6 +22,7 @@ from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
+from nisf_monai.transforms.coordinates import pose_of
 from nisf_monai.io import atomic_write_json
 from nisf_monai.transforms.loading import frame_name_formatter
 
@@ -58,7 +59,12 @@ def case_quality(
     error = float((recon[0, 0] - case.as_tensor()[0, 0].float().cpu().clamp(0, 1)).abs().mean())
     voxel_ml = float(abs(np.linalg.det(np.asarray(frame.affine)[:3, :3]))) / 1000.0
     counts = torch.bincount(labels.reshape(-1).long(), minlength=len(label_names))
+    pose = pose_of(case)
+    heart = None
+    if pose is not None:  # where the heart frame was put (found from intensity at inference, or given)
+        heart = {"origin_mm": (-pose[:3, :3].T @ pose[:3, 3]).tolist(), "axes": pose[:3, :3].tolist()}
     return {
+        "heart_frame": heart,
         "reconstruction_error": error,
         "code_norm": float(latent.float().norm()),
         "nearest_training_code_distance": _nearest_distance(latent, training_codes),
