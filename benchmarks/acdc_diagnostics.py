@@ -19,9 +19,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 import acdc_levers  # noqa: E402  (beside this script)
+import numpy as np
 
 
 def run(name: str, frames: int, steps: str, threads: int, pose: str, extra: list[str]) -> dict:

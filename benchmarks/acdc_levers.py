@@ -122,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     root = WORK / args.name
     torch.set_num_threads(args.threads)
     datalist = acdc_datalist(WORK, "split")
-    cases = load_datalist(datalist, args.part)[: args.frames or None]
+    cases = load_datalist(datalist, args.part)[args.offset :][: args.frames or None]
     train_record = json.loads((root / "record.json").read_text())
     overrides = train_record.get("overrides", {})
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
@@ -147,6 +147,44 @@ def evaluate(args: argparse.Namespace) -> dict:
               f"angle {errors['median_angle_deg']:.1f} deg (median; max {max(errors['angle_deg']):.1f})")
     print(f"written {out}")
     return result
+
+
+def quality_reference(args: argparse.Namespace) -> None:
+    """``qc_reference.json`` for a run's final model: its training codes, and the reconstruction errors and code
+    distances of ``--frames`` of its training frames refitted from zero as inference fits them."""
+    from levers_eval import CONFIGS as configs  # beside this script
+
+    from nisf_monai.handlers import qc_reference
+    from nisf_monai.label import case_ids
+    from nisf_monai.networks import LatentTable
+
+    root = WORK / args.name
+    torch.set_num_threads(args.threads)
+    record = json.loads((root / "record.json").read_text())
+    datalist = str(WORK / ("datalist_final.json" if (WORK / "datalist_final.json").is_file() else "datalist.json"))
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update({"datalist": datalist, **record.get("overrides", {})})
+    for key, value in {"num_steps": args.steps, "log_every": 0, **parse_overrides(args.set)}.items():
+        parser[f"validate#inferer#{key}"] = value
+    saved = torch.load(root / "snapshots" / "final.pt", map_location="cpu", weights_only=False)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(saved["network"])
+    network.eval()
+    training = load_datalist(datalist, "training")
+    table = LatentTable(case_ids(training), network.latent_dim)
+    table.load_state_dict(saved["latents"])
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    picks = training[:: max(1, len(training) // args.frames)][: args.frames]
+    images = [preprocessing(dict(case))["image"] for case in picks]
+    with flush_denormal():
+        reference = qc_reference(parser.get_parsed_content("validate#inferer"), network, images, table.weight.detach(),
+                                 parser.get_parsed_content("label_names"))
+    reference["cases"] = case_ids(picks)
+    out = Path(args.output)
+    out.write_text(json.dumps(reference))
+    print(f"reconstruction error {np.round(reference['reconstruction_error'], 4).tolist()}, nearest-code distance "
+          f"{np.round(reference['nearest_training_code_distance'], 3).tolist()}; written {out}")
 
 
 def report(args: argparse.Namespace) -> None:
@@ -209,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--name", required=True)
     e.add_argument("--part", default="validation", choices=("validation", "test", "training"))
     e.add_argument("--frames", type=int, default=10, help="first N frames of the part (0: all)")
+    e.add_argument("--offset", type=int, default=0, help="skip this many frames first (to split a part over processes)")
     e.add_argument("--steps", default="0,50,100,200,400", help="latent steps at which Dice is recorded")
     e.add_argument("--objective", default="intensity", choices=("intensity", "segmentation", "trained"),
                    help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes")
@@ -218,6 +257,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
+    q = sub.add_parser("qc")
+    q.add_argument("--name", required=True)
+    q.add_argument("--frames", type=int, default=8, help="training frames refitted from zero")
+    q.add_argument("--steps", type=int, default=100)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--output", default=str(REPO / "bundle" / "models" / "qc_reference.json"))
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
     r = sub.add_parser("report")
     r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
@@ -229,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         sys.exit(f"ACDC data not found at {DATA} (see ../shared/data/README.md)")
     if args.command == "train":
         return train(args)
+    if args.command == "qc":
+        return quality_reference(args)
     return evaluate(args)
 
 

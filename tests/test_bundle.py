@@ -141,7 +141,10 @@ def test_inference_on_a_cine_series_writes_one_file_per_frame(trained_bundle: tu
     run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
                "--inference_steps", "2", *TINY_NET, cwd=tmp_path)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["cine_t00_recon.nii.gz", "cine_t00_seg.nii.gz", "cine_t01_recon.nii.gz", "cine_t01_seg.nii.gz"]
+    assert written == ["cine_t00_qc.json", "cine_t00_recon.nii.gz", "cine_t00_seg.nii.gz",
+                       "cine_t01_qc.json", "cine_t01_recon.nii.gz", "cine_t01_seg.nii.gz"]
+    qc = json.loads((tmp_path / "out" / "cine_t00_qc.json").read_text())  # quality control beside every output
+    assert {"reconstruction_error", "volume_ml", "warnings"} <= set(qc)
     for name in ("cine_t00_seg.nii.gz", "cine_t01_seg.nii.gz"):
         seg = nib.load(str(tmp_path / "out" / name))
         assert seg.shape == ed.shape
@@ -199,8 +202,9 @@ def test_streamed_outputs_equal_saveimage_outputs(trained_bundle: tuple[Path, Pa
     streamed, saved = tmp_path / "streamed", tmp_path / "saved"
     run_bundle("inference", "inference.json", root, "--output_dir", str(streamed), *common, cwd=tmp_path)
     run_bundle("inference", "inference.json", root, "--output_dir", str(saved), "--stream_outputs", "False", *common, cwd=tmp_path)
-    names = sorted(p.name for p in saved.iterdir())
-    assert names and names == sorted(p.name for p in streamed.iterdir())
+    names = sorted(p.name for p in saved.glob("*.nii.gz"))
+    assert names and names == sorted(p.name for p in streamed.glob("*.nii.gz"))
+    assert sorted(p.name for p in saved.glob("*_qc.json")) == sorted(p.name for p in streamed.glob("*_qc.json"))
     for name in names:
         a, b = nib.load(str(streamed / name)), nib.load(str(saved / name))
         assert a.shape == b.shape and a.get_data_dtype() == b.get_data_dtype()

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SYNTHETIC_MODEL
 
 from nisf_monai.networks import GaborLayer, NISFNet, fused
-
-from conftest import SYNTHETIC_MODEL
 
 SMALL = {"latent_dim": 32, "hidden_dim": 32, "num_layers": 3, "num_classes": 4}
 

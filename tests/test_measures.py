@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from torch import nn
@@ -33,8 +34,6 @@ from nisf_monai.geometry import (
 )
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.networks import NISFNet
-
-from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

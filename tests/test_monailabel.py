@@ -27,13 +27,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 from monai.data import MetaTensor
 
 from nisf_monai.data import generate_subject
 from nisf_monai.errors import DatalistError
 from nisf_monai.label import CaseIDd, ProbabilitiesToLabelsd, case_ids
-
-from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

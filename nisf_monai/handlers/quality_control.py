@@ -22,8 +22,8 @@ from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
-from nisf_monai.transforms.coordinates import pose_of
 from nisf_monai.io import atomic_write_json
+from nisf_monai.transforms.coordinates import pose_of
 from nisf_monai.transforms.loading import frame_name_formatter
 
 if TYPE_CHECKING:

@@ -86,7 +86,9 @@ class HeartLocator:
         num_angles: in-plane rotations tried per origin (evenly spread over 360 degrees).
         sigma_mm: width of the loss weighting around the candidate heart.
         score_points: voxels scored per candidate.
-        num_starts: best candidates refined.
+        num_starts: best candidates refined; the one with the lowest refined loss wins. On ACDC validation frames
+            one start found the heart best (median origin error 8 mm): with a free code the refined loss is a
+            poorer judge of the pose than the population-average score (4 starts: 10 mm, 12 starts: 27 mm).
         refine_steps: Adam steps of each refinement (code + shift + in-plane angle).
         learning_rate: the code's Adam rate in refinement; the angle moves at about ``learning_rate`` radians per
             step and the shift at about ``4 * learning_rate * step_mm`` millimetres (whatever the coordinate scale).
@@ -100,7 +102,7 @@ class HeartLocator:
         num_angles: int = 8,
         sigma_mm: float = 50.0,
         score_points: int = 2048,
-        num_starts: int = 4,
+        num_starts: int = 1,
         refine_steps: int = 50,
         learning_rate: float = 1e-2,
         seed: int = 0,
