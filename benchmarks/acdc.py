@@ -141,9 +141,9 @@ def train_unet(items: list[dict], mapping: dict[int, int], budget_s: float, args
     loader = DataLoader(SliceDataset(volumes, slice_tf), batch_size=args.unet_batch_size, shuffle=True, num_workers=0)
     net = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
-    # Dice alone let the RV class collapse (RV Dice 0.02 on every test case in 939 iterations): the soft Dice of a
-    # class that is rare in a batch has a tiny, noisy gradient, and once the softmax gives it no pixels it stays
-    # there. Cross-entropy gives every pixel of every class a gradient.
+    # With DiceLoss alone this network scored RV Dice 0.02 on every test case (939 iterations), while the same network
+    # with DiceCELoss reached RV Dice of about 0.8 in 30 CPU-minutes (measured in issue 11); cross-entropy gives every
+    # pixel of every class a gradient, where the soft Dice of a class absent from most crops gives little.
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start, start_cpu, iterations = time.perf_counter(), compute_seconds(), 0
     net.train()

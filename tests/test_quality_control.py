@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -91,3 +93,48 @@ def test_records_the_heart_frame_of_the_case():
     quality = case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), case, torch.zeros(4), LABELS)
     assert quality["heart_frame"]["origin_mm"] == [10.0, -5.0, 20.0]
     assert case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), image(), torch.zeros(4), LABELS)["heart_frame"] is None
+
+
+# ---- real data: the shipped ACDC model against a model that has never seen a real heart ----------------------
+
+ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+
+
+def acdc_frame(name: str) -> MetaTensor:
+    """A test-split ACDC frame as the bundle's preprocessing gives it (percentile scaling to [0, 1])."""
+    from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
+
+    image = LoadImage(image_only=True, ensure_channel_first=True)(str(ACDC / name))
+    return ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(image)
+
+
+def qc_of(model: Path, settings: dict, reference: Path | None, tmp_path: Path, steps: int, frame: str) -> dict:
+    net = NISFNet()
+    net.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
+    net.eval()
+    inferer = LatentOptimisationInferer(num_steps=steps, num_points=4096, log_every=0, **settings)
+    image = acdc_frame(frame)
+    latent = inferer.fit([image], net)[0]
+    handler = QualityControlHandler(inferer, net, tmp_path, LABELS, reference)
+    handler(Engine([{"image": image, "latent": latent}]))
+    return json.loads(next(tmp_path.glob("*_qc.json")).read_text())
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
+def test_synthetic_model_on_a_real_frame_warns(tmp_path):
+    from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
+
+    quality = qc_of(SYNTHETIC_MODEL / "model.pt", SYNTHETIC_MODEL_SETTINGS, None, tmp_path, 20, "patient019/patient019_frame01.nii.gz")
+    assert quality["warnings"], quality
+
+
+@pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
+def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
+    """A test-split frame on which the heart is found (patient019 ED: pose within 9 mm, Dice 0.68 in the benchmark)."""
+    settings = {"heart_frame": True, "extent_mm": 100.0}
+    steps = json.loads((BUNDLE / "models" / "inference_steps.json").read_text())["inference_steps"]
+    quality = qc_of(BUNDLE / "models" / "model.pt", settings, BUNDLE / "models" / "qc_reference.json", tmp_path, steps,
+                    "patient019/patient019_frame01.nii.gz")
+    assert quality["warnings"] == [], quality
+    assert quality["volume_ml"]["lv_blood_pool"] > 20.0 and quality["heart_frame"] is not None
