@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from acdc_levers import parse_overrides  # noqa: E402  (beside this script)
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import build_datalist
@@ -51,12 +52,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model).resolve()
     steps = args.steps if args.steps is not None else selected_inference_steps(model.parent, default=200)
     out: dict[str, Any] = {"ckpt_path": str(model), "inference_steps": int(steps), "num_points": args.num_points, "batch_size": args.batch_size}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+    out.update(parse_overrides(args.set or []))
     return out
 
 

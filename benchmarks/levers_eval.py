@@ -17,23 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from acdc import dice_of  # noqa: E402  (beside this script: one Dice for every ACDC benchmark)
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
 
 from nisf_monai.label import case_ids
 from nisf_monai.networks import LatentTable
 from nisf_monai.transforms import HeartPosed, heart_pose, pose_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-
-
-def dice_of(pred: torch.Tensor, label: torch.Tensor, num_classes: int = 4) -> np.ndarray:
-    """Per-class Dice (background excluded) of label maps (X, Y, Z) with MONAI DiceMetric on [1, C, ...] one-hot."""
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    p = F.one_hot(pred.long(), num_classes).movedim(-1, 0)[None]
-    g = F.one_hot(label.long(), num_classes).movedim(-1, 0)[None]
-    return metric(p, g)[0].numpy()
 
 
 class _Recorder:

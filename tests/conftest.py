@@ -20,3 +20,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_weight_flags(monkeypatch) -> list[bool]:
+    """``requires_grad`` of every weight the fused Gabor network receives, recorded call by call: a latent fit
+    should hand it weights that do not require grad (so no weight gradient is computed)."""
+    from nisf_monai.networks import fused
+
+    flags: list[bool] = []
+    apply = fused._GaborNetwork.apply
+
+    def spy(points, weight_t, frame_bias, residual, *params):
+        flags.extend(t.requires_grad for t in (weight_t, *params))
+        return apply(points, weight_t, frame_bias, residual, *params)
+
+    monkeypatch.setattr(fused._GaborNetwork, "apply", spy)
+    return flags

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 
 from nisf_monai.inferers import HeartLocator, LatentOptimisationInferer, latent_optimisation
 from nisf_monai.inferers.heart_locator import frozen_view
-from nisf_monai.networks import NISFNet, fused
+from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import POSE_KEY
 
 SHAPE = (12, 12, 4)
@@ -128,19 +128,12 @@ def test_concurrent_fits_give_the_codes_of_fits_one_after_the_other(heart_frame:
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_a_fit_that_ends_first_does_not_unfreeze_the_other(monkeypatch) -> None:
+def test_a_fit_that_ends_first_does_not_unfreeze_the_other(fused_weight_flags: list[bool]) -> None:
     """Fit A starts, fit B starts, A ends while B is mid-way, then B goes on. Every forward pass of both (the
     fused network's inputs) runs on weights that do not require grad, the shared network requires grad all
     along (seen from B's monitor), and B's code equals B's code fitted alone."""
     net = tiny_net()
-    weight_flags: list[bool] = []
-    apply = fused._GaborNetwork.apply
-
-    def spy(points, weight_t, frame_bias, residual, *params):
-        weight_flags.extend(t.requires_grad for t in (weight_t, *params))
-        return apply(points, weight_t, frame_bias, residual, *params)
-
-    monkeypatch.setattr(fused._GaborNetwork, "apply", spy)
+    weight_flags = fused_weight_flags
     a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
     seen_by_b: list[bool] = []
 

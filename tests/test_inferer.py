@@ -316,21 +316,12 @@ def test_batched_fit_in_groups_equals_fitting_each_case_alone(monkeypatch) -> No
         torch.testing.assert_close(inferer(num_steps=4).fit(cases, net), alone, rtol=1e-4, atol=1e-6)
 
 
-def test_fit_computes_no_weight_gradients_and_leaves_the_flags_alone(monkeypatch) -> None:
+def test_fit_computes_no_weight_gradients_and_leaves_the_flags_alone(fused_weight_flags: list[bool]) -> None:
     """The code is fitted through weights that do not require grad (so the fused network skips their
     gradients), while the network's own parameters keep requiring grad throughout, also when the fit is
     interrupted, and none gets a gradient."""
-    from nisf_monai.networks import fused
-
     net = tiny_net()
-    weight_flags: list[bool] = []
-    apply = fused._GaborNetwork.apply
-
-    def spy(points, weight_t, frame_bias, residual, *params):
-        weight_flags.extend(t.requires_grad for t in (weight_t, *params))
-        return apply(points, weight_t, frame_bias, residual, *params)
-
-    monkeypatch.setattr(fused._GaborNetwork, "apply", spy)
+    weight_flags = fused_weight_flags
     own_flags: list[bool] = []
 
     def watch(step: int, codes: torch.Tensor) -> None:
