@@ -163,3 +163,31 @@ def test_inferer_locates_before_fitting_and_keeps_the_pose():
     assert tuple(out["pred"].shape[1:]) == shape
     with pytest.raises(ValueError, match="heart_frame"):
         LatentOptimisationInferer(heart_sigma_mm=40.0)
+
+
+def test_pose_search_looks_only_at_kept_voxels():
+    """With a mask (hidden slices, sparse input), the search draws its voxels among the kept ones only, and the
+    inferer hands each case's mask to it."""
+    from nisf_monai.inferers import HeartLocator
+
+    affine = oblique_affine(0.3)
+    image = MetaTensor(torch.rand(1, *SHAPE), affine=torch.as_tensor(affine))
+    mask = torch.zeros(SHAPE, dtype=torch.bool)
+    mask[..., 2] = True  # one slice kept
+    kept = mask.reshape(-1).nonzero().squeeze(1)
+    world, _ = HeartLocator(score_points=500)._voxels(image, torch.Generator().manual_seed(0), kept)
+    index = np.linalg.solve(affine[:3, :3], (world.numpy() - affine[:3, 3]).T).T
+    np.testing.assert_allclose(index[:, 2], 2.0, atol=1e-6)
+
+    seen = []
+
+    class Recording(HeartLocator):
+        def locate(self, image, network, extent_mm, mask=None):
+            seen.append(mask)
+            return torch.eye(4, dtype=torch.float64)
+
+    field = TwoBlobField(100.0)
+    inferer = LatentOptimisationInferer(num_steps=1, num_points=16, extent_mm=100.0, heart_frame=True,
+                                        heart_locator=Recording(), log_every=0)
+    inferer.fit([image], field, masks=[mask[None]])
+    assert len(seen) == 1 and torch.equal(seen[0].reshape(SHAPE), mask)
