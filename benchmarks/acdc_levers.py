@@ -127,10 +127,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     overrides = train_record.get("overrides", {})
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
     steps = [int(s) for s in args.steps.split(",")]
+    inferer_overrides = parse_overrides(args.set)
+    if args.localiser:  # the pose search starts from a coarse segmentation network's labels
+        inferer_overrides["heart_locator"] = {
+            "_target_": "nisf_monai.inferers.HeartLocator", "refine_steps": args.refine_steps,
+            "localiser": {"_target_": "nisf_monai.inferers.SliceLocaliser",
+                          "network": "$nisf_monai.inferers.localiser_network()", "weights": str(Path(args.localiser).resolve())},
+        }
     start = time.perf_counter()
     with flush_denormal():
         result = evaluate_cases(
-            checkpoint, cases, datalist, steps, config_overrides=overrides, inferer_overrides=parse_overrides(args.set),
+            checkpoint, cases, datalist, steps, config_overrides=overrides, inferer_overrides=inferer_overrides,
             objective=args.objective, pose=args.pose,
         )
     result.update({"name": args.name, "part": args.part, "checkpoint": str(checkpoint.name), "seconds": time.perf_counter() - start,
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes")
     e.add_argument("--pose", default="label", choices=("label", "estimate"),
                    help="heart-frame models: pose from the labels (oracle) or estimated by the inferer")
+    e.add_argument("--localiser", default="", help="localiser weights (train_localiser.json) seeding the pose (--pose estimate)")
+    e.add_argument("--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: its pose as is)")
     e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")

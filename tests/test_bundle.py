@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +15,18 @@ import pytest
 import torch
 
 from nisf_monai.data.synthetic import generate_cohort
-from nisf_monai.inferers import target_grid
+from nisf_monai.inferers import localiser_network, target_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 TINY_NET = ["--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
 
 
-def run_bundle(run_id: str, config: str, bundle_root: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` in a fresh process, from a folder other than the repository."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(CONFIGS / config),
+def run_bundle(run_id: str, config: str | list[str], bundle_root: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` in a fresh process, from a folder other than the repository; a list of
+    configs is passed as MONAI's ``--config_file "['a.json', 'b.json']"`` (later files override earlier ones)."""
+    configs = str(CONFIGS / config) if isinstance(config, str) else str([str(CONFIGS / c) for c in config])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs,
            "--bundle_root", str(bundle_root), *overrides]
     env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore")
     result = subprocess.run(cmd, cwd=cwd or bundle_root, env=env, capture_output=True, text=True, timeout=600)
@@ -100,6 +103,29 @@ def test_inference_writes_segmentations_at_target_spacing(trained_bundle: tuple[
         corners_out = seg.affine @ np.array([[0, 0, 0, 1], [*(np.array(seg.shape) - 1), 1]]).T
         np.testing.assert_allclose(corners_out[:3, 0], corners_in[:3, 0], atol=1e-4)
         assert np.all(np.abs(corners_out[:3, 1] - corners_in[:3, 1]) < np.array([2.0, 3.0, 5.0]))
+
+
+def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """train_localiser.json writes localiser.pt beside the model; inference then starts its pose search from it
+    (no warning about a missing localiser) and still writes every case."""
+    root, datalist = trained_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "models", bundle / "models")
+    run_bundle("training", ["train.json", "train_localiser.json"], bundle, "--datalist", str(datalist),
+               "--localiser_epochs", "1", "--localiser_batch_size", "4", "--localiser_patch", "[32, 32]")
+    weights = torch.load(bundle / "models" / "localiser.pt", weights_only=True)
+    assert set(weights) == set(localiser_network().state_dict())
+    images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))[:1]
+    data = tmp_path / "images"
+    data.mkdir()
+    shutil.copy(images[0], data / images[0].name)
+    out = run_bundle("inference", "inference.json", bundle, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                     "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET)
+    assert "no heart localiser" not in out.stdout + out.stderr
+    assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 1
+    without = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out2"),
+                         "--inference_steps", "0", "--num_points", "256", *TINY_NET)
+    assert "no heart localiser" in without.stdout + without.stderr
 
 
 def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> None:

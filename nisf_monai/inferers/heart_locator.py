@@ -7,6 +7,9 @@ well only where its frame sits on the heart. Without labels, the pose is searche
    ``radius_mm``, every ``step_mm``) times ``num_angles`` in-plane rotations; each is scored by the
    population-average reconstruction (the zero code) on a fixed set of voxels, weighted around the candidate
    heart (Gaussian of ``sigma_mm`` in the slice plane). No gradient, one batched pass per group.
+With a ``localiser`` (:class:`~nisf_monai.inferers.SliceLocaliser`), the pose of its coarse labels replaces the
+grid search as the single start (the grid search remains the fallback when it finds no left ventricle).
+
 2. **Refinement**: the ``num_starts`` best candidates each get a code and a pose correction (a shift along
    the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
    final loss wins.
@@ -18,6 +21,7 @@ runs through a :func:`frozen_view` of the network and leaves the network object 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -28,9 +32,12 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.inferers.slice_localiser import SliceLocaliser
 from nisf_monai.transforms.heart_frame import pose_matrix
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
+
+logger = logging.getLogger("nisf_monai")
 
 
 def heart_weights(points: torch.Tensor, extent_mm: float, sigma_mm: float | None) -> torch.Tensor:
@@ -89,10 +96,11 @@ class HeartLocator:
         num_starts: best candidates refined; the one with the lowest refined loss wins. On ACDC validation frames
             one start found the heart best (median origin error 8 mm): with a free code the refined loss is a
             poorer judge of the pose than the population-average score (4 starts: 10 mm, 12 starts: 27 mm).
-        refine_steps: Adam steps of each refinement (code + shift + in-plane angle).
+        refine_steps: Adam steps of each refinement (code + shift + in-plane angle); 0 keeps the start as found.
         learning_rate: the code's Adam rate in refinement; the angle moves at about ``learning_rate`` radians per
             step and the shift at about ``4 * learning_rate * step_mm`` millimetres (whatever the coordinate scale).
         seed: seeds the voxel draws and initial codes.
+        localiser: a coarse segmentation network whose labels' pose is the start, instead of the grid search.
     """
 
     def __init__(
@@ -106,12 +114,14 @@ class HeartLocator:
         refine_steps: int = 50,
         learning_rate: float = 1e-2,
         seed: int = 0,
+        localiser: SliceLocaliser | None = None,
     ) -> None:
         if step_mm <= 0 or radius_mm < 0 or num_angles < 1 or num_starts < 1 or score_points < 1:
             raise ValueError("HeartLocator needs step_mm > 0, radius_mm >= 0, and at least one angle, start and point.")
         self.radius_mm, self.step_mm, self.num_angles = float(radius_mm), float(step_mm), int(num_angles)
         self.sigma_mm, self.score_points, self.num_starts = float(sigma_mm), int(score_points), int(num_starts)
         self.refine_steps, self.learning_rate, self.seed = int(refine_steps), float(learning_rate), int(seed)
+        self.localiser = localiser
 
     def candidates(self, image: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes)."""
@@ -168,6 +178,15 @@ class HeartLocator:
         device = next(network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         kept = None if mask is None else torch.as_tensor(mask).reshape(-1).nonzero().squeeze(1)
+        if self.localiser is not None:
+            pose = self.localiser.pose(image, mask)
+            if pose is not None:
+                if self.refine_steps == 0:
+                    return pose
+                origin = -pose[:3, :3].T @ pose[:3, 3]
+                return self._refine(network, image, origin[None], pose[None, :3, :3], extent_mm, generator, device, kept)
+            logger.warning("the localiser found no left ventricle in %s: searching the heart by reconstruction instead.",
+                           image.meta.get("filename_or_obj", "a case"))
         world, target = self._voxels(image, generator, kept)
         origins, rotations = self.candidates(image)
         coords = self._coords(world, origins, rotations, extent_mm).to(device)

@@ -1,0 +1,118 @@
+"""The slice localiser: coarse labels at a fixed in-plane spacing on the image's own world geometry, the pose their
+centroids give, and its use as the start of the heart pose search."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from torch import nn
+
+from nisf_monai.inferers import HeartLocator, SliceLocaliser, load_localiser, localiser_network
+from nisf_monai.networks import NISFNet
+from nisf_monai.transforms import heart_pose
+
+SHAPE = (64, 56, 6)
+
+
+def oblique_affine(theta: float = math.pi / 7) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.4, 1.2, 8.0])
+    affine[:3, 3] = [-40.0, 15.0, 30.0]
+    return affine
+
+
+def heart_scan() -> tuple[MetaTensor, np.ndarray]:
+    """An image whose LV blood pool is bright (1.0) and whose RV is grey (0.5), and its label map."""
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[14:32, 16:34, 1:5] = 1
+    label[40:54, 20:40, 1:5] = 3
+    intensity = np.select([label == 1, label == 3], [1.0, 0.5], 0.0).astype(np.float32)
+    return MetaTensor(torch.as_tensor(intensity)[None], affine=torch.as_tensor(oblique_affine())), label
+
+
+class IntensityClasses(nn.Module):
+    """A stand-in localiser: background below 0.25, RV blood pool around 0.5, LV blood pool near 1 (pixel-wise)."""
+
+    def __init__(self, find_nothing: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 1)
+        with torch.no_grad():  # logits: background 2 - 10x, LV 10x - 7, myocardium never, RV 0
+            self.conv.weight.copy_(torch.tensor([-10.0, 10.0, 0.0, 0.0]).reshape(4, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([2.0, -7.0, -100.0, 0.0]))
+            if find_nothing:
+                self.conv.bias[0] = 100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_labels_keep_world_geometry_at_the_coarse_spacing() -> None:
+    image, _ = heart_scan()
+    labels = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).labels(image)
+    affine = labels.affine.numpy()
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [3.0, 3.0, 8.0], atol=1e-6)
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    source = oblique_affine()[:3, :3]
+    np.testing.assert_allclose(directions, source / np.linalg.norm(source, axis=0), atol=1e-6)  # same orientation
+    assert labels.shape[-1] == SHAPE[-1]  # slices are not resampled
+    assert set(torch.unique(labels).tolist()) == {0, 1, 3}
+
+
+def test_pose_of_coarse_labels_matches_the_pose_of_the_true_labels() -> None:
+    image, label = heart_scan()
+    found = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).pose(image)
+    truth = heart_pose(label, oblique_affine())
+    origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
+    assert torch.linalg.norm(origin(found) - origin(truth)) < 2.0  # mm, at 3 mm pixels
+    assert float(found[0, :3] @ truth[0, :3]) > math.cos(math.radians(5))  # LV -> RV direction
+
+
+def test_masked_voxels_are_not_used() -> None:
+    image, _ = heart_scan()
+    localiser = SliceLocaliser(IntensityClasses())
+    mask = torch.ones(SHAPE, dtype=torch.bool)
+    mask[..., 1:3] = False  # two hidden slices
+    labels = localiser.labels(image, mask)
+    assert labels[..., 1:3].sum() == 0 and labels[..., 3:5].sum() > 0
+    assert localiser.pose(image, torch.zeros(SHAPE, dtype=torch.bool)) is None
+
+
+def tiny_heart_net() -> NISFNet:
+    torch.manual_seed(0)
+    return NISFNet(coord_dim=3, latent_dim=8, num_classes=4, hidden_dim=16, num_layers=2).eval()
+
+
+def test_locator_starts_from_the_localiser_pose() -> None:
+    image, _ = heart_scan()
+    localiser = SliceLocaliser(IntensityClasses())
+    pose = HeartLocator(localiser=localiser, refine_steps=0).locate(image, tiny_heart_net(), extent_mm=100.0)
+    torch.testing.assert_close(pose, localiser.pose(image))
+    refined = HeartLocator(localiser=localiser, refine_steps=3, score_points=256).locate(image, tiny_heart_net(), extent_mm=100.0)
+    origin = lambda p: -p[:3, :3].T @ p[:3, 3]  # noqa: E731
+    assert torch.linalg.norm(origin(refined) - origin(pose)) < 15.0  # a correction, not a new search
+
+
+def test_locator_falls_back_to_the_search_when_the_localiser_finds_no_heart(caplog: pytest.LogCaptureFixture) -> None:
+    image, _ = heart_scan()
+    locator = HeartLocator(localiser=SliceLocaliser(IntensityClasses(find_nothing=True)), refine_steps=0, score_points=256)
+    with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+        pose = locator.locate(image, tiny_heart_net(), extent_mm=100.0)
+    assert "found no left ventricle" in caplog.text
+    grid = HeartLocator(refine_steps=0, score_points=256).locate(image, tiny_heart_net(), extent_mm=100.0)
+    torch.testing.assert_close(pose, grid)
+
+
+def test_missing_weights_warn_and_give_no_localiser(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+        assert load_localiser(tmp_path / "localiser.pt") is None
+    assert "train_localiser.json" in caplog.text
+    torch.save(localiser_network().state_dict(), tmp_path / "localiser.pt")
+    assert isinstance(load_localiser(tmp_path / "localiser.pt"), SliceLocaliser)
+    with pytest.raises(FileNotFoundError, match="train_localiser.json"):
+        SliceLocaliser(localiser_network(), tmp_path / "other.pt")
