@@ -31,8 +31,8 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from nisf_monai.transforms.coordinates import CoordinateFrame
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
+from nisf_monai.transforms.coordinates import CoordinateFrame
 from nisf_monai.transforms.heart_frame import pose_matrix
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
