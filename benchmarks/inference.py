@@ -37,6 +37,7 @@ import torch
 from nisf_monai.handlers import selected_inference_steps
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.networks import NISFNet
+from nisf_monai.spatial import voxel_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "acdc"
@@ -156,7 +157,7 @@ print(json.dumps({"voxels": int(torch.tensor(out_shape).prod()), "shape": out_sh
 
 def bench_memory(args: argparse.Namespace, frames: list) -> dict:
     shape = [int(s) for s in frames[0].shape[1:]]
-    pixdim = [float(v) for v in np.sqrt((np.asarray(frames[0].affine)[:3, :3] ** 2).sum(axis=0))]
+    pixdim = [float(v) for v in voxel_sizes(frames[0].affine)]
     results = {}
     for spacing in args.spacings:
         for mode in ("streamed", "in_memory"):

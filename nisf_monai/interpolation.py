@@ -34,6 +34,7 @@ from monai.metrics import DiceMetric
 
 from nisf_monai.data.datalist import case_name
 from nisf_monai.io import atomic_open, atomic_save_figure, atomic_write_json
+from nisf_monai.spatial import affine_array, voxel_sizes
 from nisf_monai.transforms.masks import kept_slices
 from nisf_monai.transforms.validation import source_of
 
@@ -177,9 +178,7 @@ def _in_plane_spacing(image: Any, axis: int) -> list[float]:
     """Spacing (mm) of the two in-plane array axes, from the image affine (1 mm without one)."""
     if not isinstance(image, MetaTensor):
         return [1.0, 1.0]
-    affine = np.asarray(torch.as_tensor(image.affine, dtype=torch.float64))
-    affine = affine[0] if affine.ndim == 3 else affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = voxel_sizes(affine_array(image))
     return [float(s) for a, s in enumerate(spacing) if a != axis % 3]
 
 

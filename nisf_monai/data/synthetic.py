@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from nisf_monai.io import atomic_write_json
+from nisf_monai.spatial import index_to_world, voxel_volume_ml
 
 __all__ = [
     "LABELS",
@@ -256,11 +257,6 @@ def _world_points(affine: np.ndarray, i: np.ndarray, j: np.ndarray, k: np.ndarra
     return np.stack([g + affine[c, 3] for c, g in enumerate(grid)], axis=-1).reshape(-1, 3)
 
 
-def _to_world(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """World coordinates of voxel indices ``[N, 3]``."""
-    return np.stack([_dot3(index, affine[c, :3]) + affine[c, 3] for c in range(3)], axis=-1)
-
-
 def _dot3(points: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """``points @ vector`` for ``[N, 3]`` points, as explicit sums (numpy's matmul is slow for 3 columns)."""
     return points[:, 0] * vector[0] + points[:, 1] * vector[1] + points[:, 2] * vector[2]
@@ -289,7 +285,7 @@ def _label_fractions(labels: np.ndarray, affine: np.ndarray, heart: _Heart) -> n
     offsets = (np.arange(n) + 0.5) / n - 0.5
     sub = np.zeros((n * n, 3))
     sub[:, 0], sub[:, 1] = np.repeat(offsets, n), np.tile(offsets, n)
-    points = _to_world(affine, (index[:, None, :] + sub[None]).reshape(-1, 3))
+    points = index_to_world(affine, (index[:, None, :] + sub[None]).reshape(-1, 3))
     sub_labels = _label_points(points, heart).reshape(len(index), n * n)
     for value in range(len(LABELS)):
         fractions[value, index[:, 0], index[:, 1], index[:, 2]] = (sub_labels == value).mean(axis=1)
@@ -387,7 +383,7 @@ def generate_subject(
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
     image = (image * p["intensity_scale"]).astype(np.float32)
 
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     info: dict[str, Any] = {"seed": int(seed), "phase": phase}
     for name in _STRUCTURES:
         info[f"{name}_ml"] = float(fractions[LABELS[name]].sum() * voxel_ml)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from nisf_monai.geometry.grids import footprint_grid, roi_slices, sub_grid, voxel_volume_ml
+from nisf_monai.geometry.grids import footprint_grid, roi_slices, sub_grid
 from nisf_monai.geometry.measures import STRUCTURES, class_volumes
 from nisf_monai.geometry.meshes import Mesh, marching_tetrahedra
+from nisf_monai.spatial import voxel_sizes, voxel_volume_ml
 from nisf_monai.transforms.coordinates import CoordinateFrame
 
 __all__ = ["Field", "NetworkField", "LabelField", "FrameMeasurement", "measure_frame", "structure_meshes"]
@@ -123,7 +124,7 @@ def measure_frame(
 
 
 def _sizes(affine: np.ndarray) -> list[float]:
-    return np.linalg.norm(affine[:3, :3], axis=0).round(6).tolist()
+    return voxel_sizes(affine).round(6).tolist()
 
 
 def structure_meshes(

@@ -16,18 +16,9 @@ from typing import Any
 import numpy as np
 
 from nisf_monai.inferers.latent_optimisation import spacing_triple
+from nisf_monai.spatial import voxel_sizes, voxel_volume_ml
 
 __all__ = ["footprint_grid", "roi_slices", "sub_grid", "voxel_sizes", "voxel_volume_ml"]
-
-
-def voxel_sizes(affine: Any) -> np.ndarray:
-    """Lengths (mm) of the three voxel axes of an affine."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
-def voxel_volume_ml(affine: Any) -> float:
-    """Volume of one voxel in millilitres (mm^3 / 1000)."""
-    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) / 1000.0)
 
 
 def footprint_grid(affine: Any, spatial_shape: Sequence[int], spacing: float | Sequence[float] | None) -> tuple[np.ndarray, list[int]]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from nisf_monai.io import atomic_open
+from nisf_monai.spatial import index_to_world
 
 __all__ = ["Mesh", "marching_tetrahedra", "mesh_area", "mesh_volume", "write_mesh", "MESH_FORMATS"]
 
@@ -92,10 +93,6 @@ class Mesh:
         return len(self.faces)
 
 
-def _to_world(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
-    return index @ affine[:3, :3].T + affine[:3, 3]
-
-
 def marching_tetrahedra(field: Any, affine: Any | None = None, level: float = 0.5) -> Mesh:
     """The closed surface ``field == level`` of a 3D array, in the world space of ``affine``.
 
@@ -159,7 +156,7 @@ def marching_tetrahedra(field: Any, affine: Any | None = None, level: float = 0.
     t = (level - va) / (vb - va)  # va > level >= vb, so 0 < t <= 1
     ia = np.stack(np.unravel_index(a, padded.shape), axis=1).astype(np.float64)
     ib = np.stack(np.unravel_index(b, padded.shape), axis=1).astype(np.float64)
-    vertices = _to_world(affine, ia + t[:, None] * (ib - ia) - 1.0)  # -1: undo the padding
+    vertices = index_to_world(affine, ia + t[:, None] * (ib - ia) - 1.0)  # -1: undo the padding
     del unique
 
     # outward normals: each triangle separates its tetrahedron's inside corners from the outside ones, for

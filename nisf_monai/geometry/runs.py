@@ -22,7 +22,7 @@ from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset, report_failed_
 from nisf_monai.errors import InputDataError, MissingFileError
 from nisf_monai.geometry.fields import LabelField, NetworkField, measure_frame, structure_meshes
 from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_figure
-from nisf_monai.geometry.grids import footprint_grid, voxel_sizes, voxel_volume_ml
+from nisf_monai.geometry.grids import footprint_grid
 from nisf_monai.geometry.measures import (
     MEASURES,
     STRUCTURES,
@@ -34,6 +34,7 @@ from nisf_monai.geometry.measures import (
 from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
 from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image, save_nifti
 from nisf_monai.io import atomic_write_json
+from nisf_monai.spatial import affine_array, voxel_sizes, voxel_volume_ml
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
 
@@ -75,11 +76,6 @@ def _name(entry: Mapping[str, Any], item: Mapping[str, Any]) -> str:
     from nisf_monai.data.datalist import case_name
 
     return case_name(str(item["image"].meta.get("filename_or_obj", "case")))
-
-
-def _affine(image: Any) -> np.ndarray:
-    """The 4 x 4 affine of a MetaTensor as float64 numpy, wherever the tensor lives."""
-    return torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
 
 
 def _jsonable(value: Any) -> Any:
@@ -202,7 +198,7 @@ class MeasureRun(_FittedRun):
             missing = [i for i, item in enumerate(items) if "label" not in item]
             if missing:
                 raise InputDataError("source 'labels' needs a label for every frame of the datalist.")
-            return [LabelField(np.asarray(item["label"])[0], _affine(item["image"]), int(self.network.num_classes)) for item in items]
+            return [LabelField(np.asarray(item["label"])[0], affine_array(item["image"]), int(self.network.num_classes)) for item in items]
         images = [item["image"].to(self.device) for item in items]
         latents = self.inferer.fit(images, self.network)
         return [NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None])) for b in range(len(images))]
@@ -227,7 +223,7 @@ class MeasureRun(_FittedRun):
             measured, manual, meshes = [], [], []
             for name, entry, item, source in zip(names, entries, items, fields):
                 image = item["image"]
-                affine, shape = _affine(image), list(image.shape[1:])
+                affine, shape = affine_array(image), list(image.shape[1:])
                 result = measure_frame(source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode)
                 measured.append(result.volumes)
                 row = {"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": self.source,
@@ -426,7 +422,7 @@ class PlaneRun(_FittedRun):
             image = item["image"].to(self.device)
             latent = self.inferer.fit([image], self.network)
             field = NetworkField(self.network, self.inferer, latent[0], self.inferer.frame_of(image[None]))
-            image_affine = _affine(image)
+            image_affine = affine_array(image)
             affine, shape = self.grid(field, image_affine, list(image.shape[1:]))
             probs, intensity = field.sample(affine, shape)
             labels = probs.argmax(axis=0).astype(np.uint8)

@@ -16,13 +16,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
 from nisf_monai.io import atomic_write_json
+from nisf_monai.spatial import voxel_volume_ml
 from nisf_monai.transforms.coordinates import pose_of
 from nisf_monai.transforms.loading import frame_name_formatter
 
@@ -57,7 +57,7 @@ def case_quality(
     device = next(network.parameters()).device
     labels, recon = inferer.sample(network, latent.reshape(1, -1).to(device), frame, frame.affine, case.shape[2:])
     error = float((recon[0, 0] - case.as_tensor()[0, 0].float().cpu().clamp(0, 1)).abs().mean())
-    voxel_ml = float(abs(np.linalg.det(np.asarray(frame.affine)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(frame.affine)
     counts = torch.bincount(labels.reshape(-1).long(), minlength=len(label_names))
     pose = pose_of(case)
     heart = None

@@ -24,6 +24,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
+from nisf_monai.spatial import voxel_sizes
+
 __all__ = ["CoordinateFrame", "CoordinateGridd", "RandPointSampled", "COORDINATE_MODES", "POSE_KEY", "pose_of"]
 
 COORDINATE_MODES = ("world", "voxel")
@@ -221,7 +223,7 @@ class RandPointSampled(Randomizable, MapTransform):
             return None
         spacing = np.ones(3)
         if isinstance(label, MetaTensor):
-            spacing = np.sqrt((np.asarray(label.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+            spacing = voxel_sizes(label.affine)
         ranges = []
         for axis, size in enumerate(foreground.shape):
             present = foreground.any(dim=[a for a in range(3) if a != axis]).nonzero().flatten()
