@@ -28,6 +28,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import ACDC_LABEL_MAPPING, build_datalist, split_of
+from nisf_monai.io import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -58,17 +59,6 @@ def test_datalist(data: Path, out: Path, limit: int) -> str:
     out.write_text(json.dumps(datalist, indent=2))
     logger.info("%d test patients, %d frames: %s", len(patients), len(datalist["test"]), ", ".join(patients))
     return str(out)
-
-
-def finite(value):
-    """NaN -> None, so the JSON is valid."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def main() -> None:
@@ -114,7 +104,7 @@ def main() -> None:
     summary = {"source": args.source, "model": str(model) if args.source == "nisf" else None, "settings": report["settings"],
                "patients": len(report["subjects"]), "seconds": elapsed, "torch_threads": torch.get_num_threads(),
                "agreement": {m: report["agreement"][m] for m in SHOWN}}
-    (work / "acdc_measures.json").write_text(json.dumps(finite(summary), indent=2))
+    (work / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
     label = "NISF" if args.source == "nisf" else "labels (fine grid)"
     rows = [("measure", f"mean {label}", "mean manual", "MAE", "bias", "95% LoA", "r")]
     for m in SHOWN:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acdc_interpolation import REPO, add_model_arguments, model_overrides, run_interpolating  # noqa: E402
 
 from nisf_monai.data import build_datalist, ensure_synthetic_cohort  # noqa: E402
+from nisf_monai.plotting import pyplot  # noqa: E402
 
 logger = logging.getLogger("sparse_inputs")
 DEFAULT_FRACTIONS = {"points": [1.0, 0.5, 0.25, 0.1, 0.05, 0.01, 0.002], "slices": [1.0, 0.5, 0.25, 0.1]}
@@ -57,11 +58,7 @@ def limited_datalist(datalist: str, section: str, limit: int, work: Path) -> str
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fractions = [r["fraction"] for r in result["runs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in result["classes"]:

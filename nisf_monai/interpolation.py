@@ -33,7 +33,8 @@ from monai.data import MetaTensor, decollate_batch
 from monai.metrics import DiceMetric
 
 from nisf_monai.data.datalist import case_name
-from nisf_monai.io import atomic_open, atomic_save_figure, atomic_write_json
+from nisf_monai.io import atomic_open, atomic_write_json, json_safe
+from nisf_monai.plotting import draw_outlines, pyplot, save_figure
 from nisf_monai.spatial import affine_array, voxel_sizes
 from nisf_monai.transforms.masks import kept_slices
 from nisf_monai.transforms.validation import source_of
@@ -298,9 +299,9 @@ class HiddenSliceReport:
         for method in methods:
             dice = np.asarray([c["dice"][method] for c in self.cases if method in c["dice"]], dtype=float)
             with _quiet():
-                stats = {n: [_num(np.nanmean(dice[:, k])), _num(np.nanstd(dice[:, k]))] for k, n in enumerate(self.class_names[1:])}
+                stats = {n: [json_safe(np.nanmean(dice[:, k])), json_safe(np.nanstd(dice[:, k]))] for k, n in enumerate(self.class_names[1:])}
                 means = np.nanmean(dice, axis=1)
-                stats["mean"] = [_num(np.nanmean(means)), _num(np.nanstd(means))]
+                stats["mean"] = [json_safe(np.nanmean(means)), json_safe(np.nanstd(means))]
             out[method] = stats
         return out
 
@@ -326,7 +327,7 @@ class HiddenSliceReport:
             "num_cases": len(self.cases),
             "num_scored_slices": int(sum(len(c["scored_slices"]) for c in self.cases)),
             "summary": summary,
-            "cases": [{**c, "dice": {m: [_num(v) for v in d] for m, d in c["dice"].items()}} for c in self.cases],
+            "cases": [{**c, "dice": {m: json_safe(d) for m, d in c["dice"].items()}} for c in self.cases],
         }
         atomic_write_json(self.output_dir / f"{self.prefix}.json", record)
         for method, stats in summary.items():
@@ -339,16 +340,7 @@ class HiddenSliceReport:
             self._plot()
 
     def _plot(self) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            logger.warning("matplotlib is not installed: no example figure")
-            return
-        from nisf_monai.handlers.figures import COLOURS
-
+        plt = pyplot()
         columns = ["image", "ground truth", "nisf", "nearest", "shape_based"]
         titles = {"image": "image (hidden)", "ground truth": "ground truth", "nisf": "NISF", "nearest": "nearest slice", "shape_based": "shape-based"}
         rows = len(self._examples)
@@ -358,19 +350,14 @@ class HiddenSliceReport:
                 ax = axes[r, k]
                 ax.imshow(ex["image"].T, cmap="gray", origin="lower")
                 if col != "image":
-                    for value, colour in reversed(COLOURS.items()):  # LV last: its contour shares the myocardium's inner one
-                        if (ex[col] == value).any():
-                            ax.contour((ex[col] == value).T.astype(float), levels=[0.5], colors=colour, linewidths=1)
+                    draw_outlines(ax, ex[col])
                 ax.set_title(titles[col] if r == 0 else "", fontsize=9)
                 ax.set_xticks([])
                 ax.set_yticks([])
             axes[r, 0].set_ylabel(f"{ex['case']}\nslice {ex['slice']}", fontsize=8)
         fig.suptitle("slices hidden from the latent fit (red LV, green myocardium, blue RV)", fontsize=10)
         fig.tight_layout()
-        try:
-            atomic_save_figure(fig, self.output_dir / f"{self.prefix}_examples.png", dpi=90)
-        finally:
-            plt.close(fig)
+        save_figure(fig, self.output_dir / f"{self.prefix}_examples.png", dpi=90)
 
 
 @contextlib.contextmanager
@@ -379,12 +366,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings(), np.errstate(invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-def _num(value: float) -> float | None:
-    """JSON-friendly number: None for NaN."""
-    value = float(value)
-    return None if np.isnan(value) else value
 
 
 def _fmt(value: float | None) -> str:

@@ -6,17 +6,23 @@ person would read it as complete. Every writer of the package goes through :func
 goes to a temporary file beside the target (same folder, so the same file system) and is renamed over the
 target only once it is complete and flushed to disk. A failure or a kill before that leaves the previous file
 untouched; at worst a hidden ``.<name>.*.tmp`` file remains, which nothing reads.
+
+Also here: :func:`json_safe` (JSON has no NaN) and :func:`save_nifti`, the package's one NIfTI writer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import nibabel as nib
+import numpy as np
 
 __all__ = [
     "atomic_open",
@@ -24,6 +30,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_figure",
+    "json_safe",
+    "save_nifti",
     "temporary_files",
 ]
 
@@ -97,4 +105,34 @@ def atomic_save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> str:
     kwargs.setdefault("format", Path(path).suffix.lstrip(".").lower() or "png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, **kwargs)
+    return str(path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (JSON has none of them), numpy arrays and numbers as lists
+    and Python numbers, mapping keys as strings; through dicts, lists and tuples."""
+    if isinstance(value, (np.floating, np.integer)):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else value
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def save_nifti(array: Any, affine: Any, path: str | os.PathLike, dtype: Any = None, time_unit: str | None = None) -> str:
+    """Write an array as NIfTI with the affine as sform and qform (scanner space), millimetre units (and
+    ``time_unit``, e.g. ``"sec"``, when given); missing folders are created. Returns the path."""
+    data = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    affine = np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units(xyz="mm", t=time_unit)
+    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+    nib.save(image, str(path))
     return str(path)

@@ -26,10 +26,10 @@ from nisf_monai.geometry import (
     plane_grid,
     reference_grid,
     resample_image,
-    save_nifti,
     write_mesh,
 )
 from nisf_monai.inferers import LatentOptimisationInferer
+from nisf_monai.io import save_nifti
 from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import LoadCased
 

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nisf_monai.data import synthetic
 from nisf_monai.data.synthetic import LABELS, ensure_synthetic_cohort, generate_cohort, generate_subject
+from nisf_monai.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 BP, MYO, RV = LABELS["lv_blood_pool"], LABELS["lv_myocardium"], LABELS["rv_blood_pool"]
@@ -146,7 +146,7 @@ def test_oblique_keeps_anatomy(tmp_path: Path) -> None:
     assert label_ob[tuple(index)] == BP
     assert info_ob["lv_blood_pool_ml"] == pytest.approx(info["lv_blood_pool_ml"], rel=0.15)
     path = tmp_path / "oblique.nii.gz"
-    synthetic._save_nifti(label_ob, affine_ob, path)
+    save_nifti(label_ob, affine_ob, path, time_unit="sec")
     np.testing.assert_array_equal(nib.load(path).affine, affine_ob)  # float32-exact, survives the sform
 
 

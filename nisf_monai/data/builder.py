@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nisf_monai.classes import DATALIST_LABELS
 from nisf_monai.data.datalist import case_name
 from nisf_monai.errors import DatalistError, MissingFileError
 from nisf_monai.io import atomic_write_json
@@ -17,7 +18,6 @@ __all__ = ["ACDC_LABEL_MAPPING", "build_datalist", "read_label_mapping", "split_
 
 logger = logging.getLogger("nisf_monai")
 
-BUNDLE_LABELS = {"0": "background", "1": "lv_blood_pool", "2": "lv_myocardium", "3": "rv_blood_pool"}
 # ACDC labels 1 RV blood pool, 2 LV myocardium, 3 LV blood pool -> the bundle's classes
 ACDC_LABEL_MAPPING = {1: 3, 2: 2, 3: 1}
 _FRAME = re.compile(r"^(?P<subject>.+?)_frame\d+$")
@@ -89,7 +89,7 @@ def build_datalist(
     numbered = all(_NUMBER.search(s) for s in subjects)
     number = {s: int(_NUMBER.search(s).group(1)) if numbered else rank for rank, s in enumerate(subjects)}
     datalist: dict[str, Any] = {
-        "labels": BUNDLE_LABELS,
+        "labels": DATALIST_LABELS,
         "label_mapping": {str(k): int(v) for k, v in mapping.items()},
         "training": [],
         "validation": [],

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from nisf_monai.io import atomic_write_json
+from nisf_monai.classes import DATALIST_LABELS, LABELS, STRUCTURES
+from nisf_monai.io import atomic_write_json, save_nifti
 from nisf_monai.spatial import index_to_world, voxel_volume_ml
 
 __all__ = [
@@ -47,11 +47,9 @@ __all__ = [
     "main",
 ]
 
-LABELS = {"background": 0, "lv_blood_pool": 1, "lv_myocardium": 2, "rv_blood_pool": 3}
 PHASES = ("ED", "ES")
 DATALIST_NAME = "datalist.json"
 
-_STRUCTURES = ("lv_blood_pool", "lv_myocardium", "rv_blood_pool")
 _SUBSAMPLES = 5  # sub-voxel samples per in-plane axis for volumes and partial volume (odd: includes the centre)
 _BOUNDARY_MARGIN = 1  # in-plane distance (voxels) from a label boundary within which voxels are sub-sampled
 
@@ -385,7 +383,7 @@ def generate_subject(
 
     voxel_ml = voxel_volume_ml(affine)
     info: dict[str, Any] = {"seed": int(seed), "phase": phase}
-    for name in _STRUCTURES:
+    for name in STRUCTURES:
         info[f"{name}_ml"] = float(fractions[LABELS[name]].sum() * voxel_ml)
     info.update(_continuous_lv_volumes(heart))
     info.update(_describe(p, heart, spacing, shape, oblique))
@@ -445,16 +443,6 @@ def _as_phases(phases: str | Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """NIfTI with the affine as sform and qform (scanner space) and millimetre units."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm", t="sec")
-    img.set_data_dtype(array.dtype)
-    nib.save(img, str(path))
-
-
 def generate_cohort(
     output_dir: str,
     num_subjects: int = 12,
@@ -490,7 +478,7 @@ def generate_cohort(
         "description": "Synthetic short-axis cardiac cine MRI (nisf_monai.data.synthetic); volumes by disc summation.",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
-        "labels": {str(value): name for name, value in LABELS.items()},
+        "labels": DATALIST_LABELS,
         "training": [],
         "validation": [],
     }
@@ -500,11 +488,11 @@ def generate_cohort(
         for phase in phases:
             image, label, affine, info = generate_subject(subject_seed, phase, spacing=spacing, shape=shape)
             case = f"{subject}_{phase}"
-            _save_nifti(image, affine, out / f"{case}.nii.gz")
-            _save_nifti(label, affine, out / f"{case}_gt.nii.gz")
+            save_nifti(image, affine, out / f"{case}.nii.gz", time_unit="sec")
+            save_nifti(label, affine, out / f"{case}_gt.nii.gz", time_unit="sec")
             entry = {"image": f"{case}.nii.gz", "label": f"{case}_gt.nii.gz", "subject": subject, "phase": phase}
             entry.update({"case": case, "seed": subject_seed})
-            entry.update({f"{name}_ml": round(info[f"{name}_ml"], 4) for name in _STRUCTURES})
+            entry.update({f"{name}_ml": round(info[f"{name}_ml"], 4) for name in STRUCTURES})
             datalist[section].append(entry)
     datalist["numTraining"] = len(datalist["training"])
     return atomic_write_json(out / DATALIST_NAME, datalist)

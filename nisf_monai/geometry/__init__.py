@@ -14,7 +14,7 @@ from nisf_monai.geometry.measures import (
     write_csv,
 )
 from nisf_monai.geometry.meshes import MESH_FORMATS, Mesh, marching_tetrahedra, mesh_area, mesh_volume, write_mesh
-from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image, save_nifti
+from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image
 from nisf_monai.geometry.runs import MeasureRun, PlaneRun, load_weights
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "plane_grid",
     "reference_grid",
     "resample_image",
-    "save_nifti",
     "MeasureRun",
     "PlaneRun",
     "load_weights",

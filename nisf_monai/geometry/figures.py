@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from nisf_monai.geometry.meshes import Mesh
-from nisf_monai.io import atomic_save_figure
+from nisf_monai.plotting import CLASS_COLOURS, pyplot, save_figure
 
 __all__ = ["plane_figure", "agreement_figure", "surface_figure"]
 
-logger = logging.getLogger("nisf_monai")
-
-CLASS_COLOURS = {1: (0.89, 0.10, 0.11), 2: (0.20, 0.63, 0.17), 3: (0.12, 0.47, 0.71)}  # LV red, myo green, RV blue
 UNITS = {"ml": "ml", "pct": "%", "g": "g"}
-
-
-def _pyplot() -> Any | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no figures")
-        return None
-    return plt
-
-
-def _save(fig: Any, path: str | os.PathLike, plt: Any) -> str:
-    try:
-        return atomic_save_figure(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
 
 
 def plane_figure(
@@ -44,12 +20,10 @@ def plane_figure(
     panels: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
     spacing: Sequence[float],
     title: str = "",
-) -> str | None:
+) -> str:
     """Side-by-side views of one plane ``(U, V)``: each panel a title, a grey image and optionally a label
     map drawn as coloured translucent regions; axes in mm along the plane's u (horizontal) and v."""
-    plt = _pyplot()
-    if plt is None:
-        return None
+    plt = pyplot()
     su, sv = float(spacing[0]), float(spacing[1])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
     for ax, (name, image, labels) in zip(axes[0], panels):
@@ -68,7 +42,7 @@ def plane_figure(
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{title}\nred LV blood pool, green LV myocardium, blue RV blood pool", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, path)
 
 
 def _label(measure: str) -> str:
@@ -84,12 +58,10 @@ def agreement_figure(
     kind: str = "bland_altman",
     title: str = "",
     labels: tuple[str, str] = ("NISF", "manual"),
-) -> str | None:
+) -> str:
     """One panel per measure over the subjects in both dicts: a Bland-Altman plot (difference against
     mean, with bias and 95 % limits) or a scatter plot against the identity line."""
-    plt = _pyplot()
-    if plt is None:
-        return None
+    plt = pyplot()
     subjects = sorted(set(predicted) & set(reference))
     cols = min(3, len(measures))
     rows = int(np.ceil(len(measures) / cols))
@@ -128,7 +100,7 @@ def agreement_figure(
         ax.axis("off")
     fig.suptitle(title or ("Bland-Altman" if kind == "bland_altman" else "agreement"), fontsize=10)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, path)
 
 
 def _unit_normals(mesh: Mesh) -> np.ndarray:
@@ -137,12 +109,10 @@ def _unit_normals(mesh: Mesh) -> np.ndarray:
     return normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
 
 
-def surface_figure(path: str | os.PathLike, meshes: Mapping[str, Mesh], title: str = "") -> str | None:
+def surface_figure(path: str | os.PathLike, meshes: Mapping[str, Mesh], title: str = "") -> str:
     """A 3D view of the structure surfaces (world mm): LV blood pool, myocardium (translucent) and RV.
     Drawing is slow for large meshes: pass meshes extracted on a grid of about 2 mm."""
-    plt = _pyplot()
-    if plt is None:
-        return None
+    plt = pyplot()
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     colours = {"lv_blood_pool": (CLASS_COLOURS[1], 1.0), "lv_myocardium": (CLASS_COLOURS[2], 0.2), "rv_blood_pool": (CLASS_COLOURS[3], 0.9)}
@@ -167,4 +137,4 @@ def surface_figure(path: str | os.PathLike, meshes: Mapping[str, Mesh], title: s
     ax.tick_params(labelsize=6)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, path)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from nisf_monai.classes import STRUCTURES
 from nisf_monai.io import atomic_open
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
 ]
 
 MYOCARDIAL_DENSITY = 1.05  # g/ml
-STRUCTURES = {"lv_blood_pool": 1, "lv_myocardium": 2, "rv_blood_pool": 3}  # the bundle's classes
 MEASURES = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct", "lv_mass_g")
 
 

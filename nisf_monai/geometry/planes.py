@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nisf_monai.errors import InputDataError, InvalidCaseError, MissingFileError
 
-__all__ = ["plane_grid", "reference_grid", "resample_image", "save_nifti", "grid_centre"]
+__all__ = ["plane_grid", "reference_grid", "resample_image", "grid_centre"]
 
 logger = logging.getLogger("nisf_monai")
 
@@ -150,15 +150,3 @@ def resample_image(image: Any, image_affine: Any, affine: Any, spatial_shape: Se
     out = F.grid_sample(volume[None, None], coords, mode=mode, padding_mode="border", align_corners=True)
     return np.where(inside, out.reshape(-1).numpy(), 0.0).reshape(shape).astype(np.float32)
 
-
-def save_nifti(array: Any, affine: Any, path: str | os.PathLike, dtype: Any = None) -> str:
-    """Write a 3D array as NIfTI with the affine as sform and qform (scanner space, mm). Returns the path."""
-    data = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
-    affine = np.asarray(affine, dtype=np.float64)
-    image = nib.Nifti1Image(data, affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_xyzt_units(xyz="mm")
-    os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-    nib.save(image, str(path))
-    return str(path)

@@ -25,6 +25,7 @@ from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_
 from nisf_monai.geometry.grids import footprint_grid
 from nisf_monai.geometry.measures import (
     MEASURES,
+    MYOCARDIAL_DENSITY,
     STRUCTURES,
     agreement_table,
     cardiac_measures,
@@ -32,8 +33,8 @@ from nisf_monai.geometry.measures import (
     write_csv,
 )
 from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
-from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image, save_nifti
-from nisf_monai.io import atomic_write_json
+from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image
+from nisf_monai.io import atomic_write_json, json_safe, save_nifti
 from nisf_monai.spatial import affine_array, voxel_sizes, voxel_volume_ml
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
@@ -76,21 +77,6 @@ def _name(entry: Mapping[str, Any], item: Mapping[str, Any]) -> str:
     from nisf_monai.data.datalist import case_name
 
     return case_name(str(item["image"].meta.get("filename_or_obj", "case")))
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN -> None (JSON has no NaN), arrays -> lists."""
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else value
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, np.integer)):
-        return _jsonable(value.item())
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class _FittedRun:
@@ -310,14 +296,14 @@ class MeasureRun(_FittedRun):
         spacing = np.asarray(self.spacing, dtype=float).ravel().tolist()
         report = {
             "settings": {"source": self.source, "spacing_mm": spacing, "roi_margin_mm": self.roi_margin_mm,
-                         "roi_spacing_mm": self.roi_spacing, "volume_mode": self.volume_mode, "myocardial_density_g_per_ml": 1.05,
+                         "roi_spacing_mm": self.roi_spacing, "volume_mode": self.volume_mode, "myocardial_density_g_per_ml": MYOCARDIAL_DENSITY,
                          "inference_steps": getattr(self.inferer, "num_steps", None), "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None},
             "measures": measures,
             "subjects": subject_info,
             "frames": frames_rows,
             "agreement": agreement,
         }
-        atomic_write_json(out / "measures.json", _jsonable(report))
+        atomic_write_json(out / "measures.json", json_safe(report))
         logger.info("measures of %d subject(s) written to %s", len(subject_info), out)
         return report
 
@@ -444,7 +430,7 @@ class PlaneRun(_FittedRun):
             info = {"case": name, "affine": affine, "shape": shape, "spacing_mm": voxel_sizes(affine),
                     "centre_mm": grid_centre(affine, shape), "reference": self.reference, "files": paths,
                     "label_voxels": {n: int((labels == c).sum()) for n, c in STRUCTURES.items()}}
-            atomic_write_json(f"{stem}.json", _jsonable(info))
+            atomic_write_json(f"{stem}.json", json_safe(info))
             logger.info("%s: %s %s written to %s", name, self.name, "x".join(map(str, shape)), stem.parent)
             written.append(info)
         self._account_for_failures(len(written))

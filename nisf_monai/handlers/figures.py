@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -13,14 +12,10 @@ import torch
 from monai.transforms import Transform
 
 from nisf_monai.data.datalist import case_name
-from nisf_monai.io import atomic_save_figure
+from nisf_monai.plotting import draw_outlines, pyplot, save_figure
 from nisf_monai.transforms.validation import source_of
 
 __all__ = ["OverlayFigured", "mid_ventricular_slice"]
-
-logger = logging.getLogger("nisf_monai")
-
-COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue"}
 
 
 def mid_ventricular_slice(label: np.ndarray, lv_class: int = 1) -> int:
@@ -49,15 +44,7 @@ class OverlayFigured(Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         if self.written >= self.max_figures or self.label_key not in data:
             return data
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            logger.warning("matplotlib is not installed: no overlay figures")
-            self.written = self.max_figures
-            return data
+        plt = pyplot()
         image = np.asarray(torch.as_tensor(data[self.image_key]).cpu())[0]
         label = np.asarray(torch.as_tensor(data[self.label_key]).cpu())[0]
         pred = np.asarray(torch.as_tensor(data[self.pred_key]).cpu())[0]
@@ -67,17 +54,12 @@ class OverlayFigured(Transform):
         fig, axes = plt.subplots(1, 2, figsize=(8, 4))
         for ax, seg, title in ((axes[0], label, "ground truth"), (axes[1], pred, "NISF")):
             ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
-            for value, colour in COLOURS.items():
-                if (seg[:, :, z] == value).any():
-                    ax.contour((seg[:, :, z] == value).T.astype(float), levels=[0.5], colors=colour, linewidths=1)
+            draw_outlines(ax, seg[:, :, z])
             ax.set_title(title)
             ax.axis("off")
         name = case_name(source_of(data[self.image_key], f"case{self.written}"))
         fig.suptitle(f"{name}, slice {z} (red LV, green myocardium, blue RV)")
         fig.tight_layout()
-        try:
-            atomic_save_figure(fig, self.output_dir / f"{name}_overlay.png", dpi=90)
-        finally:
-            plt.close(fig)
+        save_figure(fig, self.output_dir / f"{name}_overlay.png", dpi=90)
         self.written += 1
         return data

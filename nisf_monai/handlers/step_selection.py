@@ -13,7 +13,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from nisf_monai.distributed import is_distributed, is_rank_zero
-from nisf_monai.io import atomic_save_figure, atomic_write_json
+from nisf_monai.io import atomic_write_json, json_safe
+from nisf_monai.plotting import pyplot, save_figure
 
 __all__ = ["StepSelectionHandler", "select_step", "selected_inference_steps"]
 
@@ -51,7 +52,7 @@ def selected_inference_steps(ckpt_dir: str | os.PathLike, default: int) -> int:
 class StepSelectionHandler:
     """Collects the evaluator's per-case ``dice_curve`` outputs and, when the evaluation ends, writes the
     best step count to ``save_dir/inference_steps.json`` (where ``inference.json`` reads it), with the mean
-    curves, and a PNG of Dice against the step (the NISF paper's Fig. 3) when matplotlib is installed.
+    curves, and a PNG of Dice against the step (the NISF paper's Fig. 3).
 
     Args:
         save_dir: folder of the JSON (the bundle's ``models``).
@@ -110,8 +111,8 @@ class StepSelectionHandler:
             "mean_dice_at_best": float(curve[self._steps.index(best)]),
             "num_cases": int(dice.shape[0]),
             "steps": self._steps,
-            "mean_dice": [None if np.isnan(v) else float(v) for v in curve],
-            "per_class_dice": {n: [None if np.isnan(v) else float(v) for v in per_class[:, c]] for c, n in enumerate(names)},
+            "mean_dice": json_safe(curve),
+            "per_class_dice": {n: json_safe(per_class[:, c]) for c, n in enumerate(names)},
         }
         atomic_write_json(self.save_dir / STEPS_FILENAME, record)
         engine.state.metrics["selected_inference_steps"] = best
@@ -120,14 +121,7 @@ class StepSelectionHandler:
             self._plot(self._steps, curve, per_class, names, best)
 
     def _plot(self, steps: list[int], curve: np.ndarray, per_class: np.ndarray, names: list[str], best: int) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            logger.warning("matplotlib is not installed: no figure written to %s", self.figure_path)
-            return
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         for c, name in enumerate(names):
             ax.plot(steps, per_class[:, c], label=name, alpha=0.7)
@@ -139,7 +133,4 @@ class StepSelectionHandler:
         ax.legend(loc="lower right")
         ax.set_title(f"Dice against latent step; best at {best}")
         fig.tight_layout()
-        try:
-            atomic_save_figure(fig, self.figure_path, dpi=100)
-        finally:
-            plt.close(fig)
+        save_figure(fig, self.figure_path, dpi=100)
