@@ -8,7 +8,8 @@ import beside the CPU torch, so when torchvision is missing (or broken) a shim o
 functions raise if called, stands in for it while these tests run. Everything else is monailabel's own code.
 
 The module skips, saying why, when monailabel or one of its import-time dependencies is not installed. The
-glue in :mod:`nisf_monai.label` is tested without monailabel.
+glue (:func:`nisf_monai.data.case_ids`, :class:`nisf_monai.transforms.CaseIDd` and
+:class:`nisf_monai.transforms.ProbabilitiesToLabelsd`) is tested without monailabel.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 from monai.data import MetaTensor
 
-from nisf_monai.data import generate_subject
+from nisf_monai.data import case_ids, generate_subject
 from nisf_monai.errors import DatalistError
-from nisf_monai.label import CaseIDd, ProbabilitiesToLabelsd, case_ids
+from nisf_monai.transforms import CaseIDd, ProbabilitiesToLabelsd
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

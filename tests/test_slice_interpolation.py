@@ -10,14 +10,14 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from nisf_monai.interpolation import (
-    HiddenSliceReport,
+from nisf_monai.baselines import (
     hidden_slice_dice,
     nearest_slice_labels,
     scored_slices,
     shape_based_labels,
     signed_distance,
 )
+from nisf_monai.handlers import HiddenSliceReport
 
 
 def disc_stack(radii: list[float], size: int = 40, value: int = 1) -> np.ndarray:

@@ -1,5 +1,5 @@
 from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
-from nisf_monai.data.datalist import case_name, expand_cine_datalist, list_images, load_datalist
+from nisf_monai.data.datalist import case_id, case_ids, case_name, expand_cine_datalist, list_images, load_datalist
 from nisf_monai.data.dataset import (
     FAILED_CASES_FILENAME,
     SKIPPED_KEY,
@@ -18,6 +18,8 @@ __all__ = [
     "build_datalist",
     "read_label_mapping",
     "split_of",
+    "case_id",
+    "case_ids",
     "case_name",
     "expand_cine_datalist",
     "list_images",

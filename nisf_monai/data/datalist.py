@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from monai.data import load_decathlon_datalist
 
 from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError
 
-__all__ = ["load_datalist", "list_images", "case_name", "expand_cine_datalist"]
+__all__ = ["load_datalist", "list_images", "case_id", "case_ids", "case_name", "expand_cine_datalist"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -24,6 +25,38 @@ def case_name(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def case_id(item: Mapping[Hashable, Any], case_key: str = "case", image_key: str = "image") -> str:
+    """The case ID of one datalist entry: its ``case_key`` if set, else its image's file name without folder
+    and NIfTI suffix (:func:`case_name`)."""
+    if item.get(case_key) is not None:
+        return str(item[case_key])
+    if image_key not in item:
+        raise DatalistError(f"datalist entry {dict(item)} has neither a {case_key!r} ID nor an {image_key!r} path.")
+    return case_name(str(item[image_key]))
+
+
+def case_ids(data: Sequence[Mapping[Hashable, Any]], case_key: str = "case", image_key: str = "image") -> list[str]:
+    """The case ID of each entry (:func:`case_id`), as :func:`load_datalist` names cases.
+
+    Sizing the latent table with this makes it follow whatever data list the config is given, including
+    the one MONAI Label substitutes for ``train#dataset#data`` (its datastore's ``{"image", "label"}``
+    pairs, which carry no case IDs).
+
+    Raises:
+        DatalistError: an ID taken from a file name names more than one entry (which would otherwise
+            share one latent code silently).
+    """
+    ids = [case_id(item, case_key, image_key) for item in data]
+    counts = Counter(ids)
+    repeated = sorted({case for item, case in zip(data, ids) if item.get(case_key) is None and counts[case] > 1})
+    if repeated:
+        raise DatalistError(
+            f"case ID {repeated[0]!r} (an image's file name) names more than one entry; case IDs key the latent "
+            "codes, so list each image once, with a unique file name or its own 'case' entry."
+        )
+    return ids
 
 
 def load_datalist(datalist: str | os.PathLike, section: str = "training", keys: tuple[str, ...] = ("image", "label")) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 from nisf_monai.handlers.failed_cases import FailedCasesHandler
-from nisf_monai.handlers.figures import OverlayFigured, mid_ventricular_slice
+from nisf_monai.handlers.hidden_slices import HiddenSliceReport
 from nisf_monai.handlers.metrics import class_dice_metrics
 from nisf_monai.handlers.quality_control import QualityControlHandler, case_quality, qc_reference
 from nisf_monai.handlers.step_selection import StepSelectionHandler, select_step, selected_inference_steps
@@ -15,9 +15,8 @@ __all__ = [
     "CheckpointError",
     "describe_state_mismatch",
     "FailedCasesHandler",
-    "OverlayFigured",
+    "HiddenSliceReport",
     "QualityControlHandler",
-    "mid_ventricular_slice",
     "qc_reference",
     "StepSelectionHandler",
     "StreamingSegmentationSaver",

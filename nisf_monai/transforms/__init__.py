@@ -6,8 +6,16 @@ from nisf_monai.transforms.coordinates import (
     RandPointSampled,
     pose_of,
 )
+from nisf_monai.transforms.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.transforms.heart_frame import HeartPosed, heart_pose, pose_matrix
-from nisf_monai.transforms.loading import LoadCase, LoadCased, SelectFramed, describe_read_error, frame_name_formatter
+from nisf_monai.transforms.loading import (
+    CaseIDd,
+    LoadCase,
+    LoadCased,
+    SelectFramed,
+    describe_read_error,
+    frame_name_formatter,
+)
 from nisf_monai.transforms.masks import (
     MaskedScaleIntensityRangePercentilesd,
     RandPointMaskd,
@@ -15,9 +23,11 @@ from nisf_monai.transforms.masks import (
     kept_slices,
     slice_selection,
 )
+from nisf_monai.transforms.postprocessing import ProbabilitiesToLabelsd
 from nisf_monai.transforms.validation import InvalidCaseError, ValidateCased, source_of
 
 __all__ = [
+    "CaseIDd",
     "COORDINATE_MODES",
     "CoordinateFrame",
     "CoordinateGridd",
@@ -27,6 +37,8 @@ __all__ = [
     "LoadCase",
     "LoadCased",
     "MaskedScaleIntensityRangePercentilesd",
+    "OverlayFigured",
+    "ProbabilitiesToLabelsd",
     "RandPointMaskd",
     "RandPointSampled",
     "SelectFramed",
@@ -35,6 +47,7 @@ __all__ = [
     "describe_read_error",
     "frame_name_formatter",
     "heart_pose",
+    "mid_ventricular_slice",
     "pose_matrix",
     "pose_of",
     "kept_slices",

@@ -1,11 +1,11 @@
-"""Loading image files with errors that name the file, and picking one frame of a cine series.
+"""Loading image files with errors that name the file, naming a case, and picking one frame of a cine series.
 
 MONAI's ``LoadImage`` lets a reader's exception escape as is (``EOFError`` for a truncated ``.nii.gz``,
 ``OSError`` for a short ``.nii``, a ``RuntimeError`` listing every reader's traceback when a reader is
 forced); inside a ``CacheDataset`` and the bundle runner it ends up many layers deep without the file's
 name. :class:`LoadCased` turns any such failure into one :class:`~nisf_monai.errors.InvalidCaseError`
 (or :class:`~nisf_monai.errors.MissingFileError`) that names the file, which the bundle's exception hook
-prints as one line.
+prints as one line. :class:`CaseIDd` gives an entry without a case ID the one its file name gives.
 """
 
 from __future__ import annotations
@@ -21,10 +21,19 @@ from monai.config import DtypeLike, KeysCollection
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, LoadImaged, MapTransform
 
+from nisf_monai.data.datalist import case_id
 from nisf_monai.errors import InputDataError, InvalidCaseError, MissingFileError
 from nisf_monai.transforms.validation import source_of
 
-__all__ = ["CINE_FRAME_KEY", "LoadCase", "LoadCased", "SelectFramed", "describe_read_error", "frame_name_formatter"]
+__all__ = [
+    "CINE_FRAME_KEY",
+    "CaseIDd",
+    "LoadCase",
+    "LoadCased",
+    "SelectFramed",
+    "describe_read_error",
+    "frame_name_formatter",
+]
 
 CINE_FRAME_KEY = "cine_frame"
 
@@ -101,6 +110,29 @@ class LoadCased(LoadImaged):
             reader, image_only, dtype, ensure_channel_first, simple_keys, prune_meta_pattern, prune_meta_sep, expanduser,
             *args, **kwargs,
         )
+
+
+class CaseIDd(MapTransform):
+    """Sets ``case_key`` from the image's file name when an entry has none (see
+    :func:`~nisf_monai.data.datalist.case_ids`); entries that carry an ID keep it. Put it first in the training
+    preprocessing, before the image is loaded: MONAI Label's datastore entries carry no case IDs, while the
+    latent codes are keyed by case ID.
+
+    Args:
+        keys: the image key whose path names the case.
+        case_key: entry key of the case ID (the trainer's ``latent_key``).
+    """
+
+    def __init__(self, keys: KeysCollection = "image", case_key: str = "case") -> None:
+        super().__init__(keys)
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if d.get(self.case_key) is None:
+            key = self.first_key(d)
+            d[self.case_key] = case_id(d, self.case_key, str(key))
+        return d
 
 
 class SelectFramed(MapTransform):

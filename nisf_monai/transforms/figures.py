@@ -1,4 +1,4 @@
-"""PNG figures of segmentations for a quick look at evaluation results."""
+"""A transform that writes PNG figures of segmentations for a quick look at evaluation results."""
 
 from __future__ import annotations
 
