@@ -161,8 +161,8 @@ def quality_reference(args: argparse.Namespace) -> None:
     distances of ``--frames`` of its training frames refitted from zero as inference fits them."""
     from levers_eval import CONFIGS as configs  # beside this script
 
+    from nisf_monai.data import case_ids
     from nisf_monai.handlers import qc_reference
-    from nisf_monai.label import case_ids
     from nisf_monai.networks import LatentTable
 
     root = WORK / args.name

@@ -21,7 +21,7 @@ from acdc import dice_of  # noqa: E402  (beside this script: one Dice for every 
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 
-from nisf_monai.label import case_ids
+from nisf_monai.data import case_ids
 from nisf_monai.networks import LatentTable
 from nisf_monai.transforms import HeartPosed, heart_pose, pose_of
 
