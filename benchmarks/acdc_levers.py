@@ -131,6 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.localiser:  # the pose search starts from a coarse segmentation network's labels
         inferer_overrides["heart_locator"] = {
             "_target_": "nisf_monai.inferers.HeartLocator", "refine_steps": args.refine_steps,
+            "localiser_angles": args.localiser_angles,
             "localiser": {"_target_": "nisf_monai.inferers.SliceLocaliser",
                           "network": "$nisf_monai.inferers.localiser_network()", "weights": str(Path(args.localiser).resolve())},
         }
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="heart-frame models: pose from the labels (oracle) or estimated by the inferer")
     e.add_argument("--localiser", default="", help="localiser weights (train_localiser.json) seeding the pose (--pose estimate)")
     e.add_argument("--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: its pose as is)")
+    e.add_argument("--localiser-angles", action="store_true", help="keep the localiser's origin, search the angle")
     e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")

@@ -101,6 +101,9 @@ class HeartLocator:
             step and the shift at about ``4 * learning_rate * step_mm`` millimetres (whatever the coordinate scale).
         seed: seeds the voxel draws and initial codes.
         localiser: a coarse segmentation network whose labels' pose is the start, instead of the grid search.
+        localiser_angles: keep only the localiser's origin and choose the in-plane angle by the score, among its own
+            and ``num_angles`` evenly spread ones (for a localiser whose right ventricle is less reliable than its
+            left).
     """
 
     def __init__(
@@ -115,29 +118,32 @@ class HeartLocator:
         learning_rate: float = 1e-2,
         seed: int = 0,
         localiser: SliceLocaliser | None = None,
+        localiser_angles: bool = False,
     ) -> None:
         if step_mm <= 0 or radius_mm < 0 or num_angles < 1 or num_starts < 1 or score_points < 1:
             raise ValueError("HeartLocator needs step_mm > 0, radius_mm >= 0, and at least one angle, start and point.")
         self.radius_mm, self.step_mm, self.num_angles = float(radius_mm), float(step_mm), int(num_angles)
         self.sigma_mm, self.score_points, self.num_starts = float(sigma_mm), int(score_points), int(num_starts)
         self.refine_steps, self.learning_rate, self.seed = int(refine_steps), float(learning_rate), int(seed)
-        self.localiser = localiser
+        self.localiser, self.localiser_angles = localiser, bool(localiser_angles)
 
-    def candidates(self, image: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes)."""
+    def candidates(self, image: MetaTensor, centre: torch.Tensor | None = None, radius_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes), around the
+        volume centre (or ``centre``, world mm) within ``radius_mm`` (default: the locator's)."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
-        frame = CoordinateFrame(affine, image.shape[-3:])
+        centre = CoordinateFrame(affine, image.shape[-3:]).centre if centre is None else centre
+        radius_mm = self.radius_mm if radius_mm is None else radius_mm
         e1, e2, normal = _in_plane_axes(affine)
-        n = int(self.radius_mm // self.step_mm)
+        n = int(radius_mm // self.step_mm)
         offsets = [(i * self.step_mm, j * self.step_mm) for i in range(-n, n + 1) for j in range(-n, n + 1)
-                   if math.hypot(i, j) * self.step_mm <= self.radius_mm + 1e-9]
+                   if math.hypot(i, j) * self.step_mm <= radius_mm + 1e-9]
         origins, rotations = [], []
         for a in range(self.num_angles):
             theta = 2.0 * math.pi * a / self.num_angles
             x_axis = math.cos(theta) * e1 + math.sin(theta) * e2
             rotation = torch.stack([x_axis, torch.linalg.cross(normal, x_axis), normal])
             for u, v in offsets:
-                origins.append(frame.centre + u * e1 + v * e2)
+                origins.append(centre + u * e1 + v * e2)
                 rotations.append(rotation)
         return torch.stack(origins), torch.stack(rotations)
 
@@ -178,22 +184,30 @@ class HeartLocator:
         device = next(network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         kept = None if mask is None else torch.as_tensor(mask).reshape(-1).nonzero().squeeze(1)
+        found = self.localiser.pose(image, mask) if self.localiser is not None else None
+        if found is not None:
+            origins, rotations = (-found[:3, :3].T @ found[:3, 3])[None], found[None, :3, :3]
+            if self.localiser_angles:
+                turned = self.candidates(image, centre=origins[0], radius_mm=0.0)
+                origins, rotations = torch.cat([origins, turned[0]]), torch.cat([rotations, turned[1]])
+                best = self._best(network, image, origins, rotations, extent_mm, generator, device, kept)[:1]
+                origins, rotations = origins[best], rotations[best]
+            if self.refine_steps == 0:
+                return pose_matrix(origins[0].numpy(), rotations[0].numpy())
+            return self._refine(network, image, origins, rotations, extent_mm, generator, device, kept)
         if self.localiser is not None:
-            pose = self.localiser.pose(image, mask)
-            if pose is not None:
-                if self.refine_steps == 0:
-                    return pose
-                origin = -pose[:3, :3].T @ pose[:3, 3]
-                return self._refine(network, image, origin[None], pose[None, :3, :3], extent_mm, generator, device, kept)
             logger.warning("the localiser found no left ventricle in %s: searching the heart by reconstruction instead.",
                            image.meta.get("filename_or_obj", "a case"))
-        world, target = self._voxels(image, generator, kept)
         origins, rotations = self.candidates(image)
+        best = self._best(network, image, origins, rotations, extent_mm, generator, device, kept)[: self.num_starts]
+        return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device, kept)
+
+    def _best(self, network, image, origins, rotations, extent_mm, generator, device, kept) -> torch.Tensor:
+        """Indices of candidate poses from the best population-average (zero-code) score to the worst."""
+        world, target = self._voxels(image, generator, kept)
         coords = self._coords(world, origins, rotations, extent_mm).to(device)
         group = max(1, 16384 // self.score_points) if device.type == "cpu" else coords.shape[0]
-        scores = self._scores(network, coords, target.to(device), extent_mm, group)
-        best = torch.argsort(scores)[: self.num_starts]
-        return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device, kept)
+        return torch.argsort(self._scores(network, coords, target.to(device), extent_mm, group))
 
     def _refine(self, network, image, origins, rotations, extent_mm, generator, device, kept) -> torch.Tensor:
         """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
