@@ -283,7 +283,7 @@ def paired_ratio(numer: list[float], denom: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numer, denom, strict=True))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4, help="frames per step (each with its own code)")
     parser.add_argument("--points", type=int, default=8192, help="points per frame")
@@ -301,15 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
     parser.add_argument("--inference", action="store_true", help="also run the inference benchmarks (inference.py)")
     inference.add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fused.set_compile(args.compile)
-    rows = args.batch * args.points
-    shapes = linear_shapes(args)
-    train_flops, latent_flops = flops_per_point(shapes), flops_per_point(shapes, weight_grads=False)
 
+def time_variants(args: argparse.Namespace, rows: int, shapes: list) -> tuple[dict[str, list[float]], MatmulProbe, tuple, float]:
+    """Times of every variant's step (``measure``), the BLAS matmul probe, the load average before and the wall
+    time."""
     fns = make_step_fns(args)
     probe = MatmulProbe(rows, shapes)
     fns["matmul/blas"] = probe
@@ -319,7 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with flush_denormal():  # as the bundle runs; the "subnormals" variants switch it off for their own steps
         times = measure(fns, args.repeats, args.warmup)
-    wall = time.perf_counter() - start
+    return times, probe, load_before, time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Time every variant, set the times against the matmul rate's arithmetic limit, and check the variants agree."""
+    rows = args.batch * args.points
+    shapes = linear_shapes(args)
+    train_flops, latent_flops = flops_per_point(shapes), flops_per_point(shapes, weight_grads=False)
+    times, probe, load_before, wall = time_variants(args, rows, shapes)
     med = {name: statistics.median(t) for name, t in times.items()}
     rates = {name.split("/")[1]: probe.flops / med[name] / 1e9 for name in med if name.startswith("matmul/")}
     best = min((name for name in med if name.startswith("matmul/")), key=lambda name: med[name])
@@ -354,32 +359,46 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_gflops": gflops,
         "matmul_gflops_by_route": rates,
         "arithmetic_limit_points_per_second": {"train": limit_train, "latent": limit_latent},
-        "ratios": {
-            "train_package_over_eager": med["train/eager"] / med["train/package"],
-            "train_package_over_eager_paired": paired_ratio(times["train/eager"], times["train/package"]),
-            "train_package_over_limit": pts["train/package"] / limit_train,
-            "train_package_over_limit_paired": of_limit_paired["train"],
-            "train_eager_over_limit": pts["train/eager"] / limit_train,
-            "latent_package_over_eager": med["latent/eager"] / med["latent/package"],
-            "latent_package_over_eager_paired": paired_ratio(times["latent/eager"], times["latent/package"]),
-            "latent_package_over_limit": pts["latent/package"] / limit_latent,
-            "latent_package_over_limit_paired": of_limit_paired["latent"],
-            "latent_eager_over_limit": pts["latent/eager"] / limit_latent,
-            "train_flushed_over_subnormals_paired": paired_ratio(times["train/subnormals"], times["train/package"]),
-            "latent_flushed_over_subnormals_paired": paired_ratio(times["latent/subnormals"], times["latent/package"]),
-        },
+        "ratios": ratios(times, med, pts, limit_train, limit_latent, of_limit_paired),
         "spread": {name: [min(t), max(t)] for name, t in times.items()},
         "wall_seconds": wall,
     }
+    return result
 
-    r = result["ratios"]
+
+def ratios(times: dict, med: dict, pts: dict, limit_train: float, limit_latent: float, of_limit_paired: dict) -> dict:
+    """The package against the eager network and against the arithmetic limit, and flushed against subnormal steps."""
+    return {
+        "train_package_over_eager": med["train/eager"] / med["train/package"],
+        "train_package_over_eager_paired": paired_ratio(times["train/eager"], times["train/package"]),
+        "train_package_over_limit": pts["train/package"] / limit_train,
+        "train_package_over_limit_paired": of_limit_paired["train"],
+        "train_eager_over_limit": pts["train/eager"] / limit_train,
+        "latent_package_over_eager": med["latent/eager"] / med["latent/package"],
+        "latent_package_over_eager_paired": paired_ratio(times["latent/eager"], times["latent/package"]),
+        "latent_package_over_limit": pts["latent/package"] / limit_latent,
+        "latent_package_over_limit_paired": of_limit_paired["latent"],
+        "latent_eager_over_limit": pts["latent/eager"] / limit_latent,
+        "train_flushed_over_subnormals_paired": paired_ratio(times["train/subnormals"], times["train/package"]),
+        "latent_flushed_over_subnormals_paired": paired_ratio(times["latent/subnormals"], times["latent/package"]),
+    }
+
+
+def print_report(args: argparse.Namespace, result: dict) -> None:
+    """The table and the ratios of ``result`` on stdout."""
+    med, pts, r = result["median_seconds"], result["points_per_second"], result["ratios"]
+    gflops, rates = result["matmul_gflops"], result["matmul_gflops_by_route"]
+    train_flops, latent_flops = result["flops_per_point"]["train"], result["flops_per_point"]["latent"]
+    limit_train = result["arithmetic_limit_points_per_second"]["train"]
+    limit_latent = result["arithmetic_limit_points_per_second"]["latent"]
+    load_before, wall = result["load_average_1min"]["before"], result["wall_seconds"]
     print(f"NISFNet throughput: {args.batch} frames x {args.points} points, {args.layers} x {args.hidden_dim} Gabor, "
           f"latent {args.latent_dim}; {torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
           f"compile {'on' if args.compile else 'off'} {result['compile']['compiled'] or ''}")
     print(f"matmul rate on the MLP's shapes: {gflops:.1f} GFLOP/s ("
           + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + f"); FLOPs/point: train {train_flops / 1e6:.3f} M, latent {latent_flops / 1e6:.3f} M; "
-          f"load average {load_before[0]:.1f} -> {result['load_average_1min']['after']:.1f}")
+          f"load average {load_before:.1f} -> {result['load_average_1min']['after']:.1f}")
     print(f"{'step':<8}{'variant':<10}{'points/s':>12}{'median ms':>11}{'vs eager':>10}{'vs limit':>10}")
     for task, limit in (("train", limit_train), ("latent", limit_latent)):
         for variant in ("eager", "package"):
@@ -398,6 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = result["bf16_autocast_accuracy"]
     print(f"bf16 autocast vs float32 (eager): seg error {bf16['seg_max_abs_err_over_max']:.1%} of max |seg|, "
           f"argmax agreement {bf16['argmax_agreement']:.1%}, code-gradient cosine {bf16['latent_grad_cosine']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_arguments(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fused.set_compile(args.compile)
+    result = benchmark(args)
+    print_report(args, result)
 
     if args.inference:
         result["inference"] = inference.run(args)
