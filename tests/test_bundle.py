@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_NET_ARGS, run_bundle
 
 from nisf_monai.data.synthetic import generate_cohort
 from nisf_monai.inferers import localiser_network, target_grid
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-TINY_NET = ["--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
-
-
-def run_bundle(run_id: str, config: str | list[str], bundle_root: Path, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` in a fresh process, from a folder other than the repository; a list of
-    configs is passed as MONAI's ``--config_file "['a.json', 'b.json']"`` (later files override earlier ones)."""
-    configs = str(CONFIGS / config) if isinstance(config, str) else str([str(CONFIGS / c) for c in config])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs,
-           "--bundle_root", str(bundle_root), *overrides]
-    env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore")
-    result = subprocess.run(cmd, cwd=cwd or bundle_root, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +23,8 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     data = tmp_path_factory.mktemp("cohort")
     datalist = generate_cohort(str(data), num_subjects=3, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1)
     run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", "3", "--num_points", "256",
-               "--batch_size", "2", "--val_interval", "3", "--val_max_steps", "4", "--val_monitor_every", "2", *TINY_NET)
+               "--batch_size", "2", "--val_interval", "3", "--val_max_steps", "4", "--val_monitor_every", "2",
+               *TINY_NET_ARGS)
     return root, Path(datalist)
 
 
@@ -71,7 +54,7 @@ def test_validation_selects_steps_and_keeps_the_best_model(trained_bundle: tuple
 def test_training_resumes_from_state(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     root, datalist = trained_bundle
     out = run_bundle("training", "train.json", root, "--datalist", str(datalist), "--max_epochs", "4",
-                     "--num_points", "256", "--batch_size", "2", *TINY_NET)
+                     "--num_points", "256", "--batch_size", "2", *TINY_NET_ARGS)
     assert "resumed from" in out.stdout + out.stderr
     state = torch.load(root / "models" / "training_state.pt", weights_only=True)
     assert state["trainer"]["epoch"] == 4
@@ -82,7 +65,7 @@ def test_inference_writes_segmentations_at_target_spacing(trained_bundle: tuple[
     images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))
     out_dir = tmp_path / "out"
     run_bundle("inference", "inference.json", root, "--dataset_dir", str(datalist.parent), "--output_dir", str(out_dir),
-               "--target_spacing", "[2.0, 3.0, 5.0]", "--inference_steps", "5", *TINY_NET, cwd=tmp_path)
+               "--target_spacing", "[2.0, 3.0, 5.0]", "--inference_steps", "5", *TINY_NET_ARGS, cwd=tmp_path)
     for image_path in images:
         name = image_path.name[: -len(".nii.gz")]
         source = nib.load(str(image_path))
@@ -120,18 +103,18 @@ def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path],
     data.mkdir()
     shutil.copy(images[0], data / images[0].name)
     out = run_bundle("inference", "inference.json", bundle, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-                     "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET)
+                     "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET_ARGS)
     assert "no heart localiser" not in out.stdout + out.stderr
     assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 1
     without = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out2"),
-                         "--inference_steps", "0", "--num_points", "256", *TINY_NET)
+                         "--inference_steps", "0", "--num_points", "256", *TINY_NET_ARGS)
     assert "no heart localiser" in without.stdout + without.stderr
 
 
 def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> None:
     """A user with no data runs the training command as is: the synthetic cohort appears and is logged."""
     out = run_bundle("training", "train.json", tmp_path, "--max_epochs", "1", "--num_points", "64",
-                     "--batch_size", "8", *TINY_NET)
+                     "--batch_size", "8", *TINY_NET_ARGS)
     datalist = tmp_path / "data" / "synthetic" / "datalist.json"
     assert datalist.is_file()
     assert "generated a synthetic cohort" in out.stdout + out.stderr
@@ -150,7 +133,7 @@ def test_inference_skips_a_bad_case_and_writes_the_others(trained_bundle: tuple[
         (data / p.name).write_bytes(p.read_bytes())
     (data / "broken.nii.gz").write_bytes(images[0].read_bytes()[:200])  # truncated
     out = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-                     "--inference_steps", "2", *TINY_NET, cwd=tmp_path)
+                     "--inference_steps", "2", *TINY_NET_ARGS, cwd=tmp_path)
     log = out.stdout + out.stderr
     assert "skipping case" in log and "broken.nii.gz" in log and "1 case(s) were skipped" in log
     written = sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz"))
@@ -165,7 +148,7 @@ def test_inference_on_a_cine_series_writes_one_file_per_frame(trained_bundle: tu
     data.mkdir()
     nib.save(nib.Nifti1Image(series, ed.affine), str(data / "cine.nii.gz"))
     run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-               "--inference_steps", "2", *TINY_NET, cwd=tmp_path)
+               "--inference_steps", "2", *TINY_NET_ARGS, cwd=tmp_path)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["cine_t00_qc.json", "cine_t00_recon.nii.gz", "cine_t00_seg.nii.gz",
                        "cine_t01_qc.json", "cine_t01_recon.nii.gz", "cine_t01_seg.nii.gz"]
@@ -200,9 +183,8 @@ def test_training_on_a_bad_case_fails_with_one_clear_line(problem: str, tmp_path
     good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
     bad = _write_case(tmp_path, "bad", image, label)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, bad]}))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--bundle_root", str(tmp_path), "--datalist", str(tmp_path / "datalist.json"), "--max_epochs", "1", *TINY_NET]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(tmp_path / "datalist.json"),
+                        "--max_epochs", "1", *TINY_NET_ARGS, check=False, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
@@ -213,9 +195,8 @@ def test_training_on_a_bad_case_fails_with_one_clear_line(problem: str, tmp_path
 def test_training_with_a_missing_file_names_it(tmp_path: Path) -> None:
     good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, {"image": "gone.nii.gz", "label": "gone_gt.nii.gz"}]}))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--bundle_root", str(tmp_path), "--datalist", str(tmp_path / "datalist.json"), "--max_epochs", "1", *TINY_NET]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(tmp_path / "datalist.json"),
+                        "--max_epochs", "1", *TINY_NET_ARGS, check=False, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ERROR: " in result.stderr and "gone.nii.gz does not exist" in result.stderr
 
@@ -224,7 +205,8 @@ def test_streamed_outputs_equal_saveimage_outputs(trained_bundle: tuple[Path, Pa
     """With a target spacing the outputs are sampled and written slab by slab (``stream_outputs``, the default
     then); the files equal what sampling the whole grid and MONAI ``SaveImaged`` write: names, affines, labels."""
     root, datalist = trained_bundle
-    common = ["--dataset_dir", str(datalist.parent), "--target_spacing", "[2.5, 2.5, 4.0]", "--inference_steps", "3", *TINY_NET]
+    common = ["--dataset_dir", str(datalist.parent), "--target_spacing", "[2.5, 2.5, 4.0]", "--inference_steps", "3",
+              *TINY_NET_ARGS]
     streamed, saved = tmp_path / "streamed", tmp_path / "saved"
     run_bundle("inference", "inference.json", root, "--output_dir", str(streamed), *common, cwd=tmp_path)
     run_bundle("inference", "inference.json", root, "--output_dir", str(saved), "--stream_outputs", "False", *common, cwd=tmp_path)

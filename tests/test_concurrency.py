@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import AFFINE, tiny_net
 from monai.data import MetaTensor
 
 from nisf_monai.inferers import HeartLocator, LatentOptimisationInferer, latent_optimisation
@@ -21,17 +22,11 @@ from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import POSE_KEY
 
 SHAPE = (12, 12, 4)
-AFFINE = np.diag([2.0, 2.0, 8.0, 1.0])
 EXTENT = 24.0
 LATENT = 8
 TIMEOUT = 120.0  # seconds a thread waits for the other before the test fails instead of hanging
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_net(seed: int = 0, hidden: int = 16, layers: int = 2) -> NISFNet:
-    torch.manual_seed(seed)
-    return NISFNet(latent_dim=LATENT, hidden_dim=hidden, num_layers=layers, num_classes=3)
 
 
 def volumes() -> list[np.ndarray]:
@@ -224,8 +219,8 @@ def test_fit_through_the_view_is_as_fast_as_a_network_frozen_by_hand(monkeypatch
     view) against the fit of a network whose parameters were set ``requires_grad_(False)`` by hand and used
     directly (the view switched off: what the old in-place freezing cost). Fastest of several interleaved
     runs each, generous slack for a shared machine."""
-    net = tiny_net(hidden=32, layers=3)
-    by_hand = tiny_net(hidden=32, layers=3).requires_grad_(False)
+    net = tiny_net(hidden_dim=32, num_layers=3)
+    by_hand = tiny_net(hidden_dim=32, num_layers=3).requires_grad_(False)
     image = case(volumes()[0])
     fit = inferer(num_steps=8, num_points=1024)
 

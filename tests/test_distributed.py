@@ -9,9 +9,7 @@ one step. Only rank 0 writes checkpoints; every rank resumes from them.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import CONFIGS, run_command
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -39,8 +38,6 @@ from nisf_monai.handlers import CheckpointError, TrainingStateHandler, training_
 from nisf_monai.losses import NISFLoss
 from nisf_monai.networks import LatentTable, NISFNet
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 RANKS, BATCH, EPOCHS, FRAMES, POINTS, LATENT = 2, 2, 3, 8, 64, 8
 SEED = 7
 
@@ -262,8 +259,7 @@ def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
            "--bundle_root", str(root), "--datalist", datalist, "--max_epochs", "2", "--num_points", "256",
            "--batch_size", "2", "--val_interval", "2", "--val_max_steps", "4", "--val_monitor_every", "2",
            "--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
-    env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     models = root / "models"
     state = torch.load(models / "training_state.pt", weights_only=True)

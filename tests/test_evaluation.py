@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO, TINY_NET_ARGS, run_bundle
 from monai.data import MetaTensor
 from monai.handlers import MeanDice
 from monai.metrics import DiceMetric
@@ -23,7 +22,6 @@ from nisf_monai.handlers import class_dice_metrics, select_step, selected_infere
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.networks import NISFNet
 
-REPO = Path(__file__).resolve().parents[1]
 ACDC = REPO.parent / "shared" / "data" / "acdc"
 
 
@@ -133,11 +131,9 @@ def test_evaluating_run_on_two_acdc_cases(tmp_path: Path) -> None:
     net = NISFNet(latent_dim=16, hidden_dim=16, num_layers=2)
     (tmp_path / "models").mkdir()
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
-    configs = f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/evaluate.json'}']"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs, "--bundle_root", str(tmp_path),
-           "--datalist_file", str(tmp_path / "datalist.json"), "--inference_steps", "4", "--monitor_every", "2",
-           "--num_points", "256", "--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = run_bundle("evaluating", ["inference.json", "evaluate.json"], tmp_path,
+                        "--datalist_file", str(tmp_path / "datalist.json"), "--inference_steps", "4",
+                        "--monitor_every", "2", "--num_points", "256", *TINY_NET_ARGS, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     raw = (tmp_path / "eval" / "mean_dice_raw.csv").read_text().splitlines()
     assert len(raw) == 3 and "patient" in raw[1]  # header + two cases, named by file

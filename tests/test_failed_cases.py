@@ -4,15 +4,14 @@ which some failed says how many in its last log line and lists them in ``<output
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, run_bundle
 from monai.data import DataLoader
 from monai.data.utils import no_collation
 from monai.handlers import MeanDice, from_engine
@@ -29,8 +28,6 @@ from nisf_monai.transforms import LoadCased, ValidateCased
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 AFFINE = np.diag([4.0, 4.0, 10.0, 1.0])
 SHAPE = (12, 12, 3)
 
@@ -170,11 +167,9 @@ def test_plane_run_lists_failed_cases(tmp_path: Path, caplog: pytest.LogCaptureF
 
 
 def run_inference(data: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.json"),
-           "--bundle_root", str(REPO / "bundle"), "--dataset_dir", str(data), "--output_dir", str(out),
-           "--inference_steps", "2", "--num_points", "256"]
-    env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=data.parent, env=env, capture_output=True, text=True, timeout=300)
+    return run_bundle("inference", "inference.json", REPO / "bundle", "--dataset_dir", str(data),
+                      "--output_dir", str(out), "--inference_steps", "2", "--num_points", "256",
+                      cwd=data.parent, check=False, timeout=300, OMP_NUM_THREADS="1")
 
 
 def test_inference_run_with_a_bad_case_lists_it_and_says_how_many(tmp_path: Path) -> None:

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SYNTHETIC_MODEL
+from helpers import tiny_net
 
 from nisf_monai.networks import GaborLayer, NISFNet, fused
 
 SMALL = {"latent_dim": 32, "hidden_dim": 32, "num_layers": 3, "num_classes": 4}
 
 
-def small_net(dtype: torch.dtype = torch.float32, **kwargs) -> NISFNet:
-    torch.manual_seed(0)
-    return NISFNet(**{**SMALL, **kwargs}).to(dtype)
+small_net = partial(tiny_net, **SMALL)
 
 
 def reference_heads(net: NISFNet, coords: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

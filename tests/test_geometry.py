@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, REPO, oblique_affine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, ScaleIntensityRangePercentilesd
@@ -33,26 +35,11 @@ from nisf_monai.io import save_nifti
 from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import LoadCased
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def rotation(a: float, b: float) -> np.ndarray:
-    """An oblique orientation: a turn about z, then a tilt about x."""
-    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    return rx @ rz
-
-
-def oblique_affine(spacing=(1.5, 1.25, 6.0), origin=(-20.0, 12.0, 5.0), flip: bool = True) -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, :3] = rotation(0.4, 0.25) @ np.diag(spacing)
-    if flip:
-        affine[:3, 1] *= -1  # a left-handed grid as well
-    affine[:3, 3] = origin
-    return affine
+# an oblique orientation (turned about z, tilted about x) and a left-handed grid as well
+left_handed_affine = partial(oblique_affine, (1.5, 1.25, 6.0), (-20.0, 12.0, 5.0), 0.4, 0.25, flip_voxel_axis=1)
 
 
 def inferer(**kwargs) -> LatentOptimisationInferer:
@@ -115,7 +102,7 @@ def test_plane_grid_orthogonalises_and_rejects_bad_planes() -> None:
 
 
 def test_reference_grid_reads_the_header(tmp_path: Path) -> None:
-    affine = oblique_affine()
+    affine = left_handed_affine()
     for shape in [(7, 5), (7, 5, 1), (7, 5, 1, 3)]:
         path = save_nifti(np.zeros(shape, dtype=np.float32), affine, tmp_path / f"lax{len(shape)}.nii.gz")
         got_affine, got_shape = reference_grid(path)
@@ -127,7 +114,7 @@ def test_reference_grid_reads_the_header(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("axis", [2, 0])  # a short-axis slice, and a plane across the slices
 def test_plane_through_a_volume_matches_it_where_they_coincide(axis: int) -> None:
-    shape, affine = (9, 8, 6), oblique_affine()
+    shape, affine = (9, 8, 6), left_handed_affine()
     torch.manual_seed(0)
     net = NISFNet(latent_dim=8, hidden_dim=16, num_layers=2, num_classes=4).eval()
     latent = torch.randn(1, 8)
@@ -177,7 +164,7 @@ def test_plane_through_a_generated_heart_matches_its_label_map() -> None:
 
 
 def test_resample_image_is_exact_for_a_linear_image() -> None:
-    shape, affine = (10, 9, 7), oblique_affine()
+    shape, affine = (10, 9, 7), left_handed_affine()
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
     gradient = np.array([0.3, -0.2, 0.1])
@@ -237,7 +224,7 @@ def test_sphere_mesh_has_the_sphere_area_and_volume(flip: bool) -> None:
     radius, centre = 15.0, np.array([4.0, -9.0, 21.0])
     spacing = np.array([0.9, 1.0, 1.2])
     shape = [int(np.ceil(2.6 * radius / s)) for s in spacing]
-    affine = oblique_affine(spacing, origin=(0, 0, 0), flip=flip)
+    affine = oblique_affine(spacing, (0, 0, 0), 0.4, 0.25, flip_voxel_axis=1 if flip else None)
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     mesh = marching_tetrahedra(sphere_field(radius, centre, affine, shape), affine)
     assert abs(mesh.area / (4 * math.pi * radius**2) - 1) < 0.02

@@ -4,10 +4,12 @@ plane, z along the slice normal), carried in the image metadata to the coordinat
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from helpers import oblique_affine
 from monai.data import MetaTensor
 
 from nisf_monai.inferers import LatentOptimisationInferer
@@ -16,12 +18,7 @@ from nisf_monai.transforms import POSE_KEY, CoordinateFrame, CoordinateGridd, He
 SHAPE = (24, 20, 6)
 
 
-def oblique_affine(theta: float = math.pi / 5) -> np.ndarray:
-    c, s = math.cos(theta), math.sin(theta)
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.5, 1.25, 8.0])
-    affine[:3, 3] = [-30.0, 12.0, 40.0]
-    return affine
+turned_affine = partial(oblique_affine, (1.5, 1.25, 8.0), (-30.0, 12.0, 40.0))  # oblique axes turned about z
 
 
 def two_ventricles() -> np.ndarray:
@@ -38,7 +35,7 @@ def to_world(affine: np.ndarray, index) -> np.ndarray:
 
 
 def test_pose_puts_lv_at_origin_and_rv_on_the_x_axis():
-    affine = oblique_affine()
+    affine = turned_affine(math.pi / 5)
     label = two_ventricles()
     pose = heart_pose(label, affine).numpy()
     lv = to_world(affine, np.argwhere(np.isin(label, [1, 2])).mean(axis=0))
@@ -56,7 +53,7 @@ def test_pose_follows_the_heart_not_the_field_of_view():
     """The same heart, shifted in the field of view and seen with other axes, gets the same heart coordinates."""
     label = two_ventricles()
     shifted = np.roll(label, (3, -2), axis=(0, 1))
-    a, b = oblique_affine(0.3), oblique_affine(1.1)
+    a, b = turned_affine(0.3), turned_affine(1.1)
     # a voxel of the LV in each scan, same place relative to the heart
     heart_a = CoordinateFrame(a, SHAPE, 100.0, pose=heart_pose(label, a)).from_world(torch.as_tensor(to_world(a, [8, 10, 2]))[None])
     heart_b = CoordinateFrame(b, SHAPE, 100.0, pose=heart_pose(shifted, b)).from_world(torch.as_tensor(to_world(b, [11, 8, 2]))[None])
@@ -64,7 +61,7 @@ def test_pose_follows_the_heart_not_the_field_of_view():
 
 
 def test_no_rv_or_no_rotation_keeps_world_axes():
-    affine = oblique_affine()
+    affine = turned_affine(math.pi / 5)
     label = two_ventricles()
     assert torch.equal(heart_pose(label, affine, rotate=False)[:3, :3], torch.eye(3, dtype=torch.float64))
     label[label == 3] = 0
@@ -73,7 +70,7 @@ def test_no_rv_or_no_rotation_keeps_world_axes():
 
 
 def test_transform_carries_the_pose_to_the_coordinates():
-    affine = torch.as_tensor(oblique_affine())
+    affine = torch.as_tensor(turned_affine(math.pi / 5))
     data = {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine), "label": MetaTensor(torch.as_tensor(two_ventricles())[None], affine=affine)}
     posed = HeartPosed(["image", "label"])(data)
     pose = posed["image"].meta[POSE_KEY]
@@ -88,7 +85,7 @@ def test_transform_carries_the_pose_to_the_coordinates():
 
 
 def test_label_without_lv_warns_and_keeps_volume_centre(caplog):
-    affine = torch.as_tensor(oblique_affine())
+    affine = torch.as_tensor(turned_affine(math.pi / 5))
     data = {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine), "label": MetaTensor(torch.zeros(1, *SHAPE), affine=affine)}
     out = HeartPosed(["image", "label"])(data)
     assert POSE_KEY not in out["image"].meta
@@ -129,7 +126,7 @@ def test_locator_recovers_a_known_pose(extent):
     from nisf_monai.transforms import pose_matrix
 
     field = TwoBlobField(extent)
-    affine = oblique_affine(0.4)
+    affine = turned_affine(0.4)
     affine[:3, :3] = affine[:3, :3] @ np.diag([2.0 / 1.5, 2.0 / 1.25, 1.0])  # 2 mm in-plane, 8 mm slices
     shape = (70, 70, 4)
     centre = CoordinateFrame(affine, shape).centre.numpy()
@@ -153,7 +150,7 @@ def test_inferer_locates_before_fitting_and_keeps_the_pose():
     """A heart-frame inferer puts the found pose into the case's metadata; outputs stay on the world grid."""
     extent = 400.0
     field = TwoBlobField(extent)
-    affine = oblique_affine(0.2)
+    affine = turned_affine(0.2)
     shape = (40, 40, 3)
     image = image_at_pose(field, affine, shape, torch.eye(4, dtype=torch.float64))  # heart at the world origin
     inferer = LatentOptimisationInferer(num_steps=2, num_points=64, extent_mm=extent, heart_frame=True, log_every=0)
@@ -170,7 +167,7 @@ def test_pose_search_looks_only_at_kept_voxels():
     inferer hands each case's mask to it."""
     from nisf_monai.inferers import HeartLocator
 
-    affine = oblique_affine(0.3)
+    affine = turned_affine(0.3)
     image = MetaTensor(torch.rand(1, *SHAPE), affine=torch.as_tensor(affine))
     mask = torch.zeros(SHAPE, dtype=torch.bool)
     mask[..., 2] = True  # one slice kept

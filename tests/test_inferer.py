@@ -3,11 +3,12 @@ sampling the segmentation on a grid."""
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from helpers import AFFINE, as_image, oblique_affine, tiny_net
 from monai.data import MetaTensor, list_data_collate
 
 from nisf_monai.inferers import LatentOptimisationInferer, target_grid
@@ -16,7 +17,6 @@ from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import CoordinateFrame
 
 SHAPE = (12, 12, 4)
-AFFINE = np.diag([2.0, 2.0, 8.0, 1.0])
 EXTENT = 24.0  # mm per network unit: the 22 x 22 x 24 mm volume spans about [-0.5, 0.5]
 LATENT = 8
 
@@ -24,23 +24,8 @@ LATENT = 8
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def oblique_affine() -> np.ndarray:
-    c, s = math.cos(0.4), math.sin(0.4)
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([2.0, 1.5, 6.0])
-    affine[:3, 3] = [-10.0, 4.0, 20.0]
-    affine[1, :3] *= -1.0  # a flipped world axis as well
-    return affine
-
-
-def tiny_net(seed: int = 0) -> NISFNet:
-    torch.manual_seed(seed)
-    return NISFNet(latent_dim=LATENT, hidden_dim=16, num_layers=2, num_classes=3)
-
-
-def as_image(volume: np.ndarray, affine: np.ndarray = AFFINE) -> MetaTensor:
-    """A (1, 1, X, Y, Z) batch of one image, as a MONAI evaluator hands it to the inferer."""
-    return MetaTensor(torch.as_tensor(volume, dtype=torch.float32)[None, None], affine=torch.as_tensor(affine))
+# oblique axes turned 0.4 rad, with a flipped world axis as well
+oblique = partial(oblique_affine, (2.0, 1.5, 6.0), (-10.0, 4.0, 20.0), 0.4, flip_world_axis=1)
 
 
 def inferer(**kwargs) -> LatentOptimisationInferer:
@@ -180,7 +165,7 @@ def test_reconstruction_resembles_fitted_image(trained: dict) -> None:
 def test_fit_and_sample_outputs_on_target_grid(spacing, affine_name: str) -> None:
     """pred and recon are MetaTensors on target_grid(affine, shape, spacing); pred is uint8 labels in
     [0, num_classes), recon in [0, 1], latent (B, L)."""
-    affine = AFFINE if affine_name == "diagonal" else oblique_affine()
+    affine = AFFINE if affine_name == "diagonal" else oblique()
     image = as_image(volumes()[0], affine)
     out = inferer(num_steps=2, target_spacing=spacing).fit_and_sample(image, tiny_net())
     expected_affine, expected_shape = target_grid(affine, SHAPE, spacing)
@@ -199,11 +184,11 @@ def test_fit_and_sample_pred_is_argmax_of_network() -> None:
     """pred at each voxel is the argmax of the network's logits at that voxel's coordinate with the fitted
     code, computed here directly from CoordinateFrame."""
     net = tiny_net(2)
-    image = as_image(volumes()[1], oblique_affine())
+    image = as_image(volumes()[1], oblique())
     out = inferer(num_steps=3, seed=5).fit_and_sample(image, net)
-    frame = CoordinateFrame(oblique_affine(), SHAPE, EXTENT)
+    frame = CoordinateFrame(oblique(), SHAPE, EXTENT)
     with torch.no_grad():
-        seg, logit = net.forward_heads(frame.grid(oblique_affine(), SHAPE).T[None], out["latent"])
+        seg, logit = net.forward_heads(frame.grid(oblique(), SHAPE).T[None], out["latent"])
     torch.testing.assert_close(out["pred"].as_tensor().reshape(-1), seg.argmax(1).reshape(-1).to(torch.uint8))
     torch.testing.assert_close(out["recon"].as_tensor().reshape(-1), torch.sigmoid(logit).reshape(-1))
 
@@ -212,7 +197,7 @@ def test_fit_and_sample_pred_is_argmax_of_network() -> None:
 def test_chunking_does_not_change_output(spacing) -> None:
     """A chunk_size much smaller than the grid (and not dividing it) gives the same outputs as one chunk."""
     net = tiny_net()
-    image = as_image(volumes()[0], oblique_affine())
+    image = as_image(volumes()[0], oblique())
     one = inferer(num_steps=3, target_spacing=spacing, chunk_size=10**7).fit_and_sample(image, net)
     many = inferer(num_steps=3, target_spacing=spacing, chunk_size=37).fit_and_sample(image, net)
     torch.testing.assert_close(many["pred"], one["pred"], rtol=0, atol=0)
@@ -226,13 +211,13 @@ def test_call_returns_probabilities_on_input_grid() -> None:
     """inferer(image, network) gives (B, M, X, Y, Z) probabilities summing to one, on the input affine,
     whose argmax is fit_and_sample's pred."""
     net = tiny_net()
-    image = as_image(volumes()[0], oblique_affine())
+    image = as_image(volumes()[0], oblique())
     probs = inferer(num_steps=4)(image, net)
     assert isinstance(probs, MetaTensor)
     assert probs.shape == (1, 3, *SHAPE) and probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(dim=1).as_tensor(), torch.ones(1, *SHAPE))
     assert float(probs.min()) >= 0.0
-    np.testing.assert_allclose(np.asarray(probs.affine), oblique_affine(), atol=1e-9)
+    np.testing.assert_allclose(np.asarray(probs.affine), oblique(), atol=1e-9)
     pred = inferer(num_steps=4).fit_and_sample(image, net)["pred"]
     torch.testing.assert_close(probs.argmax(dim=1, keepdim=True).to(torch.uint8).as_tensor(), pred.as_tensor())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import AFFINE, as_image, tiny_net
 from monai.data import DataLoader, MetaTensor
 from monai.data.utils import no_collation
 from monai.transforms import Compose, ScaleIntensityRangePercentilesd
@@ -14,7 +15,6 @@ from monai.transforms import Compose, ScaleIntensityRangePercentilesd
 from nisf_monai.engines import LatentOptimisationEvaluator
 from nisf_monai.errors import InvalidCaseError
 from nisf_monai.inferers import LatentOptimisationInferer
-from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import (
     CoordinateFrame,
     MaskedScaleIntensityRangePercentilesd,
@@ -25,17 +25,11 @@ from nisf_monai.transforms import (
 )
 
 SHAPE = (12, 10, 6)
-AFFINE = np.diag([2.0, 2.0, 8.0, 1.0])
 EXTENT = 48.0
 HIDDEN = [1, 3, 5]  # every other slice, offset 0
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_net() -> NISFNet:
-    torch.manual_seed(0)
-    return NISFNet(latent_dim=8, hidden_dim=16, num_layers=2, num_classes=3).eval()
 
 
 def volume(seed: int = 0) -> np.ndarray:
@@ -44,11 +38,6 @@ def volume(seed: int = 0) -> np.ndarray:
     i, j, k = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
     r = np.hypot(i - 5.5, j - 4.5)
     return (0.1 + 0.8 / (1 + np.exp(r - 2 - 0.4 * k)) + 0.02 * rng.random(SHAPE)).astype(np.float32)
-
-
-def as_image(array: np.ndarray, batch: bool = True) -> MetaTensor:
-    t = torch.as_tensor(array, dtype=torch.float32)[None]
-    return MetaTensor(t[None] if batch else t, affine=torch.as_tensor(AFFINE))
 
 
 def with_garbage(array: np.ndarray, value: float | None = None, seed: int = 1) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
+from helpers import CONFIGS, REPO
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from torch import nn
@@ -34,10 +35,6 @@ from nisf_monai.geometry import (
 )
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.networks import NISFNet
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS, REPO, TINY_NET_ARGS
 
 from nisf_monai.networks import NISFNet
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-TINY = ["--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
 
 
 def bundle_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -34,7 +32,7 @@ def test_metadata_validates_against_monai_schema(tmp_path: Path) -> None:
 
 def test_verify_net_in_out_passes(tmp_path: Path) -> None:
     out = bundle_command("verify_net_in_out", "network_def", "--meta_file", str(CONFIGS / "metadata.json"),
-                         "--config_file", str(CONFIGS / "inference.json"), *TINY, cwd=tmp_path)
+                         "--config_file", str(CONFIGS / "inference.json"), *TINY_NET_ARGS, cwd=tmp_path)
     assert "data shape of network is verified with no error" in out.stdout + out.stderr
 
 
@@ -44,7 +42,8 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path: Path) -> None:
     net = NISFNet(latent_dim=16, hidden_dim=16, num_layers=2).eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
     bundle_command("ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
-                   "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"), *TINY, cwd=tmp_path)
+                   "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
+                   *TINY_NET_ARGS, cwd=tmp_path)
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     coords = torch.rand(2, 3, 6, 5, 4) - 0.5
     latent = torch.randn(2, 16) * 0.1

@@ -29,13 +29,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
+from helpers import REPO
 from monai.data import MetaTensor
 
 from nisf_monai.data import case_ids, generate_subject
 from nisf_monai.errors import DatalistError
 from nisf_monai.transforms import CaseIDd, ProbabilitiesToLabelsd
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 INSTALL = 'pip install -c requirements/cpu.txt -e ".[label]" && pip install --no-deps monailabel==0.8.5'
 LABELS = {"lv_blood_pool": 1, "lv_myocardium": 2, "rv_blood_pool": 3}

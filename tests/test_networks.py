@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from torch import nn
@@ -13,9 +15,7 @@ from nisf_monai.networks import GaborLayer, NISFNet, ReLULayer, SineLayer
 TINY = {"latent_dim": 16, "hidden_dim": 16, "num_layers": 2, "num_classes": 4}
 
 
-def tiny_net(**kwargs) -> NISFNet:
-    torch.manual_seed(0)
-    return NISFNet(**{**TINY, **kwargs}).eval()
+tiny_net = partial(helpers.tiny_net, **TINY)
 
 
 # ---------------------------------------------------------------------------------------------- shapes

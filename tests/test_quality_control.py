@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from monai.data import MetaTensor
 
 from nisf_monai.handlers import QualityControlHandler, case_quality
@@ -98,7 +99,7 @@ def test_records_the_heart_frame_of_the_case():
 # ---- real data: the shipped ACDC model against a model that has never seen a real heart ----------------------
 
 ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+BUNDLE = REPO / "bundle"
 
 
 def acdc_frame(name: str) -> MetaTensor:

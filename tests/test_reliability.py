@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, TINY_NET_ARGS, run_bundle
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import LoadImaged
@@ -30,8 +30,6 @@ from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, M
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.transforms import CoordinateFrame, CoordinateGridd, LoadCased, SelectFramed, ValidateCased
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 AFFINE = np.diag([2.0, 2.0, 8.0, 1.0])
 SHAPE = (12, 10, 4)
 LOADER = "nisf_monai.transforms.LoadCased"
@@ -176,11 +174,8 @@ def test_truncated_file_stops_bundle_with_one_line(tmp_path: Path) -> None:
     good = {"image": write(tmp_path / "good.nii.gz", image(0)), "label": write(tmp_path / "good_gt.nii.gz", label())}
     bad = {"image": truncate(write(tmp_path / "cut.nii.gz", image(1))), "label": write(tmp_path / "cut_gt.nii.gz", label())}
     datalist = write_datalist(tmp_path, [good, bad])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--bundle_root", str(tmp_path), "--datalist", str(datalist), "--max_epochs", "1",
-           "--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, CI="true", PYTHONWARNINGS="ignore"))
+    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(datalist), "--max_epochs", "1",
+                        *TINY_NET_ARGS, check=False, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
     assert len(errors) == 1, result.stderr[-3000:]

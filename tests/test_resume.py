@@ -8,17 +8,16 @@ makes a saved state unusable.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import TINY_NET_ARGS, bundle_command, bundle_env, run_bundle
 from ignite.engine import Engine
 
 from nisf_monai.data.synthetic import generate_cohort
@@ -26,27 +25,18 @@ from nisf_monai.errors import InputDataError, find_input_error
 from nisf_monai.handlers.training_state import CheckpointError, TrainingStateHandler, describe_state_mismatch
 from nisf_monai.networks import LatentTable, NISFNet
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIG = REPO / "bundle" / "configs" / "train.json"
-TINY = ["--num_points", "128", "--batch_size", "2", "--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
+TINY = ["--num_points", "128", "--batch_size", "2", *TINY_NET_ARGS]
 ITERATIONS_PER_EPOCH = 2  # 2 training subjects x 2 phases, batch size 2
 
 
 def training_command(root: Path, datalist: str, max_epochs: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG),
-            "--bundle_root", str(root), "--datalist", datalist, "--max_epochs", str(max_epochs), *TINY, *extra]
-
-
-def bundle_env() -> dict[str, str]:
-    return dict(os.environ, CI="true", PYTHONWARNINGS="ignore")
+    return bundle_command("training", "train.json", root, "--datalist", datalist, "--max_epochs", str(max_epochs),
+                          *TINY, *extra)
 
 
 def run_training(root: Path, datalist: str, max_epochs: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = training_command(root, datalist, max_epochs, *extra)
-    result = subprocess.run(cmd, cwd=root, env=bundle_env(), capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    return run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", str(max_epochs),
+                      *TINY, *extra, check=check, timeout=300)
 
 
 def saved_epoch(path: Path) -> int:

@@ -15,13 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, REPO, bundle_command, run_command
 from monai.bundle import ConfigParser
 
 from nisf_monai.errors import InputDataError, SettingsError, find_input_error
 from nisf_monai.settings import CHECKS, available_devices, check_output_dir, check_settings
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 DEVICES = "give one of the devices of this machine: " + ", ".join(available_devices())
 SPACING = "give 3 positive millimetre values such as [1.0, 1.0, 1.0], or one for every axis, or None to keep the input grid"
 STEPS = "give an integer number of latent optimisation steps (0 decodes the initial code), 0 or more"
@@ -271,16 +270,6 @@ def truncated_image(folder: Path) -> Path:
     return path
 
 
-def run_command(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CI="true", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def bundle_command(run_id: str, configs: list[str], root: Path, *overrides: str) -> list[str]:
-    files = str([str(CONFIGS / c) for c in configs])
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, "--bundle_root", str(root), *overrides]
-
-
 def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
     """Exit code 1, stderr exactly the one ``ERROR:`` line, no traceback anywhere, and no data read (the image
     folders hold a truncated file, which would be logged as skipped)."""
@@ -294,7 +283,8 @@ def test_inference_with_a_zero_spacing_stops_before_reading_data(tmp_path: Path)
     data = truncated_image(tmp_path / "data").parent
     cmd = bundle_command("inference", ["inference.json"], REPO / "bundle", "--dataset_dir", str(data),
                          "--output_dir", str(tmp_path / "out"), "--target_spacing", "[0, 1, 1]")
-    assert_one_error_line(run_command(cmd, tmp_path), f"target_spacing: [0, 1, 1] has a value that is not positive; {SPACING}")
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert_one_error_line(result, f"target_spacing: [0, 1, 1] has a value that is not positive; {SPACING}")
     assert not (tmp_path / "out").exists()
 
 
@@ -303,20 +293,23 @@ def test_inference_into_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out.txt").write_text("a file")
     cmd = bundle_command("inference", ["inference.json"], REPO / "bundle", "--dataset_dir", str(data),
                          "--output_dir", str(tmp_path / "out.txt"))
-    assert_one_error_line(run_command(cmd, tmp_path), f"output_dir: {tmp_path / 'out.txt'} is a file, not a folder; give a "
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert_one_error_line(result, f"output_dir: {tmp_path / 'out.txt'} is a file, not a folder; give a "
                           "folder you can write to (it is created if missing)")
 
 
 def test_evaluating_with_batch_size_zero_is_refused(tmp_path: Path) -> None:
     cmd = bundle_command("evaluating", ["inference.json", "evaluate.json"], REPO / "bundle", "--dataset_dir",
                          str(tmp_path / "cohort"), "--output_dir", str(tmp_path / "out"), "--batch_size", "0")
-    assert_one_error_line(run_command(cmd, tmp_path), f"batch_size: 0 is less than 1; {BATCH}")
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert_one_error_line(result, f"batch_size: 0 is less than 1; {BATCH}")
     assert not (tmp_path / "cohort").exists()  # the synthetic cohort was not generated either
 
 
 def test_training_with_no_points_is_refused(tmp_path: Path) -> None:
     cmd = bundle_command("training", ["train.json"], tmp_path / "bundle", "--num_points", "0")
-    assert_one_error_line(run_command(cmd, tmp_path), f"num_points: 0 is less than 1; {POINTS}")
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert_one_error_line(result, f"num_points: 0 is less than 1; {POINTS}")
     assert not (tmp_path / "bundle").exists()
 
 
@@ -324,4 +317,5 @@ def test_cli_plane_with_a_bad_device_is_refused(tmp_path: Path) -> None:
     image = truncated_image(tmp_path / "data")
     cmd = [sys.executable, "-m", "nisf_monai.cli", "plane", str(image), "--output_dir", str(tmp_path / "out"),
            "--device", "gpu"]
-    assert_one_error_line(run_command(cmd, tmp_path), f"device: 'gpu' is not a torch device; {DEVICES}")
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert_one_error_line(result, f"device: 'gpu' is not a torch device; {DEVICES}")

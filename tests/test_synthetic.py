@@ -12,11 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import REPO
 
 from nisf_monai.data.synthetic import LABELS, ensure_synthetic_cohort, generate_cohort, generate_subject
 from nisf_monai.io import save_nifti
 
-REPO = Path(__file__).resolve().parents[1]
 BP, MYO, RV = LABELS["lv_blood_pool"], LABELS["lv_myocardium"], LABELS["rv_blood_pool"]
 
 
