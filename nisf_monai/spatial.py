@@ -34,7 +34,5 @@ def voxel_volume_ml(affine: Any) -> float:
 def index_to_world(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
     """World coordinates ``(N, 3)`` of (continuous) voxel indices ``(N, 3)``. Written as explicit sums: numpy's
     matmul is slow for 3 columns."""
-    return np.stack(
-        [index[:, 0] * affine[c, 0] + index[:, 1] * affine[c, 1] + index[:, 2] * affine[c, 2] + affine[c, 3] for c in range(3)],
-        axis=-1,
-    )
+    i, j, k = index[:, 0], index[:, 1], index[:, 2]
+    return np.stack([i * affine[c, 0] + j * affine[c, 1] + k * affine[c, 2] + affine[c, 3] for c in range(3)], axis=-1)
