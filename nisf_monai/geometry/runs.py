@@ -79,6 +79,12 @@ def _name(entry: Mapping[str, Any], item: Mapping[str, Any]) -> str:
     return case_name(str(item["image"].meta.get("filename_or_obj", "case")))
 
 
+def _log_measures(subject: str, m: Mapping[str, float], seconds: float) -> None:
+    logger.info("%s: LV EDV %.1f ml, ESV %.1f ml, EF %.1f %%; RV EDV %.1f ml, EF %.1f %%; LV mass %.1f g (%.0f s)",
+                subject, m["lv_edv_ml"], m["lv_esv_ml"], m["lv_ef_pct"], m["rv_edv_ml"], m["rv_ef_pct"], m["lv_mass_g"],
+                seconds)
+
+
 class _FittedRun:
     """What both runs share: a network (weights loaded from ``ckpt_path`` when given), the inferer that fits
     each image's code, the preprocessing and the cases, and where to write."""
@@ -191,12 +197,7 @@ class MeasureRun(_FittedRun):
 
     def run(self) -> dict[str, Any]:
         self._prepare_network()
-        subjects: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
-        for entry, item in self._load_cases():
-            subjects[str(entry.get("subject", _name(entry, item)))].append((entry, item))
-        if not subjects:
-            self._account_for_failures(0)  # raises when cases failed
-            raise InputDataError("no case could be loaded for measuring: the datalist is empty.")
+        subjects = self._subjects()
         frames_rows: list[dict] = []
         measures: dict[str, dict[str, dict[str, float]]] = {self.source: {}, "manual": {}}
         subject_info: dict[str, dict] = {}
@@ -205,52 +206,79 @@ class MeasureRun(_FittedRun):
             start = time.perf_counter()
             entries, items = [c[0] for c in cases], [c[1] for c in cases]
             names = [_name(e, i) for e, i in cases]
-            fields = self._fields(items)
             measured, manual, meshes = [], [], []
-            for name, entry, item, source in zip(names, entries, items, fields):
-                image = item["image"]
-                affine, shape = affine_array(image), list(image.shape[1:])
-                result = measure_frame(source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode)
-                measured.append(result.volumes)
-                row = {"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": self.source,
-                       **{f"{k}_ml": v for k, v in result.volumes.items()},
-                       "spacing_mm": "x".join(f"{s:.3g}" for s in result.spacing), "roi_shape": "x".join(map(str, result.roi_shape))}
-                frame_meshes = {}
-                if result.probabilities is not None:
-                    frame_meshes = structure_meshes(result.probabilities, result.affine)
-                    for structure, mesh in frame_meshes.items():
-                        row[f"{structure}_mesh_ml"] = mesh.volume / 1000.0
-                        row[f"{structure}_area_cm2"] = mesh.area / 100.0
-                        if self.mesh_format and len(mesh):
-                            write_mesh(self.output_dir / "meshes" / f"{name}_{structure}.{self.mesh_format}", mesh, f"{name} {structure}")
-                    if self.save_segmentations:
-                        labels = result.probabilities.argmax(axis=0).astype(np.uint8)
-                        save_nifti(labels, result.affine, self.output_dir / "segmentations" / f"{name}_fine_seg.nii.gz")
-                meshes.append(self._figure_meshes(result) if result.probabilities is not None else {})
-                frames_rows.append(row)
-                if "label" in item:
-                    label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
-                    volumes = class_volumes(label, voxel_volume_ml(affine))
-                    manual.append(volumes)
-                    frames_rows.append({"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": "manual",
-                                        **{f"{k}_ml": v for k, v in volumes.items()},
-                                        "spacing_mm": "x".join(f"{s:.3g}" for s in voxel_sizes(affine)), "roi_shape": "x".join(map(str, shape))})
+            for name, entry, item, source in zip(names, entries, items, self._fields(items)):
+                volumes, manual_volumes, figure_meshes, rows = self._measure_frame(subject, name, entry, item, source)
+                measured.append(volumes)
+                meshes.append(figure_meshes)
+                frames_rows.extend(rows)
+                if manual_volumes is not None:
+                    manual.append(manual_volumes)
             ed, es, rule = self._phases(entries, measured, manual if len(manual) == len(items) else None)
             measures[self.source][subject] = cardiac_measures(measured[ed], measured[es] if es is not None else None)
             if len(manual) == len(items):
                 measures["manual"][subject] = cardiac_measures(manual[ed], manual[es] if es is not None else None)
             subject_info[subject] = {"ed_case": names[ed], "es_case": names[es] if es is not None else None, "phase_rule": rule,
                                      "seconds": time.perf_counter() - start}
-            m = measures[self.source][subject]
-            logger.info("%s: LV EDV %.1f ml, ESV %.1f ml, EF %.1f %%; RV EDV %.1f ml, EF %.1f %%; LV mass %.1f g (%.0f s)",
-                        subject, m["lv_edv_ml"], m["lv_esv_ml"], m["lv_ef_pct"], m["rv_edv_ml"], m["rv_ef_pct"], m["lv_mass_g"],
-                        subject_info[subject]["seconds"])
+            _log_measures(subject, measures[self.source][subject], subject_info[subject]["seconds"])
             if figures < self.max_surface_figures and meshes[ed]:
                 surface_figure(self.output_dir / "figures" / f"{subject}_surfaces.png", meshes[ed], f"{subject} {names[ed]} (ED)")
                 figures += 1
         report = self._write(measures, frames_rows, subject_info)
         self._account_for_failures(sum(len(cases) for cases in subjects.values()))
         return report
+
+    def _subjects(self) -> dict[str, list[tuple[dict, dict]]]:
+        """The loaded cases, grouped by the datalist's ``subject`` (a case without one is its own subject)."""
+        subjects: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+        for entry, item in self._load_cases():
+            subjects[str(entry.get("subject", _name(entry, item)))].append((entry, item))
+        if not subjects:
+            self._account_for_failures(0)  # raises when cases failed
+            raise InputDataError("no case could be loaded for measuring: the datalist is empty.")
+        return subjects
+
+    def _measure_frame(
+        self, subject: str, name: str, entry: Mapping[str, Any], item: Mapping[str, Any], source: Any
+    ) -> tuple[dict[str, float], dict[str, float] | None, dict, list[dict]]:
+        """One frame read at the fine spacing from ``source``: its volumes, the manual labels' volumes (None
+        without a label), the light meshes for a figure and its rows of ``volumes.csv``. Writes its meshes and
+        fine segmentation."""
+        image = item["image"]
+        affine, shape = affine_array(image), list(image.shape[1:])
+        result = measure_frame(source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing,
+                               self.volume_mode)
+        row = {"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": self.source,
+               **{f"{k}_ml": v for k, v in result.volumes.items()},
+               "spacing_mm": "x".join(f"{s:.3g}" for s in result.spacing),
+               "roi_shape": "x".join(map(str, result.roi_shape))}
+        figure_meshes = {}
+        if result.probabilities is not None:
+            row.update(self._write_surfaces(name, result))
+            if self.save_segmentations:
+                labels = result.probabilities.argmax(axis=0).astype(np.uint8)
+                save_nifti(labels, result.affine, self.output_dir / "segmentations" / f"{name}_fine_seg.nii.gz")
+            figure_meshes = self._figure_meshes(result)
+        rows, manual = [row], None
+        if "label" in item:
+            label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
+            manual = class_volumes(label, voxel_volume_ml(affine))
+            rows.append({"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": "manual",
+                         **{f"{k}_ml": v for k, v in manual.items()},
+                         "spacing_mm": "x".join(f"{s:.3g}" for s in voxel_sizes(affine)),
+                         "roi_shape": "x".join(map(str, shape))})
+        return result.volumes, manual, figure_meshes, rows
+
+    def _write_surfaces(self, name: str, result: Any) -> dict[str, float]:
+        """Each structure's surface (written when ``mesh_format`` is set) and its enclosed volume and area."""
+        stats = {}
+        for structure, mesh in structure_meshes(result.probabilities, result.affine).items():
+            stats[f"{structure}_mesh_ml"] = mesh.volume / 1000.0
+            stats[f"{structure}_area_cm2"] = mesh.area / 100.0
+            if self.mesh_format and len(mesh):
+                path = self.output_dir / "meshes" / f"{name}_{structure}.{self.mesh_format}"
+                write_mesh(path, mesh, f"{name} {structure}")
+        return stats
 
     @staticmethod
     def _figure_meshes(result: Any, spacing_mm: float = 2.0) -> dict:
