@@ -219,38 +219,61 @@ class LatentOptimisationInferer(Inferer):
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
                 flush_denormal():
             frozen = frozen_view(network)  # no weight gradients, and no flag of the shared network flipped
-            coords, targets, generators = [], [], []
-            for case, mask in zip(cases, case_masks):
-                frame = self.frame_of(case)
-                points = frame.grid(frame.affine, case.shape[2:]).T  # (3, P)
-                values = case.as_tensor().reshape(1, -1)  # (1, P)
-                if mask is not None:
-                    kept = mask.reshape(-1).nonzero().squeeze(1)
-                    points, values = points[:, kept.to(points.device)], values[:, kept.to(values.device)]
-                coords.append(points.to(device))
-                targets.append(values.float().clone().to(device))
-                generators.append(torch.Generator().manual_seed(self.seed))
+            coords, targets = self._fit_points(cases, case_masks, device)
+            generators = [torch.Generator().manual_seed(self.seed) for _ in cases]  # as for each case alone
             initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
             latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
             optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
             for step in range(self.num_steps):
                 if monitor is not None and monitor_every and step % monitor_every == 0:
                     monitor(step, latent.detach())
-                index = [self._draw(c.shape[-1], g).to(device) for c, g in zip(coords, generators)]
-                points, values = [c[:, i] for c, i in zip(coords, index)], [t[:, i] for t, i in zip(targets, index)]
-                latent.grad = torch.zeros_like(latent)
-                loss = latent.new_zeros(())
-                for group in self._groups([p.shape[-1] for p in points], device):
-                    # each case's loss depends on its own code only: per-group gradients add up to the batch's
-                    group_loss = self._loss(frozen, latent[group], [points[b] for b in group], [values[b] for b in group])
-                    latent.grad += torch.autograd.grad(group_loss, [latent])[0]
-                    loss = loss + group_loss.detach()
+                loss = self._gradient(frozen, latent, coords, targets, generators)
                 optimiser.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
-                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps, float(loss.detach()) / len(cases))
+                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps,
+                                float(loss.detach()) / len(cases))
             if monitor is not None and monitor_every:
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
+
+    def _fit_points(
+        self, cases: list[MetaTensor], case_masks: list[torch.Tensor | None], device: torch.device
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per case, the network coordinates ``(3, P)`` of the voxels a code is fitted to (those its mask keeps)
+        and their intensities ``(1, P)``, on ``device``."""
+        coords, targets = [], []
+        for case, mask in zip(cases, case_masks):
+            frame = self.frame_of(case)
+            points = frame.grid(frame.affine, case.shape[2:]).T  # (3, P)
+            values = case.as_tensor().reshape(1, -1)  # (1, P)
+            if mask is not None:
+                kept = mask.reshape(-1).nonzero().squeeze(1)
+                points, values = points[:, kept.to(points.device)], values[:, kept.to(values.device)]
+            coords.append(points.to(device))
+            targets.append(values.float().clone().to(device))
+        return coords, targets
+
+    def _gradient(
+        self,
+        network: nn.Module,
+        latent: torch.Tensor,
+        coords: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """One step's loss of all cases on freshly drawn points; its gradient with respect to the codes is left in
+        ``latent.grad`` (for the optimiser's step)."""
+        device = latent.device
+        index = [self._draw(c.shape[-1], g).to(device) for c, g in zip(coords, generators)]
+        points, values = [c[:, i] for c, i in zip(coords, index)], [t[:, i] for t, i in zip(targets, index)]
+        latent.grad = torch.zeros_like(latent)
+        loss = latent.new_zeros(())
+        for group in self._groups([p.shape[-1] for p in points], device):
+            # each case's loss depends on its own code only: per-group gradients add up to the batch's
+            group_loss = self._loss(network, latent[group], [points[b] for b in group], [values[b] for b in group])
+            latent.grad += torch.autograd.grad(group_loss, [latent])[0]
+            loss = loss + group_loss.detach()
+        return loss
 
     @staticmethod
     def _masks(masks: torch.Tensor | Sequence[torch.Tensor | None] | None, cases: list[MetaTensor]) -> list[torch.Tensor | None]:
