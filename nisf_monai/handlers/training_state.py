@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from nisf_monai.distributed import all_ranks_agree, is_distributed, is_rank_zero, unwrap_network
 from nisf_monai.errors import InputDataError
-from nisf_monai.io import atomic_open
+from nisf_monai.io import atomic_open, temporary_files
 from nisf_monai.networks import LatentTable
 
 __all__ = ["CheckpointError", "TrainingStateHandler", "atomic_save", "describe_state_mismatch"]
@@ -167,7 +167,7 @@ class TrainingStateHandler:
         files (``.model.pt.*.tmp``); they are never read, only clutter. Returns what was removed."""
         removed = []
         for target in (self.model_path, self.state_path):
-            for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+            for tmp in temporary_files(target):
                 try:
                     tmp.unlink()
                     removed.append(tmp)
@@ -203,8 +203,12 @@ class TrainingStateHandler:
         mismatch = describe_state_mismatch(state, self.network, self.latent_table)
         if mismatch:
             raise self._fail(mismatch)
-        if self.latent_table.strict_subjects and not self.latent_table.same_subjects(state["latent_table"]):
-            saved = set(state["latent_table"].get("_extra_state", {}).get("subject_ids", []))
+        self._check_subjects(state["latent_table"])
+
+    def _check_subjects(self, saved_table: dict[str, Any]) -> None:
+        """With ``strict_subjects``, the saved codes must be of the datalist's subjects exactly."""
+        if self.latent_table.strict_subjects and not self.latent_table.same_subjects(saved_table):
+            saved = set(saved_table.get("_extra_state", {}).get("subject_ids", []))
             current = set(self.latent_table.subject_ids)
             raise self._fail(
                 f"subjects differ with strict_subjects set: {len(current - saved)} in the datalist only "
@@ -221,22 +225,35 @@ class TrainingStateHandler:
         if found:
             self._restore(engine)
         if is_distributed():
-            position = [int(engine.state.epoch), int(engine.state.iteration)] if found else [-1, -1]
-            if not all_ranks_agree(position):
-                here = f"epoch {position[0]}" if found else "none"
-                raise self._fail(
-                    f"the ranks found different training states (rank {torch.distributed.get_rank()}: {here}); "
-                    "with several nodes save_dir must be on a file system they all share"
-                )
+            self._check_ranks_agree(engine, found)
+
+    def _check_ranks_agree(self, engine: Engine, found: bool) -> None:
+        """Under ``torch.distributed``: every rank resumed from the same epoch (or none found a state)."""
+        position = [int(engine.state.epoch), int(engine.state.iteration)] if found else [-1, -1]
+        if not all_ranks_agree(position):
+            here = f"epoch {position[0]}" if found else "none"
+            raise self._fail(
+                f"the ranks found different training states (rank {torch.distributed.get_rank()}: {here}); "
+                "with several nodes save_dir must be on a file system they all share"
+            )
 
     def _restore(self, engine: Engine) -> None:
         state = self._read()
         self.check(state)
+        self._restore_weights(state)
+        self._restore_optimisers(state)
+        self._restore_position(engine, state["trainer"])
+
+    def _restore_weights(self, state: dict[str, Any]) -> None:
+        """The network's weights and the latent table's codes (by subject ID)."""
         try:
             self.network.load_state_dict(state["network"])
             self.latent_table.load_state_dict(state["latent_table"])
         except (RuntimeError, KeyError) as err:
             raise self._fail(str(err).replace("\n", " ").replace("\t", "")) from err
+
+    def _restore_optimisers(self, state: dict[str, Any]) -> None:
+        """The network's optimiser, and the latent optimiser's row-wise moments if the subject set is unchanged."""
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.latent_table.same_subjects(state["latent_table"]):
@@ -245,7 +262,10 @@ class TrainingStateHandler:
                 logger.info("subject set changed since %s: the latent optimiser starts afresh", self.state_path)
         except (ValueError, KeyError) as err:
             raise self._fail(f"the optimiser state does not fit ({err})") from err
-        saved_epoch = int(state["trainer"]["epoch"])
+
+    def _restore_position(self, engine: Engine, trainer: dict[str, Any]) -> None:
+        """The trainer's epoch and iteration, unless the saved run had finished (see the class docstring)."""
+        saved_epoch = int(trainer["epoch"])
         if engine.state.max_epochs is not None and saved_epoch >= engine.state.max_epochs:
             # a finished run: a new request (a rerun, MONAI Label's next training request) trains again from
             # the saved weights and codes instead of ending at once with nothing done
@@ -255,5 +275,5 @@ class TrainingStateHandler:
             )
             return
         engine.state.epoch = saved_epoch
-        engine.state.iteration = int(state["trainer"]["iteration"])
+        engine.state.iteration = int(trainer["iteration"])
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)
