@@ -63,6 +63,19 @@ def acdc_datalist(work: Path, parts: str) -> str:
     return datalist
 
 
+def locator_override(args: argparse.Namespace) -> dict:
+    """The inferer's ``heart_locator`` starting from ``--localiser`` weights (a coarse segmentation network's
+    labels), as ``inference.json`` builds it; nothing without ``--localiser``."""
+    if not getattr(args, "localiser", ""):
+        return {}
+    return {"heart_locator": {
+        "_target_": "nisf_monai.inferers.HeartLocator", "refine_steps": args.refine_steps,
+        "localiser_angles": args.localiser_angles,
+        "localiser": {"_target_": "nisf_monai.inferers.SliceLocaliser",
+                      "network": "$nisf_monai.inferers.localiser_network()", "weights": str(Path(args.localiser).resolve())},
+    }}
+
+
 def train(args: argparse.Namespace) -> None:
     root = WORK / args.name
     (root / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -127,14 +140,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     overrides = train_record.get("overrides", {})
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
     steps = [int(s) for s in args.steps.split(",")]
-    inferer_overrides = parse_overrides(args.set)
-    if args.localiser:  # the pose search starts from a coarse segmentation network's labels
-        inferer_overrides["heart_locator"] = {
-            "_target_": "nisf_monai.inferers.HeartLocator", "refine_steps": args.refine_steps,
-            "localiser_angles": args.localiser_angles,
-            "localiser": {"_target_": "nisf_monai.inferers.SliceLocaliser",
-                          "network": "$nisf_monai.inferers.localiser_network()", "weights": str(Path(args.localiser).resolve())},
-        }
+    inferer_overrides = parse_overrides(args.set) | locator_override(args)
     start = time.perf_counter()
     with flush_denormal():
         result = evaluate_cases(
@@ -173,7 +179,7 @@ def quality_reference(args: argparse.Namespace) -> None:
     parser = ConfigParser()
     parser.read_config(str(configs / "train.json"))
     parser.update({"datalist": datalist, **record.get("overrides", {})})
-    for key, value in {"num_steps": args.steps, "log_every": 0, **parse_overrides(args.set)}.items():
+    for key, value in {"num_steps": args.steps, "log_every": 0, **parse_overrides(args.set), **locator_override(args)}.items():
         parser[f"validate#inferer#{key}"] = value
     saved = torch.load(root / "snapshots" / "final.pt", map_location="cpu", weights_only=False)
     network = parser.get_parsed_content("network_def")
@@ -241,6 +247,12 @@ def report(args: argparse.Namespace) -> None:
         print(f"learning curve: {out}")
 
 
+def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--localiser", default="", help="localiser weights (train_localiser.json) seeding the pose")
+    parser.add_argument("--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)")
+    parser.add_argument("--localiser-angles", action="store_true", help="keep the localiser's origin, search the angle")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -261,9 +273,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes")
     e.add_argument("--pose", default="label", choices=("label", "estimate"),
                    help="heart-frame models: pose from the labels (oracle) or estimated by the inferer")
-    e.add_argument("--localiser", default="", help="localiser weights (train_localiser.json) seeding the pose (--pose estimate)")
-    e.add_argument("--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: its pose as is)")
-    e.add_argument("--localiser-angles", action="store_true", help="keep the localiser's origin, search the angle")
+    add_localiser_arguments(e)
     e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")
@@ -275,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--output", default=str(REPO / "bundle" / "models" / "qc_reference.json"))
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
+    add_localiser_arguments(q)
     r = sub.add_parser("report")
     r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
