@@ -185,6 +185,19 @@ def summary(cases: list[dict]) -> dict[str, list[float]]:
         }
 
 
+def unet_only(datalist: str, mapping: dict[int, int], budget: float, work: Path, args: argparse.Namespace) -> None:
+    """The UNet baseline alone: trained under ``budget`` CPU-seconds, scored on the test frames (acdc_unet.json)."""
+    net, train_s, train_cpu, iterations = train_unet(load_datalist(datalist, "training"), mapping, budget, args)
+    cases, test_s = unet_evaluate(net, load_datalist(datalist, "test"), mapping)
+    result = {"budget_minutes": args.budget_minutes, "torch_threads": torch.get_num_threads(), "summary": summary(cases),
+              "train_s": train_s, "train_compute_s": train_cpu, "train_iterations": iterations, "test_inference_s": test_s,
+              "cases": cases}
+    (work / "acdc_unet.json").write_text(json.dumps(result, indent=2))
+    s = result["summary"]
+    print("UNet " + "  ".join(f"{k} {s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean")) +
+          f"  ({iterations} iterations, {train_cpu / 60:.1f} CPU-min); written {work / 'acdc_unet.json'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
@@ -200,6 +213,7 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--unet-batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="use only this many subjects per part (smoke test)")
+    ap.add_argument("--unet-only", action="store_true", help="train and score the UNet baseline alone (NISF is scored by acdc_levers.py)")
     ap.add_argument("--reuse-nisf", action="store_true",
                     help="reuse the NISF model, training record and step selection already in --work-dir (resume a run)")
     args = ap.parse_args()
@@ -220,6 +234,9 @@ def main() -> None:
     budget = args.budget_minutes * 60.0
     nisf_root = work / "nisf"
 
+    if args.unet_only:
+        unet_only(datalist, mapping, budget, work, args)
+        return
     record_path = nisf_root / "models" / "training_record.json"
     if args.reuse_nisf and record_path.is_file():
         record = json.loads(record_path.read_text())
