@@ -63,7 +63,7 @@ def train_parser(root: Path, datalist: str | os.PathLike, **overrides: Any) -> C
     change this work proposes; a no-op once the config has it)."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    transforms = parser["train"]["preprocessing"]["transforms"]
+    transforms = parser["loading_transforms"]  # the loading steps train#preprocessing starts with
     loader = next(t for t in transforms if t["_target_"] in ("LoadImaged", LOADER))
     loader["_target_"] = LOADER
     settings = {"bundle_root": str(root), "datalist": str(datalist), "max_epochs": 2, "num_points": 64, "batch_size": 2,
@@ -370,7 +370,7 @@ def test_cine_trains_through_bundle_config(cine: dict[str, Any], tmp_path: Path)
     datalist = write_datalist(tmp_path, [cine["full"], cine["one"], cine["flat"]])
     parser = train_parser(tmp_path / "bundle", datalist, max_epochs=1)
     parser["train"]["dataset"]["data"] = "$nisf_monai.data.datalist.expand_cine_datalist(nisf_monai.data.load_datalist(@datalist, 'training'))"
-    transforms = parser["train"]["preprocessing"]["transforms"]
+    transforms = parser["loading_transforms"]
     index = next(i for i, t in enumerate(transforms) if t["_target_"] == LOADER)
     transforms.insert(index + 1, {"_target_": "nisf_monai.transforms.SelectFramed", "keys": ["image", "label"]})
     parser.get_parsed_content("train#trainer").run()

@@ -1,0 +1,74 @@
+"""How the bundle's configs are layered. ``train.json`` and ``inference.json`` are complete on their own (MONAI
+Label's bundle tasks, ``ckpt_export`` / ``verify_net_in_out`` and the benchmarks read them alone); every other
+config overrides one of them. What the two define for both runs is word for word the same, and every run that
+reads a datalist takes 4D cine series through the same loading steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import CONFIGS
+from monai.bundle import ConfigParser
+
+from nisf_monai.data import generate_subject
+
+# ids that train.json and inference.json both define, with the same value
+SHARED = ["bundle_root", "ckpt_dir", "dataset_dir", "device", "amp", "seed", "label_names", "num_classes",
+          "latent_dim", "hidden_dim", "num_layers", "activation", "coordinate_mode", "heart_frame", "extent_mm",
+          "heart_sigma_mm", "network_def", "network", "allow_missing_inputs", "loading_transforms", "intensity_scaling"]
+
+# run -> (configs, datalist id, preprocessing id)
+RUNS = {
+    "inference": (["inference.json"], "datalist", "preprocessing"),
+    "evaluating": (["inference.json", "evaluate.json"], "datalist", "preprocessing"),
+    "interpolating": (["inference.json", "evaluate.json", "interpolate.json"], "datalist", "preprocessing"),
+    "measuring": (["inference.json", "measure.json"], "datalist", "preprocessing"),
+    "sampling_plane": (["inference.json", "plane.json"], "datalist", "preprocessing"),
+    "training": (["train.json"], "train#dataset#data", "train#preprocessing"),
+    "validation": (["train.json"], "validate#dataset#data", "validate#preprocessing"),
+    "localiser": (["train.json", "train_localiser.json"], "localiser#dataset#data", "localiser#preprocessing"),
+}
+
+
+def test_train_and_inference_share_their_common_ids_word_for_word() -> None:
+    train, inference = (json.loads((CONFIGS / name).read_text()) for name in ("train.json", "inference.json"))
+    for key in SHARED:
+        assert train[key] == inference[key], f"{key} differs between train.json and inference.json"
+
+
+@pytest.fixture(scope="module")
+def cine_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a 2-frame 4D cine image with its 4D label, and a datalist listing it in every section."""
+    folder = tmp_path_factory.mktemp("cine")
+    frames = [generate_subject(3, phase, spacing=(4.0, 4.0, 10.0), shape=(24, 24, 4)) for phase in ("ED", "ES")]
+    affine = frames[0][2]
+    nib.save(nib.Nifti1Image(np.stack([f[0] for f in frames], -1), affine), str(folder / "cine.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([f[1] for f in frames], -1), affine), str(folder / "cine_gt.nii.gz"))
+    entry = [{"image": "cine.nii.gz", "label": "cine_gt.nii.gz"}]
+    (folder / "datalist.json").write_text(json.dumps({s: entry for s in ("training", "validation", "test")}))
+    return folder
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_run_reads_a_cine_series_frame_by_frame(run: str, cine_data: Path, tmp_path: Path) -> None:
+    configs, datalist_id, preprocessing_id = RUNS[run]
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in configs])
+    parser["bundle_root"], parser["dataset_dir"] = str(tmp_path), str(cine_data)  # inference lists the folder
+    if "datalist_file" in parser.config:  # evaluating, interpolating, measuring
+        parser["datalist_file"] = str(cine_data / "datalist.json")
+    elif "train" in parser.config:
+        parser["datalist"] = str(cine_data / "datalist.json")
+    items = parser.get_parsed_content(datalist_id)
+    assert [item["frame"] for item in items] == [0, 1]
+    preprocessing = parser.get_parsed_content(preprocessing_id)
+    for item in items:
+        out = preprocessing(dict(item))
+        for sample in out if isinstance(out, list) else [out]:
+            assert sample["image"].shape[0] == 1, run
+            if "label" in sample:
+                assert sample["label"].shape[0] == 1, run
