@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.handlers import MeanDice
 from monai.metrics import DiceMetric
 
-from nisf_monai.data import build_datalist, load_datalist, read_label_mapping, split_of
+from nisf_monai.data import build_datalist, generate_subject, load_datalist, read_label_mapping, split_of
 from nisf_monai.engines.dice_curve import dice_per_class
 from nisf_monai.handlers import class_dice_metrics, select_step, selected_inference_steps
 from nisf_monai.inferers import LatentOptimisationInferer
@@ -145,3 +145,33 @@ def test_evaluating_run_on_two_acdc_cases(tmp_path: Path) -> None:
     assert steps["steps"] == [0, 2, 4] and steps["num_cases"] == 2
     assert (tmp_path / "eval" / "figures" / "dice_vs_latent_step.png").stat().st_size > 0
     assert len(list((tmp_path / "eval" / "figures").glob("*_overlay.png"))) == 2
+
+
+def test_evaluating_run_scores_each_frame_of_a_cine_series(tmp_path: Path) -> None:
+    """A 4D cine image with its 4D label in the datalist, beside a 3D frame: the `evaluating` run scores and
+    saves each frame of the series as its own case (expanded datalist, frame cut out after loading)."""
+    frames = [generate_subject(7, phase, spacing=(4.0, 4.0, 10.0), shape=(24, 24, 4)) for phase in ("ED", "ES")]
+    affine = frames[0][2]
+    image = np.stack([f[0] for f in frames], axis=-1)
+    label = np.stack([f[1] for f in frames], axis=-1)
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "cine.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "cine_gt.nii.gz"))
+    nib.save(nib.Nifti1Image(image[..., 0], affine), str(tmp_path / "flat.nii.gz"))
+    nib.save(nib.Nifti1Image(label[..., 0], affine), str(tmp_path / "flat_gt.nii.gz"))
+    test = [{"image": "cine.nii.gz", "label": "cine_gt.nii.gz"}, {"image": "flat.nii.gz", "label": "flat_gt.nii.gz"}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": test, "test": test}))
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    torch.save(NISFNet(latent_dim=16, hidden_dim=16, num_layers=2).state_dict(), tmp_path / "models" / "model.pt")
+    run_bundle("evaluating", ["inference.json", "evaluate.json"], tmp_path,
+               "--datalist_file", str(tmp_path / "datalist.json"), "--save_images", "True",
+               "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET_ARGS)
+    rows = (tmp_path / "eval" / "mean_dice_raw.csv").read_text().splitlines()[1:]
+    assert sorted(Path(row.split(",")[0]).name for row in rows) == ["cine_t00.nii.gz", "cine_t01.nii.gz", "flat.nii.gz"]
+    assert not (tmp_path / "eval" / "failed_cases.txt").exists()  # no frame skipped
+    figures = sorted(p.name for p in (tmp_path / "eval" / "figures").glob("*_overlay.png"))
+    assert figures == ["cine_t00_overlay.png", "cine_t01_overlay.png", "flat_overlay.png"]
+    for name in ("cine_t00_seg.nii.gz", "cine_t01_seg.nii.gz", "flat_seg.nii.gz"):
+        seg = nib.load(str(tmp_path / "eval" / name))
+        assert seg.shape == image.shape[:3]
+        np.testing.assert_allclose(seg.affine, affine, atol=1e-4)

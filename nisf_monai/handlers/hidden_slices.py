@@ -18,12 +18,11 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
 from nisf_monai.baselines import hidden_slice_dice, nearest_slice_labels, scored_slices, shape_based_labels
-from nisf_monai.data.datalist import case_name
 from nisf_monai.io import atomic_open, atomic_write_json, json_safe
 from nisf_monai.plotting import draw_outlines, pyplot, save_figure
 from nisf_monai.spatial import affine_array, voxel_sizes
+from nisf_monai.transforms.loading import frame_case_name
 from nisf_monai.transforms.masks import kept_slices
-from nisf_monai.transforms.validation import source_of
 
 __all__ = ["HiddenSliceReport"]
 
@@ -119,7 +118,7 @@ class HiddenSliceReport:
     def score(self, item: dict[str, Any]) -> dict[str, Any]:
         """Score one case (a dict as above) and keep its record."""
         image, label, pred = item["image"], _array(item["label"]), _array(item["pred"])
-        name = case_name(source_of(image, f"case{len(self.cases)}"))
+        name = frame_case_name(image, f"case{len(self.cases)}")
         if pred.shape != label.shape:
             raise ValueError(f"{name}: prediction {pred.shape} is not on the label grid {label.shape}; score hidden slices with target_spacing null.")
         mask = item.get("mask")

@@ -14,6 +14,7 @@ from nisf_monai.transforms.loading import (
     LoadCased,
     SelectFramed,
     describe_read_error,
+    frame_case_name,
     frame_name_formatter,
 )
 from nisf_monai.transforms.masks import (
@@ -45,6 +46,7 @@ __all__ = [
     "SliceMaskd",
     "ValidateCased",
     "describe_read_error",
+    "frame_case_name",
     "frame_name_formatter",
     "heart_pose",
     "mid_ventricular_slice",

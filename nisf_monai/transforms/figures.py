@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from monai.transforms import Transform
 
-from nisf_monai.data.datalist import case_name
 from nisf_monai.plotting import draw_outlines, pyplot, save_figure
-from nisf_monai.transforms.validation import source_of
+from nisf_monai.transforms.loading import frame_case_name
 
 __all__ = ["OverlayFigured", "mid_ventricular_slice"]
 
@@ -26,7 +25,8 @@ def mid_ventricular_slice(label: np.ndarray, lv_class: int = 1) -> int:
 
 class OverlayFigured(Transform):
     """Writes ``<case>_overlay.png`` for the first ``max_figures`` cases it sees: the mid-ventricular slice
-    of the image with the ground-truth and predicted label contours side by side. Data pass through
+    of the image with the ground-truth and predicted label contours side by side (a frame cut from a cine
+    series by :class:`~nisf_monai.transforms.SelectFramed` is ``<case>_tNN``). Data pass through
     unchanged. ``pred`` must be a label map on the image grid (evaluate at the input grid).
 
     Args:
@@ -57,7 +57,7 @@ class OverlayFigured(Transform):
             draw_outlines(ax, seg[:, :, z])
             ax.set_title(title)
             ax.axis("off")
-        name = case_name(source_of(data[self.image_key], f"case{self.written}"))
+        name = frame_case_name(data[self.image_key], f"case{self.written}")
         fig.suptitle(f"{name}, slice {z} (red LV, green myocardium, blue RV)")
         fig.tight_layout()
         save_figure(fig, self.output_dir / f"{name}_overlay.png", dpi=90)

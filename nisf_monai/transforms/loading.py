@@ -21,7 +21,7 @@ from monai.config import DtypeLike, KeysCollection
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, LoadImaged, MapTransform
 
-from nisf_monai.data.datalist import case_id
+from nisf_monai.data.datalist import case_id, case_name
 from nisf_monai.errors import InputDataError, InvalidCaseError, MissingFileError
 from nisf_monai.transforms.validation import source_of
 
@@ -32,6 +32,7 @@ __all__ = [
     "LoadCased",
     "SelectFramed",
     "describe_read_error",
+    "frame_case_name",
     "frame_name_formatter",
 ]
 
@@ -187,3 +188,12 @@ def frame_name_formatter(metadict: dict | None, saver: Any) -> dict[str, Any]:
         stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
         subject = str(Path(subject).with_name(f"{stem}_t{int(frame):02d}.nii.gz"))
     return {"subject": subject, "idx": metadict.get("patch_index")}
+
+
+def frame_case_name(img: Any, fallback: str) -> str:
+    """The name of an image's case in reports and figures: its file name without the suffix (``fallback`` for an
+    image not read from a file), with ``_tNN`` for a frame cut from a cine series by :class:`SelectFramed`, as
+    :func:`frame_name_formatter` names output files."""
+    name = case_name(source_of(img, fallback))
+    frame = img.meta.get(CINE_FRAME_KEY) if isinstance(img, MetaTensor) else None
+    return name if frame is None else f"{name}_t{int(frame):02d}"
