@@ -53,8 +53,6 @@ def export(
     net_id, config_names, name = NETWORKS[network]
     root = Path(bundle_root).resolve()
     configs = root / "configs"
-    if (configs / "common.json").is_file():  # the shared base config, when the bundle has one
-        config_names = ["common.json", *config_names]
     ckpt = Path(ckpt_file) if ckpt_file else root / "models" / f"{name}.pt"
     if not ckpt.is_file():
         raise MissingFileError(f"{ckpt}: no such checkpoint (train the {network} first, or pass --ckpt_file).")
