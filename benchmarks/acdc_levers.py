@@ -220,9 +220,11 @@ def report(args: argparse.Namespace) -> None:
     for name in args.curve:
         root = WORK / name
         points = []
-        for path in root.glob("evaluation_validation_intensity_*_model_*min*.json"):
+        for path in root.glob(f"evaluation_validation_intensity_*{args.curve_tag}.json"):
             result = json.loads(path.read_text())
-            minutes = int(path.stem.split("model_")[1][:4])
+            if "_model_" not in path.stem and "_final" not in path.stem:
+                continue
+            minutes = int(path.stem.split("model_")[1][:4]) if "_model_" in path.stem else round(result["train_cpu_minutes"])
             points.append((minutes, max(result["mean_dice"]), result["mean_dice"][0]))
         if not points:
             continue
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     r = sub.add_parser("report")
     r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
+    r.add_argument("--curve-tag", default="", help="only evaluations whose file name ends with this tag make the curve")
     args = ap.parse_args(argv)
     if args.command == "report":
         report(args)

@@ -4,7 +4,7 @@ Searching the pose by reconstruction alone (:class:`~nisf_monai.inferers.HeartLo
 heart in about half of the ACDC test frames: a population-average image matches many places of a field of
 view. A small slice-wise network trained on the same labels finds the ventricles directly; the centroids of
 its coarse labels give the pose the same way the labels do in training (:func:`heart_pose`). It works at a
-fixed, coarse in-plane spacing (3 mm by default), so it is cheap to train and run, and any scan resolution
+fixed, coarse in-plane spacing (4 mm by default), so it is cheap to train and run, and any scan resolution
 looks alike to it.
 """
 
@@ -26,10 +26,10 @@ __all__ = ["SliceLocaliser", "load_localiser", "localiser_network"]
 logger = logging.getLogger("nisf_monai")
 
 
-def localiser_network(num_classes: int = 4) -> UNet:
-    """The default localiser: a small MONAI 2D UNet (about 0.1 M parameters) on one-channel slices."""
-    return UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=(8, 16, 32, 64),
-                strides=(2, 2, 2), num_res_units=1)
+def localiser_network(num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128)) -> UNet:
+    """The default localiser: a small MONAI 2D UNet (about 0.2 M parameters) on one-channel slices."""
+    return UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=channels,
+                strides=(2,) * (len(channels) - 1), num_res_units=1)
 
 
 class SliceLocaliser:
@@ -48,7 +48,7 @@ class SliceLocaliser:
         self,
         network: nn.Module,
         weights: str | Path | None = None,
-        in_plane_mm: float = 3.0,
+        in_plane_mm: float = 4.0,
         divisor: int = 8,
         slices_per_batch: int = 32,
     ) -> None:
