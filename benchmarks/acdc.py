@@ -74,10 +74,19 @@ def dice_of(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
 def train_nisf(datalist: str, root: Path, budget_s: float, args: argparse.Namespace) -> tuple[float, float, int]:
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": False,
-                   "num_points": args.num_points, "batch_size": args.nisf_batch_size,
-                   "foreground_fraction": args.foreground_fraction, "learning_rate": args.learning_rate,
-                   "val_interval": 0})
+    parser.update(
+        {
+            "bundle_root": str(root),
+            "datalist": datalist,
+            "max_epochs": 100000,
+            "resume": False,
+            "num_points": args.num_points,
+            "batch_size": args.nisf_batch_size,
+            "foreground_fraction": args.foreground_fraction,
+            "learning_rate": args.learning_rate,
+            "val_interval": 0,
+        }
+    )
     trainer = parser.get_parsed_content("train#trainer")
     start_cpu = compute_seconds()
 
@@ -91,17 +100,30 @@ def train_nisf(datalist: str, root: Path, budget_s: float, args: argparse.Namesp
     elapsed = time.perf_counter() - start
     # the state handler saves at epoch ends; save once more so the network trained up to the limit is kept
     torch.save(parser.get_parsed_content("network").state_dict(), root / "models" / "model.pt")
-    logger.info("NISF trained %d epochs / %d iterations in %.0f s (wall)", trainer.state.epoch, trainer.state.iteration, elapsed)
+    logger.info(
+        "NISF trained %d epochs / %d iterations in %.0f s (wall)", trainer.state.epoch, trainer.state.iteration, elapsed
+    )
     return elapsed, compute_seconds() - start_cpu, trainer.state.iteration
 
 
-def nisf_evaluate(datalist: str, root: Path, section: str, steps: int, monitor_every: int, args: argparse.Namespace) -> tuple[list[dict], float]:
+def nisf_evaluate(
+    datalist: str, root: Path, section: str, steps: int, monitor_every: int, args: argparse.Namespace
+) -> tuple[list[dict], float]:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")])
     out = root / f"eval_{section}"
-    parser.update({"bundle_root": str(root), "datalist_file": datalist, "section": section, "output_dir": str(out),
-                   "inference_steps": steps, "monitor_every": monitor_every, "num_points": args.inference_points,
-                   "batch_size": args.eval_batch_size})
+    parser.update(
+        {
+            "bundle_root": str(root),
+            "datalist_file": datalist,
+            "section": section,
+            "output_dir": str(out),
+            "inference_steps": steps,
+            "monitor_every": monitor_every,
+            "num_points": args.inference_points,
+            "batch_size": args.eval_batch_size,
+        }
+    )
     evaluator = parser.get_parsed_content("evaluator")
     cases: list[dict] = []
 
@@ -110,7 +132,9 @@ def nisf_evaluate(datalist: str, root: Path, section: str, steps: int, monitor_e
         for item in engine.state.output:
             pred = item["pred"].argmax(0)
             label = item["label"].argmax(0)
-            cases.append({"case": Path(str(item["image"].meta["filename_or_obj"])).name, "dice": dice_of(pred, label).tolist()})
+            cases.append(
+                {"case": Path(str(item["image"].meta["filename_or_obj"])).name, "dice": dice_of(pred, label).tolist()}
+            )
 
     start = time.perf_counter()
     evaluator.run()
@@ -134,12 +158,25 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.transform({"image": item["image"][..., z], "label": item["label"][..., z]})
 
 
-def train_unet(items: list[dict], mapping: dict[int, int], budget_s: float, args: argparse.Namespace) -> tuple[torch.nn.Module, float, float, int]:
+def train_unet(
+    items: list[dict], mapping: dict[int, int], budget_s: float, args: argparse.Namespace
+) -> tuple[torch.nn.Module, float, float, int]:
     volumes = CacheDataset(items, Compose(preprocessing(mapping)), cache_rate=1.0, progress=False)
-    slice_tf = Compose([ResizeWithPadOrCropd(["image", "label"], (256, 256)),
-                        RandSpatialCropd(["image", "label"], (224, 224), random_size=False)])
+    slice_tf = Compose(
+        [
+            ResizeWithPadOrCropd(["image", "label"], (256, 256)),
+            RandSpatialCropd(["image", "label"], (224, 224), random_size=False),
+        ]
+    )
     loader = DataLoader(SliceDataset(volumes, slice_tf), batch_size=args.unet_batch_size, shuffle=True, num_workers=0)
-    net = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    net = UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=4,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+    )
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
     # With DiceLoss alone this network scored RV Dice 0.02 on every test case (939 iterations), while the same network
     # with DiceCELoss reached RV Dice of about 0.8 in 30 CPU-minutes (measured in issue 11); cross-entropy gives every
@@ -180,22 +217,32 @@ def unet_evaluate(net: torch.nn.Module, items: list[dict], mapping: dict[int, in
 def summary(cases: list[dict]) -> dict[str, list[float]]:
     dice = np.asarray([c["dice"] for c in cases], dtype=float)
     with np.errstate(invalid="ignore"):
-        return {name: [float(np.nanmean(dice[:, k])), float(np.nanstd(dice[:, k]))] for k, name in enumerate(CLASSES)} | {
-            "mean": [float(np.nanmean(np.nanmean(dice, axis=1))), float(np.nanstd(np.nanmean(dice, axis=1)))]
-        }
+        return {
+            name: [float(np.nanmean(dice[:, k])), float(np.nanstd(dice[:, k]))] for k, name in enumerate(CLASSES)
+        } | {"mean": [float(np.nanmean(np.nanmean(dice, axis=1))), float(np.nanstd(np.nanmean(dice, axis=1)))]}
 
 
 def unet_only(datalist: str, mapping: dict[int, int], budget: float, work: Path, args: argparse.Namespace) -> None:
     """The UNet baseline alone: trained under ``budget`` CPU-seconds, scored on the test frames (acdc_unet.json)."""
     net, train_s, train_cpu, iterations = train_unet(load_datalist(datalist, "training"), mapping, budget, args)
     cases, test_s = unet_evaluate(net, load_datalist(datalist, "test"), mapping)
-    result = {"budget_minutes": args.budget_minutes, "torch_threads": torch.get_num_threads(), "summary": summary(cases),
-              "train_s": train_s, "train_compute_s": train_cpu, "train_iterations": iterations, "test_inference_s": test_s,
-              "cases": cases}
+    result = {
+        "budget_minutes": args.budget_minutes,
+        "torch_threads": torch.get_num_threads(),
+        "summary": summary(cases),
+        "train_s": train_s,
+        "train_compute_s": train_cpu,
+        "train_iterations": iterations,
+        "test_inference_s": test_s,
+        "cases": cases,
+    }
     (work / "acdc_unet.json").write_text(json.dumps(result, indent=2))
     s = result["summary"]
-    print("UNet " + "  ".join(f"{k} {s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean")) +
-          f"  ({iterations} iterations, {train_cpu / 60:.1f} CPU-min); written {work / 'acdc_unet.json'}")
+    print(
+        "UNet "
+        + "  ".join(f"{k} {s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean"))
+        + f"  ({iterations} iterations, {train_cpu / 60:.1f} CPU-min); written {work / 'acdc_unet.json'}"
+    )
 
 
 def main() -> None:
@@ -205,7 +252,9 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=12.0, help="training wall-clock budget per method")
     ap.add_argument("--num-points", type=int, default=8192, help="NISF points per frame per training step")
     ap.add_argument("--nisf-batch-size", type=int, default=4)
-    ap.add_argument("--foreground-fraction", type=float, default=0.5, help="NISF training points drawn around the heart")
+    ap.add_argument(
+        "--foreground-fraction", type=float, default=0.5, help="NISF training points drawn around the heart"
+    )
     ap.add_argument("--learning-rate", type=float, default=1e-3, help="NISF network learning rate")
     ap.add_argument("--inference-points", type=int, default=4096, help="NISF points per case per latent step")
     ap.add_argument("--max-steps", type=int, default=300, help="largest latent step count tried on validation")
@@ -213,9 +262,16 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--unet-batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="use only this many subjects per part (smoke test)")
-    ap.add_argument("--unet-only", action="store_true", help="train and score the UNet baseline alone (NISF is scored by acdc_levers.py)")
-    ap.add_argument("--reuse-nisf", action="store_true",
-                    help="reuse the NISF model, training record and step selection already in --work-dir (resume a run)")
+    ap.add_argument(
+        "--unet-only",
+        action="store_true",
+        help="train and score the UNet baseline alone (NISF is scored by acdc_levers.py)",
+    )
+    ap.add_argument(
+        "--reuse-nisf",
+        action="store_true",
+        help="reuse the NISF model, training record and step selection already in --work-dir (resume a run)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     torch.manual_seed(0)
@@ -245,7 +301,11 @@ def main() -> None:
         train_s, train_cpu, iterations = train_nisf(datalist, nisf_root, budget, args)
         record = {"train_s": train_s, "train_compute_s": train_cpu, "train_iterations": iterations}
         record_path.write_text(json.dumps(record, indent=2))
-    nisf_train_s, nisf_train_cpu, nisf_iterations = record["train_s"], record["train_compute_s"], record["train_iterations"]
+    nisf_train_s, nisf_train_cpu, nisf_iterations = (
+        record["train_s"],
+        record["train_compute_s"],
+        record["train_iterations"],
+    )
     if args.reuse_nisf and (nisf_root / "models" / "inference_steps.json").is_file() and "step_selection_s" in record:
         select_s = record["step_selection_s"]
     else:
@@ -256,7 +316,9 @@ def main() -> None:
     steps = int(selection["inference_steps"])
     nisf_cases, nisf_test_s = nisf_evaluate(datalist, nisf_root, "test", steps, 0, args)
 
-    unet, unet_train_s, unet_train_cpu, unet_iterations = train_unet(load_datalist(datalist, "training"), mapping, budget, args)
+    unet, unet_train_s, unet_train_cpu, unet_iterations = train_unet(
+        load_datalist(datalist, "training"), mapping, budget, args
+    )
     unet_cases, unet_test_s = unet_evaluate(unet, load_datalist(datalist, "test"), mapping)
 
     result = {
@@ -264,12 +326,25 @@ def main() -> None:
         "settings": vars(args),
         "selected_inference_steps": steps,
         "validation_curve": {"steps": selection["steps"], "mean_dice": selection["mean_dice"]},
-        "nisf": {"summary": summary(nisf_cases), "train_s": nisf_train_s, "train_compute_s": nisf_train_cpu,
-                 "train_iterations": nisf_iterations, "step_selection_s": select_s,
-                 "test_inference_s": nisf_test_s, "test_cases": len(nisf_cases), "cases": nisf_cases},
-        "unet": {"summary": summary(unet_cases), "train_s": unet_train_s, "train_compute_s": unet_train_cpu,
-                 "train_iterations": unet_iterations,
-                 "test_inference_s": unet_test_s, "test_cases": len(unet_cases), "cases": unet_cases},
+        "nisf": {
+            "summary": summary(nisf_cases),
+            "train_s": nisf_train_s,
+            "train_compute_s": nisf_train_cpu,
+            "train_iterations": nisf_iterations,
+            "step_selection_s": select_s,
+            "test_inference_s": nisf_test_s,
+            "test_cases": len(nisf_cases),
+            "cases": nisf_cases,
+        },
+        "unet": {
+            "summary": summary(unet_cases),
+            "train_s": unet_train_s,
+            "train_compute_s": unet_train_cpu,
+            "train_iterations": unet_iterations,
+            "test_inference_s": unet_test_s,
+            "test_cases": len(unet_cases),
+            "cases": unet_cases,
+        },
         "paper_ukbb": PAPER,
         "torch_threads": torch.get_num_threads(),
     }
@@ -277,9 +352,15 @@ def main() -> None:
     rows = [("method", "LV", "Myo", "RV", "mean", "train compute s", "train wall s", "test wall s")]
     for name in ("nisf", "unet"):
         s = result[name]["summary"]
-        rows.append((name, *[f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean")],
-                     f"{result[name]['train_compute_s']:.0f}", f"{result[name]['train_s']:.0f}",
-                     f"{result[name]['test_inference_s']:.0f}"))
+        rows.append(
+            (
+                name,
+                *[f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in (*CLASSES, "mean")],
+                f"{result[name]['train_compute_s']:.0f}",
+                f"{result[name]['train_s']:.0f}",
+                f"{result[name]['test_inference_s']:.0f}",
+            )
+        )
     rows.append(("paper (UK Biobank)", *[f"{PAPER[k]:.2f}" for k in CLASSES], "0.87", "-", "-", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

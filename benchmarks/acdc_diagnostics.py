@@ -26,8 +26,22 @@ import numpy as np
 def run(name: str, frames: int, steps: str, threads: int, pose: str, extra: list[str]) -> dict:
     """Each part's evaluation result, by label."""
     parts = {
-        "zero code + intensity fit (validation)": ["--part", "validation", "--objective", "intensity", "--steps", steps],
-        "ceiling: fit to labels (validation)": ["--part", "validation", "--objective", "segmentation", "--steps", steps],
+        "zero code + intensity fit (validation)": [
+            "--part",
+            "validation",
+            "--objective",
+            "intensity",
+            "--steps",
+            steps,
+        ],
+        "ceiling: fit to labels (validation)": [
+            "--part",
+            "validation",
+            "--objective",
+            "segmentation",
+            "--steps",
+            steps,
+        ],
         "trained codes (training)": ["--part", "training", "--objective", "trained"],
         "refit on intensity (training)": ["--part", "training", "--objective", "intensity", "--steps", steps],
     }
@@ -54,11 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     summary = {}
     for label, result in results.items():
         best = int(np.nanargmax(result["mean_dice"]))
-        summary[label] = {"step0": result["mean_dice"][0], "best": result["mean_dice"][best], "best_step": result["steps"][best],
-                          "class_dice": result["class_dice"][best]}
+        summary[label] = {
+            "step0": result["mean_dice"][0],
+            "best": result["mean_dice"][best],
+            "best_step": result["steps"][best],
+            "class_dice": result["class_dice"][best],
+        }
         classes = " / ".join(f"{d:.2f}" for d in result["class_dice"][best])
-        print(f"  {label:<42} step 0: {result['mean_dice'][0]:.3f}   best (step {result['steps'][best]}): "
-              f"{result['mean_dice'][best]:.3f} ({classes})")
+        print(
+            f"  {label:<42} step 0: {result['mean_dice'][0]:.3f}   best (step {result['steps'][best]}): "
+            f"{result['mean_dice'][best]:.3f} ({classes})"
+        )
     out = acdc_levers.WORK / args.name / "diagnostics.json"
     out.write_text(json.dumps({"settings": vars(args), "summary": summary}, indent=2))
     print(f"written {out}")

@@ -30,7 +30,12 @@ from nisf_monai.handlers import selected_inference_steps
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "bundle" / "configs" / name for name in ("inference.json", "evaluate.json", "interpolate.json")]
-METHODS = {"nisf": "NISF (hidden slices)", "nearest": "nearest slice (GT)", "shape_based": "shape-based (GT)", "nisf_all_slices": "NISF (all slices)"}
+METHODS = {
+    "nisf": "NISF (hidden slices)",
+    "nearest": "nearest slice (GT)",
+    "shape_based": "shape-based (GT)",
+    "nisf_all_slices": "NISF (all slices)",
+}
 logger = logging.getLogger("acdc_interpolation")
 
 
@@ -51,7 +56,12 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides for the model: its path, its step count, and ``--set key=value`` (JSON values)."""
     model = Path(args.model).resolve()
     steps = args.steps if args.steps is not None else selected_inference_steps(model.parent, default=200)
-    out: dict[str, Any] = {"ckpt_path": str(model), "inference_steps": int(steps), "num_points": args.num_points, "batch_size": args.batch_size}
+    out: dict[str, Any] = {
+        "ckpt_path": str(model),
+        "inference_steps": int(steps),
+        "num_points": args.num_points,
+        "batch_size": args.batch_size,
+    }
     out.update(parse_overrides(args.set or []))
     return out
 
@@ -59,25 +69,42 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def table(summary: dict[str, dict[str, list]], classes: list[str]) -> str:
     fmt = lambda v: "-" if v[0] is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
     rows = [("method", *classes, "mean")]
-    rows += [(METHODS.get(m, m), *[fmt(summary[m][c]) for c in classes], fmt(summary[m]["mean"])) for m in METHODS if m in summary]
+    rows += [
+        (METHODS.get(m, m), *[fmt(summary[m][c]) for c in classes], fmt(summary[m]["mean"]))
+        for m in METHODS
+        if m in summary
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"), help="network state_dict (bundle model.pt)")
-    ap.add_argument("--steps", type=int, default=None, help="latent steps (default: inference_steps.json next to the model, else 200)")
+    ap.add_argument(
+        "--model", default=str(REPO / "bundle" / "models" / "model.pt"), help="network state_dict (bundle model.pt)"
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="latent steps (default: inference_steps.json next to the model, else 200)",
+    )
     ap.add_argument("--num-points", type=int, default=8192, help="voxels per case per latent step")
     ap.add_argument("--batch-size", type=int, default=4, help="cases fitted together")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config override, e.g. --set latent_dim=64")
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N subjects (patients, both frames) of the section")
+    ap.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any other config override, e.g. --set latent_dim=64"
+    )
+    ap.add_argument(
+        "--limit", type=int, default=0, help="use only the first N subjects (patients, both frames) of the section"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
     ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc_interpolation"))
-    ap.add_argument("--keep", default="every_other", help="slices the fit sees: every_other, a fraction, or a JSON list of indices")
+    ap.add_argument(
+        "--keep", default="every_other", help="slices the fit sees: every_other, a fraction, or a JSON list of indices"
+    )
     ap.add_argument("--offset", type=int, default=0, help="first kept slice for every_other")
     add_model_arguments(ap)
     args = ap.parse_args()
@@ -93,14 +120,27 @@ def main() -> None:
         full["test"] = [e for e in full["test"] if e["subject"] in keep]
         Path(datalist).write_text(json.dumps(full, indent=2))
     keep_slices: Any = args.keep if args.keep in ("every_other", "all") else json.loads(args.keep)
-    overrides = {**model_overrides(args), "datalist_file": datalist, "section": "test", "output_dir": str(work),
-                 "keep_slices": keep_slices, "slice_offset": args.offset}
+    overrides = {
+        **model_overrides(args),
+        "datalist_file": datalist,
+        "section": "test",
+        "output_dir": str(work),
+        "keep_slices": keep_slices,
+        "slice_offset": args.offset,
+    }
     record, elapsed = run_interpolating(overrides)
-    result = {"settings": {**vars(args), **{k: v for k, v in overrides.items() if k != "datalist_file"}}, "wall_s": elapsed,
-              "num_cases": record["num_cases"], "num_scored_slices": record["num_scored_slices"], "summary": record["summary"]}
+    result = {
+        "settings": {**vars(args), **{k: v for k, v in overrides.items() if k != "datalist_file"}},
+        "wall_s": elapsed,
+        "num_cases": record["num_cases"],
+        "num_scored_slices": record["num_scored_slices"],
+        "summary": record["summary"],
+    }
     (work / "acdc_interpolation.json").write_text(json.dumps(result, indent=2))
     print(table(record["summary"], record["classes"]))
-    print(f"{record['num_cases']} cases, {record['num_scored_slices']} hidden slices scored, {elapsed:.0f} s; results in {work}")
+    print(
+        f"{record['num_cases']} cases, {record['num_scored_slices']} hidden slices scored, {elapsed:.0f} s; results in {work}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,26 +68,45 @@ def locator_override(args: argparse.Namespace) -> dict:
     labels), as ``inference.json`` builds it; nothing without ``--localiser``."""
     if not getattr(args, "localiser", ""):
         return {}
-    return {"heart_locator": {
-        "_target_": "nisf_monai.inferers.HeartLocator", "refine_steps": args.refine_steps,
-        "localiser_angles": args.localiser_angles,
-        "localiser": {"_target_": "nisf_monai.inferers.SliceLocaliser",
-                      "network": "$nisf_monai.inferers.localiser_network()", "weights": str(Path(args.localiser).resolve())},
-    }}
+    return {
+        "heart_locator": {
+            "_target_": "nisf_monai.inferers.HeartLocator",
+            "refine_steps": args.refine_steps,
+            "localiser_angles": args.localiser_angles,
+            "localiser": {
+                "_target_": "nisf_monai.inferers.SliceLocaliser",
+                "network": "$nisf_monai.inferers.localiser_network()",
+                "weights": str(Path(args.localiser).resolve()),
+            },
+        }
+    }
 
 
 def train(args: argparse.Namespace) -> None:
     root = WORK / args.name
     (root / "snapshots").mkdir(parents=True, exist_ok=True)
     record_path = root / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"cpu_s": 0.0, "iterations": 0, "snapshots": []}
+    record = (
+        json.loads(record_path.read_text())
+        if record_path.is_file()
+        else {"cpu_s": 0.0, "iterations": 0, "snapshots": []}
+    )
     overrides = parse_overrides(args.set)
     record["overrides"] = overrides
     torch.set_num_threads(args.threads)
     datalist = acdc_datalist(WORK, args.parts)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": True, "val_interval": 0, **overrides})
+    parser.update(
+        {
+            "bundle_root": str(root),
+            "datalist": datalist,
+            "max_epochs": 100000,
+            "resume": True,
+            "val_interval": 0,
+            **overrides,
+        }
+    )
     trainer = parser.get_parsed_content("train#trainer")
     network, latents = parser.get_parsed_content("network"), parser.get_parsed_content("train#latents")
     cpu_start, cpu_before = time.process_time(), float(record["cpu_s"])
@@ -106,14 +125,19 @@ def train(args: argparse.Namespace) -> None:
         record["iterations"] += 1
         if engine.state.iteration % 50 == 0:
             out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
-            print(f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, dice loss {float(out['dice']):.3f}, "
-                  f"intensity bce {float(out['bce_intensity']):.4f}", flush=True)
+            print(
+                f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, dice loss {float(out['dice']):.3f}, "
+                f"intensity bce {float(out['bce_intensity']):.4f}",
+                flush=True,
+            )
         taken = {s["cpu_minutes"] for s in record["snapshots"]}
         mark = int(cpu_now() // every * args.snapshot_minutes)
         if mark > 0 and mark not in taken:
             path = root / "snapshots" / f"model_{mark:04d}min.pt"
             torch.save({"network": network.state_dict(), "latents": latents.state_dict()}, path)
-            record["snapshots"].append({"cpu_minutes": mark, "iteration": record["iterations"], "path": str(path.relative_to(root))})
+            record["snapshots"].append(
+                {"cpu_minutes": mark, "iteration": record["iterations"], "path": str(path.relative_to(root))}
+            )
             save_record()
         if cpu_now() >= budget:
             engine.terminate()
@@ -144,11 +168,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with flush_denormal():
         result = evaluate_cases(
-            checkpoint, cases, datalist, steps, config_overrides=overrides, inferer_overrides=inferer_overrides,
-            objective=args.objective, pose=args.pose,
+            checkpoint,
+            cases,
+            datalist,
+            steps,
+            config_overrides=overrides,
+            inferer_overrides=inferer_overrides,
+            objective=args.objective,
+            pose=args.pose,
         )
-    result.update({"name": args.name, "part": args.part, "checkpoint": str(checkpoint.name), "seconds": time.perf_counter() - start,
-                   "train_cpu_minutes": train_record["cpu_s"] / 60, "train_iterations": train_record["iterations"]})
+    result.update(
+        {
+            "name": args.name,
+            "part": args.part,
+            "checkpoint": str(checkpoint.name),
+            "seconds": time.perf_counter() - start,
+            "train_cpu_minutes": train_record["cpu_s"] / 60,
+            "train_iterations": train_record["iterations"],
+        }
+    )
     out = root / f"evaluation_{args.part}_{args.objective}_{args.pose}_{checkpoint.stem}{args.tag}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"{args.name} ({args.part}, {args.objective}, {checkpoint.name}): mean Dice by step")
@@ -157,8 +195,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"  step {step:4d}: {dice:.3f}  ({per_class})")
     if result.get("pose_errors"):
         errors = result["pose_errors"]
-        print(f"  estimated pose vs labels: origin {errors['median_origin_mm']:.1f} mm (median; max {max(errors['origin_mm']):.1f}), "
-              f"angle {errors['median_angle_deg']:.1f} deg (median; max {max(errors['angle_deg']):.1f})")
+        print(
+            f"  estimated pose vs labels: origin {errors['median_origin_mm']:.1f} mm (median; max {max(errors['origin_mm']):.1f}), "
+            f"angle {errors['median_angle_deg']:.1f} deg (median; max {max(errors['angle_deg']):.1f})"
+        )
     print(f"written {out}")
     return result
 
@@ -179,7 +219,12 @@ def quality_reference(args: argparse.Namespace) -> None:
     parser = ConfigParser()
     parser.read_config(str(configs / "train.json"))
     parser.update({"datalist": datalist, **record.get("overrides", {})})
-    for key, value in {"num_steps": args.steps, "log_every": 0, **parse_overrides(args.set), **locator_override(args)}.items():
+    for key, value in {
+        "num_steps": args.steps,
+        "log_every": 0,
+        **parse_overrides(args.set),
+        **locator_override(args),
+    }.items():
         parser[f"validate#inferer#{key}"] = value
     saved = torch.load(root / "snapshots" / "final.pt", map_location="cpu", weights_only=False)
     network = parser.get_parsed_content("network_def")
@@ -192,30 +237,44 @@ def quality_reference(args: argparse.Namespace) -> None:
     picks = training[:: max(1, len(training) // args.frames)][: args.frames]
     images = [preprocessing(dict(case))["image"] for case in picks]
     with flush_denormal():
-        reference = qc_reference(parser.get_parsed_content("validate#inferer"), network, images, table.weight.detach(),
-                                 parser.get_parsed_content("label_names"))
+        reference = qc_reference(
+            parser.get_parsed_content("validate#inferer"),
+            network,
+            images,
+            table.weight.detach(),
+            parser.get_parsed_content("label_names"),
+        )
     reference["cases"] = case_ids(picks)
     out = Path(args.output)
     out.write_text(json.dumps(reference))
-    print(f"reconstruction error {np.round(reference['reconstruction_error'], 4).tolist()}, nearest-code distance "
-          f"{np.round(reference['nearest_training_code_distance'], 3).tolist()}; written {out}")
+    print(
+        f"reconstruction error {np.round(reference['reconstruction_error'], 4).tolist()}, nearest-code distance "
+        f"{np.round(reference['nearest_training_code_distance'], 3).tolist()}; written {out}"
+    )
 
 
 def report(args: argparse.Namespace) -> None:
     """The ablation table (markdown, best step per run) and the learning curve PNG of ``--curve`` runs."""
-    rows = ["| run | changes from train.json | training CPU-min | iterations | validation Dice at step 0 | best step | "
-            "validation Dice (LV / Myo / RV) |", "|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        "| run | changes from train.json | training CPU-min | iterations | validation Dice at step 0 | best step | "
+        "validation Dice (LV / Myo / RV) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for root in sorted(p for p in WORK.iterdir() if (p / "record.json").is_file()):
         record = json.loads((root / "record.json").read_text())
         for path in sorted(root.glob(f"evaluation_validation_*{args.checkpoint}*.json")):
             result = json.loads(path.read_text())
             best = int(np.nanargmax(result["mean_dice"]))
-            label = root.name + ("" if path.stem.endswith(args.checkpoint) else f" ({path.stem.split(args.checkpoint)[-1].strip('_')})")
+            label = root.name + (
+                "" if path.stem.endswith(args.checkpoint) else f" ({path.stem.split(args.checkpoint)[-1].strip('_')})"
+            )
             changes = ", ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items())
             objective = "" if result["objective"] == "intensity" else f" [{result['objective']} fit]"
-            rows.append(f"| {label}{objective} | {changes} | {result['train_cpu_minutes']:.0f} | {result['train_iterations']} | "
-                        f"{result['mean_dice'][0]:.3f} | {result['steps'][best]} | **{result['mean_dice'][best]:.3f}** "
-                        f"({' / '.join(f'{d:.2f}' for d in result['class_dice'][best])}) |")
+            rows.append(
+                f"| {label}{objective} | {changes} | {result['train_cpu_minutes']:.0f} | {result['train_iterations']} | "
+                f"{result['mean_dice'][0]:.3f} | {result['steps'][best]} | **{result['mean_dice'][best]:.3f}** "
+                f"({' / '.join(f'{d:.2f}' for d in result['class_dice'][best])}) |"
+            )
     print("\n".join(rows))
     for name in args.curve:
         root = WORK / name
@@ -224,7 +283,9 @@ def report(args: argparse.Namespace) -> None:
             result = json.loads(path.read_text())
             if "_model_" not in path.stem and "_final" not in path.stem:
                 continue
-            minutes = int(path.stem.split("model_")[1][:4]) if "_model_" in path.stem else round(result["train_cpu_minutes"])
+            minutes = (
+                int(path.stem.split("model_")[1][:4]) if "_model_" in path.stem else round(result["train_cpu_minutes"])
+            )
             points.append((minutes, max(result["mean_dice"]), result["mean_dice"][0]))
         if not points:
             continue
@@ -251,7 +312,9 @@ def report(args: argparse.Namespace) -> None:
 
 def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--localiser", default="", help="localiser weights (train_localiser.json) seeding the pose")
-    parser.add_argument("--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)")
+    parser.add_argument(
+        "--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)"
+    )
     parser.add_argument("--localiser-angles", action="store_true", help="keep the localiser's origin, search the angle")
 
 
@@ -271,10 +334,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--frames", type=int, default=10, help="first N frames of the part (0: all)")
     e.add_argument("--offset", type=int, default=0, help="skip this many frames first (to split a part over processes)")
     e.add_argument("--steps", default="0,50,100,200,400", help="latent steps at which Dice is recorded")
-    e.add_argument("--objective", default="intensity", choices=("intensity", "segmentation", "trained"),
-                   help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes")
-    e.add_argument("--pose", default="label", choices=("label", "estimate"),
-                   help="heart-frame models: pose from the labels (oracle) or estimated by the inferer")
+    e.add_argument(
+        "--objective",
+        default="intensity",
+        choices=("intensity", "segmentation", "trained"),
+        help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes",
+    )
+    e.add_argument(
+        "--pose",
+        default="label",
+        choices=("label", "estimate"),
+        help="heart-frame models: pose from the labels (oracle) or estimated by the inferer",
+    )
     add_localiser_arguments(e)
     e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
     e.add_argument("--threads", type=int, default=1)

@@ -45,7 +45,13 @@ def test_datalist(data: Path, out: Path, limit: int) -> str:
     if source.is_file():
         frames = json.loads(source.read_text())["frames"]
         entries = [
-            {"image": str(data / f["image"]), "label": str(data / f["label"]), "case": f["id"], "subject": f["patient"], "phase": f["phase"]}
+            {
+                "image": str(data / f["image"]),
+                "label": str(data / f["label"]),
+                "case": f["id"],
+                "subject": f["patient"],
+                "phase": f["phase"],
+            }
             for f in frames
             if split_of(int(f["patient"][-3:])) == "test"
         ]
@@ -66,14 +72,28 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
     ap.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"), help="NISF weights (model.pt)")
     ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc_measures"))
-    ap.add_argument("--source", choices=("nisf", "labels"), default="nisf", help="labels: the manual labels through the same path")
-    ap.add_argument("--spacing", type=float, default=1.0, help="fine spacing in mm (nested in the voxels, at most this)")
-    ap.add_argument("--inference-steps", type=int, default=None, help="latent steps (default: inference_steps.json beside the model)")
+    ap.add_argument(
+        "--source", choices=("nisf", "labels"), default="nisf", help="labels: the manual labels through the same path"
+    )
+    ap.add_argument(
+        "--spacing", type=float, default=1.0, help="fine spacing in mm (nested in the voxels, at most this)"
+    )
+    ap.add_argument(
+        "--inference-steps",
+        type=int,
+        default=None,
+        help="latent steps (default: inference_steps.json beside the model)",
+    )
     ap.add_argument("--num-points", type=int, default=8192, help="voxels per latent step")
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
     ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="ID=JSON",
-                    help="other config overrides, e.g. latent_dim=64 for a model trained with another size")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="ID=JSON",
+        help="other config overrides, e.g. latent_dim=64 for a model trained with another size",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     data = Path(args.data)
@@ -85,10 +105,19 @@ def main() -> None:
     work = Path(args.work_dir) / args.source
     datalist = test_datalist(data, work / "datalist.json", args.limit)
 
-    overrides = {"bundle_root": str(REPO / "bundle"), "datalist_file": datalist, "section": "test", "output_dir": str(work),
-                 "ckpt_path": str(model), "ckpt_dir": str(model.parent), "measure_spacing": args.spacing,
-                 "measure_source": args.source, "roi_margin_mm": args.roi_margin, "num_points": args.num_points,
-                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    overrides = {
+        "bundle_root": str(REPO / "bundle"),
+        "datalist_file": datalist,
+        "section": "test",
+        "output_dir": str(work),
+        "ckpt_path": str(model),
+        "ckpt_dir": str(model.parent),
+        "measure_spacing": args.spacing,
+        "measure_source": args.source,
+        "roi_margin_mm": args.roi_margin,
+        "num_points": args.num_points,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     if args.inference_steps is not None:
         overrides["inference_steps"] = args.inference_steps
     for item in args.set:
@@ -101,17 +130,32 @@ def main() -> None:
     report = parser.get_parsed_content("measurer").run()
     elapsed = time.perf_counter() - start
 
-    summary = {"source": args.source, "model": str(model) if args.source == "nisf" else None, "settings": report["settings"],
-               "patients": len(report["subjects"]), "seconds": elapsed, "torch_threads": torch.get_num_threads(),
-               "agreement": {m: report["agreement"][m] for m in SHOWN}}
+    summary = {
+        "source": args.source,
+        "model": str(model) if args.source == "nisf" else None,
+        "settings": report["settings"],
+        "patients": len(report["subjects"]),
+        "seconds": elapsed,
+        "torch_threads": torch.get_num_threads(),
+        "agreement": {m: report["agreement"][m] for m in SHOWN},
+    }
     (work / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
     label = "NISF" if args.source == "nisf" else "labels (fine grid)"
     rows = [("measure", f"mean {label}", "mean manual", "MAE", "bias", "95% LoA", "r")]
     for m in SHOWN:
         s = report["agreement"][m]
         fmt = lambda v: "nan" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-        rows.append((m, fmt(s["mean_predicted"]), fmt(s["mean_reference"]), fmt(s["mae"]), fmt(s["bias"]),
-                     f"{fmt(s['loa_lower'])} .. {fmt(s['loa_upper'])}", fmt(s["pearson_r"])))
+        rows.append(
+            (
+                m,
+                fmt(s["mean_predicted"]),
+                fmt(s["mean_reference"]),
+                fmt(s["mae"]),
+                fmt(s["bias"]),
+                f"{fmt(s['loa_lower'])} .. {fmt(s['loa_upper'])}",
+                fmt(s["pearson_r"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

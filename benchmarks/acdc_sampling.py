@@ -54,8 +54,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"bundle_root": str(root), "datalist": datalist, "max_epochs": 100000, "resume": False,
-                   "learning_rate": args.learning_rate, "foreground_fraction": args.foreground_fraction, "val_interval": 0})
+    parser.update(
+        {
+            "bundle_root": str(root),
+            "datalist": datalist,
+            "max_epochs": 100000,
+            "resume": False,
+            "learning_rate": args.learning_rate,
+            "foreground_fraction": args.foreground_fraction,
+            "val_interval": 0,
+        }
+    )
     trainer = parser.get_parsed_content("train#trainer")
     dice_loss: list[float] = []
     start = time.perf_counter()
@@ -65,7 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         output = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
         dice_loss.append(float(output["dice"]))
         if engine.state.iteration % 50 == 0:
-            print(f"{args.name} iteration {engine.state.iteration}: Dice loss (last 50) {np.mean(dice_loss[-50:]):.4f}", flush=True)
+            print(
+                f"{args.name} iteration {engine.state.iteration}: Dice loss (last 50) {np.mean(dice_loss[-50:]):.4f}",
+                flush=True,
+            )
         if engine.state.iteration >= args.iterations:
             engine.terminate()
 
@@ -75,15 +87,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     evaluation = ConfigParser()
     evaluation.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")])
-    evaluation.update({"bundle_root": str(root), "datalist_file": datalist, "section": "validation", "output_dir": str(root / "eval"),
-                       "inference_steps": args.val_steps, "num_points": 4096, "batch_size": 4})
+    evaluation.update(
+        {
+            "bundle_root": str(root),
+            "datalist_file": datalist,
+            "section": "validation",
+            "output_dir": str(root / "eval"),
+            "inference_steps": args.val_steps,
+            "num_points": 4096,
+            "batch_size": 4,
+        }
+    )
     evaluation["datalist"] = f"$nisf_monai.data.load_datalist({datalist!r}, 'validation')[:{args.val_frames}]"
     evaluator = evaluation.get_parsed_content("evaluator")
     evaluator.run()
     result = {
         "settings": vars(args),
         "train_seconds": train_s,
-        "dice_loss_every_50": [float(np.mean(dice_loss[i:i + 50])) for i in range(0, len(dice_loss), 50)],
+        "dice_loss_every_50": [float(np.mean(dice_loss[i : i + 50])) for i in range(0, len(dice_loss), 50)],
         "validation_dice": {k: float(v) for k, v in evaluator.state.metrics.items()},
     }
     (root / "result.json").write_text(json.dumps(result, indent=2))

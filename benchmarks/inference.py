@@ -50,13 +50,21 @@ def load_frames(count: int, seed: int = 0) -> tuple[list, str]:
     if (ACDC / "datalist.json").exists():
         frames = json.loads((ACDC / "datalist.json").read_text())["frames"]
         test = sorted((f for f in frames if int(f["patient"][-3:]) % 5 == 4), key=lambda f: f["id"])[:count]
-        load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)])
+        load = Compose(
+            [
+                LoadImage(image_only=True),
+                EnsureChannelFirst(),
+                ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True),
+            ]
+        )
         return [load(str(ACDC / f["image"])) for f in test], "ACDC test frames " + ", ".join(f["id"] for f in test)
     from monai.data import MetaTensor
 
     generator = torch.Generator().manual_seed(seed)
     affine = torch.diag(torch.tensor([1.5, 1.5, 10.0, 1.0], dtype=torch.float64))
-    return [MetaTensor(torch.rand(1, 216, 256, 10, generator=generator), affine=affine) for _ in range(count)], "synthetic 216x256x10 frames"
+    return [
+        MetaTensor(torch.rand(1, 216, 256, 10, generator=generator), affine=affine) for _ in range(count)
+    ], "synthetic 216x256x10 frames"
 
 
 def trained_network(fast_path: bool = True) -> NISFNet:
@@ -119,7 +127,10 @@ def bench_batched(args: argparse.Namespace, frames: list) -> dict:
         "steps": args.batched_steps,
         "one_at_a_time_seconds": statistics.median(one),
         "batched_seconds": statistics.median(batch),
-        "cases_per_second": {"one_at_a_time": len(cases) / statistics.median(one), "batched": len(cases) / statistics.median(batch)},
+        "cases_per_second": {
+            "one_at_a_time": len(cases) / statistics.median(one),
+            "batched": len(cases) / statistics.median(batch),
+        },
         "batched_speedup": statistics.median(o / b for o, b in zip(one, batch)),
     }
 
@@ -164,7 +175,9 @@ def bench_memory(args: argparse.Namespace, frames: list) -> dict:
             start = time.perf_counter()
             done = subprocess.run(
                 [sys.executable, "-c", MEMORY_CHILD, mode, str(spacing), json.dumps(shape), json.dumps(pixdim)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             record = json.loads(done.stdout.strip().splitlines()[-1])
             record["seconds"] = time.perf_counter() - start
@@ -173,18 +186,36 @@ def bench_memory(args: argparse.Namespace, frames: list) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=0, help="latent steps for `volume` (0: the bundle's selected count)")
-    parser.add_argument("--step-probe", dest="step_probe", type=int, default=10, help="steps timed per repeat for seconds/step")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="latent steps for `volume` (0: the bundle's selected count)"
+    )
+    parser.add_argument(
+        "--step-probe", dest="step_probe", type=int, default=10, help="steps timed per repeat for seconds/step"
+    )
     parser.add_argument("--cases", type=int, default=8, help="frames for `batched`")
     parser.add_argument("--batched-steps", dest="batched_steps", type=int, default=10)
-    parser.add_argument("--spacings", type=float, nargs="+", default=[1.0, 0.5], help="output spacings (mm) for `memory`")
-    parser.add_argument("--inference-repeats", dest="inference_repeats", type=int, default=3, help="interleaved repetitions of `volume` and `batched`")
-    parser.add_argument("--parts", nargs="+", default=["volume", "batched", "memory"], choices=["volume", "batched", "memory"])
+    parser.add_argument(
+        "--spacings", type=float, nargs="+", default=[1.0, 0.5], help="output spacings (mm) for `memory`"
+    )
+    parser.add_argument(
+        "--inference-repeats",
+        dest="inference_repeats",
+        type=int,
+        default=3,
+        help="interleaved repetitions of `volume` and `batched`",
+    )
+    parser.add_argument(
+        "--parts", nargs="+", default=["volume", "batched", "memory"], choices=["volume", "batched", "memory"]
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
     frames, source = load_frames(max(args.cases, 1))
-    result: dict = {"frames": source, "threads": torch.get_num_threads(), "load_average_1min_before": os.getloadavg()[0]}
+    result: dict = {
+        "frames": source,
+        "threads": torch.get_num_threads(),
+        "load_average_1min_before": os.getloadavg()[0],
+    }
     if "volume" in args.parts:
         result["volume"] = bench_volume(args, frames)
     if "batched" in args.parts:
@@ -197,18 +228,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict) -> None:
-    print(f"NISF inference on {result['frames']}; {result['threads']} threads; load average "
-          f"{result['load_average_1min_before']:.1f} -> {result['load_average_1min_after']:.1f}")
+    print(
+        f"NISF inference on {result['frames']}; {result['threads']} threads; load average "
+        f"{result['load_average_1min_before']:.1f} -> {result['load_average_1min_after']:.1f}"
+    )
     if "volume" in result:
         v = result["volume"]
-        print(f"one frame ({v['voxels']:,} voxels), {v['steps']} latent steps x {v['num_points']} points: fit {v['fit_seconds']:.1f} s + "
-              f"sample {v['sample_seconds']:.1f} s = {v['total_seconds']:.1f} s; per step {v['seconds_per_step']['package'] * 1e3:.0f} ms "
-              f"(eager {v['seconds_per_step']['eager'] * 1e3:.0f} ms, {v['step_speedup_over_eager']:.2f}x); "
-              f"672 steps (paper): {v['projected_seconds_for_672_steps']:.0f} s projected")
+        print(
+            f"one frame ({v['voxels']:,} voxels), {v['steps']} latent steps x {v['num_points']} points: fit {v['fit_seconds']:.1f} s + "
+            f"sample {v['sample_seconds']:.1f} s = {v['total_seconds']:.1f} s; per step {v['seconds_per_step']['package'] * 1e3:.0f} ms "
+            f"(eager {v['seconds_per_step']['eager'] * 1e3:.0f} ms, {v['step_speedup_over_eager']:.2f}x); "
+            f"672 steps (paper): {v['projected_seconds_for_672_steps']:.0f} s projected"
+        )
     if "batched" in result:
         b = result["batched"]
-        print(f"{b['cases']} frames x {b['steps']} steps: one at a time {b['one_at_a_time_seconds']:.1f} s, batched {b['batched_seconds']:.1f} s "
-              f"-> {b['batched_speedup']:.2f}x cases/s")
+        print(
+            f"{b['cases']} frames x {b['steps']} steps: one at a time {b['one_at_a_time_seconds']:.1f} s, batched {b['batched_seconds']:.1f} s "
+            f"-> {b['batched_speedup']:.2f}x cases/s"
+        )
     if "memory" in result:
         print(f"{'output':<22}{'voxels':>14}{'peak MB':>10}{'seconds':>9}")
         for name, r in result["memory"]["runs"].items():

@@ -148,5 +148,9 @@ def _pose_errors(images: list, labels: list) -> dict:
         origin_mm.append(float(np.linalg.norm(origin(found) - origin(truth))))
         cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
         angle_deg.append(float(np.degrees(np.arccos(cosine))))
-    return {"origin_mm": origin_mm, "angle_deg": angle_deg,
-            "median_origin_mm": float(np.median(origin_mm)), "median_angle_deg": float(np.median(angle_deg))}
+    return {
+        "origin_mm": origin_mm,
+        "angle_deg": angle_deg,
+        "median_origin_mm": float(np.median(origin_mm)),
+        "median_angle_deg": float(np.median(angle_deg)),
+    }

@@ -62,12 +62,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fractions = [r["fraction"] for r in result["runs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in result["classes"]:
-        ax.plot(fractions, [r["summary"]["nisf_all_slices"][name][0] for r in result["runs"]], "o-", alpha=0.6, label=f"NISF {name}")
-    ax.plot(fractions, [r["summary"]["nisf_all_slices"]["mean"][0] for r in result["runs"]], "ko-", linewidth=2, label="NISF mean (whole volume)")
+        ax.plot(
+            fractions,
+            [r["summary"]["nisf_all_slices"][name][0] for r in result["runs"]],
+            "o-",
+            alpha=0.6,
+            label=f"NISF {name}",
+        )
+    ax.plot(
+        fractions,
+        [r["summary"]["nisf_all_slices"]["mean"][0] for r in result["runs"]],
+        "ko-",
+        linewidth=2,
+        label="NISF mean (whole volume)",
+    )
     if result["mode"] == "slices":
-        styles = {"nisf": ("k--", "NISF, hidden slices"), "nearest": ("C7s--", "nearest slice (GT), hidden"), "shape_based": ("C9^--", "shape-based (GT), hidden")}
+        styles = {
+            "nisf": ("k--", "NISF, hidden slices"),
+            "nearest": ("C7s--", "nearest slice (GT), hidden"),
+            "shape_based": ("C9^--", "shape-based (GT), hidden"),
+        }
         for method, (style, label) in styles.items():
-            points = [(r["fraction"], r["summary"][method]["mean"][0]) for r in result["runs"] if method in r["summary"]]
+            points = [
+                (r["fraction"], r["summary"][method]["mean"][0]) for r in result["runs"] if method in r["summary"]
+            ]
             if points:
                 ax.plot(*zip(*points), style, label=label)
     ax.set_xscale("log")
@@ -86,11 +104,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("points", "slices"), default="points")
-    ap.add_argument("--fractions", type=float, nargs="+", default=None,
-                    help=f"fractions kept (default: points {DEFAULT_FRACTIONS['points']}, slices {DEFAULT_FRACTIONS['slices']})")
-    ap.add_argument("--datalist", default=None, help="MONAI datalist (default: the synthetic cohort in bundle/data/synthetic)")
-    ap.add_argument("--section", default=None, help="datalist section (default: validation for the synthetic cohort, test otherwise)")
-    ap.add_argument("--acdc", default=None, metavar="DIR", help="build the ACDC datalist from DIR and use its test patients")
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"fractions kept (default: points {DEFAULT_FRACTIONS['points']}, slices {DEFAULT_FRACTIONS['slices']})",
+    )
+    ap.add_argument(
+        "--datalist", default=None, help="MONAI datalist (default: the synthetic cohort in bundle/data/synthetic)"
+    )
+    ap.add_argument(
+        "--section",
+        default=None,
+        help="datalist section (default: validation for the synthetic cohort, test otherwise)",
+    )
+    ap.add_argument(
+        "--acdc", default=None, metavar="DIR", help="build the ACDC datalist from DIR and use its test patients"
+    )
     ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "sparse_inputs"))
     add_model_arguments(ap)
     args = ap.parse_args()
@@ -102,7 +133,10 @@ def main() -> None:
     elif args.datalist:
         datalist, section = args.datalist, args.section or "test"
     else:
-        datalist, section = ensure_synthetic_cohort(str(REPO / "bundle" / "data" / "synthetic")), args.section or "validation"
+        datalist, section = (
+            ensure_synthetic_cohort(str(REPO / "bundle" / "data" / "synthetic")),
+            args.section or "validation",
+        )
     datalist = limited_datalist(datalist, section, args.limit, work)
     base = {**model_overrides(args), "datalist_file": datalist, "section": section}
     runs = []
@@ -113,18 +147,41 @@ def main() -> None:
             mask = {"keep_slices": fraction, "point_fraction": 1.0}
         record, elapsed = run_interpolating({**base, **mask, "output_dir": str(work / f"{args.mode}_f{fraction:g}")})
         kept = float(np.mean([c["kept_voxel_fraction"] for c in record["cases"]]))
-        runs.append({"fraction": fraction, "kept_voxel_fraction": kept, "wall_s": elapsed, "summary": record["summary"],
-                     "num_scored_slices": record["num_scored_slices"]})
-        logger.info("fraction %g: NISF mean Dice %s (whole volume), %.0f s", fraction, record["summary"]["nisf_all_slices"]["mean"][0], elapsed)
-    result = {"mode": args.mode, "settings": {**vars(args), **base}, "classes": record["classes"], "num_cases": record["num_cases"], "runs": runs}
+        runs.append(
+            {
+                "fraction": fraction,
+                "kept_voxel_fraction": kept,
+                "wall_s": elapsed,
+                "summary": record["summary"],
+                "num_scored_slices": record["num_scored_slices"],
+            }
+        )
+        logger.info(
+            "fraction %g: NISF mean Dice %s (whole volume), %.0f s",
+            fraction,
+            record["summary"]["nisf_all_slices"]["mean"][0],
+            elapsed,
+        )
+    result = {
+        "mode": args.mode,
+        "settings": {**vars(args), **base},
+        "classes": record["classes"],
+        "num_cases": record["num_cases"],
+        "runs": runs,
+    }
     (work / f"sparse_inputs_{args.mode}.json").write_text(json.dumps(result, indent=2))
     plot(result, work / f"sparse_inputs_{args.mode}.png")
-    print("fraction  kept voxels  NISF mean Dice (whole volume)" + ("  hidden slices: NISF / nearest / shape-based" if args.mode == "slices" else ""))
+    print(
+        "fraction  kept voxels  NISF mean Dice (whole volume)"
+        + ("  hidden slices: NISF / nearest / shape-based" if args.mode == "slices" else "")
+    )
     fmt = lambda s, m: "-" if m not in s or s[m]["mean"][0] is None else f"{s[m]['mean'][0]:.3f}"  # noqa: E731
     for r in runs:
         line = f"{r['fraction']:<8g}  {r['kept_voxel_fraction']:<11.4g}  {fmt(r['summary'], 'nisf_all_slices')}"
         if args.mode == "slices":
-            line += "                          " + " / ".join(fmt(r["summary"], m) for m in ("nisf", "nearest", "shape_based"))
+            line += "                          " + " / ".join(
+                fmt(r["summary"], m) for m in ("nisf", "nearest", "shape_based")
+            )
         print(line)
     print(f"results in {work}")
 

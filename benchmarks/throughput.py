@@ -64,13 +64,24 @@ class EagerGabor(nn.Module):
 class EagerNISF(nn.Module):
     """The reference: NISFNet as written at HEAD before the fast path (same state_dict keys)."""
 
-    def __init__(self, coord_dim: int, latent_dim: int, num_classes: int, hidden_dim: int, num_layers: int,
-                 omega0: float = 10.0, sigma0: float = 10.0) -> None:
+    def __init__(
+        self,
+        coord_dim: int,
+        latent_dim: int,
+        num_classes: int,
+        hidden_dim: int,
+        num_layers: int,
+        omega0: float = 10.0,
+        sigma0: float = 10.0,
+    ) -> None:
         super().__init__()
         self.latent_seeds_residual = latent_dim == hidden_dim
         self.num_classes = num_classes
         self.layers = nn.ModuleList(
-            [EagerGabor(coord_dim + latent_dim if i == 0 else hidden_dim, hidden_dim, omega0, sigma0) for i in range(num_layers)]
+            [
+                EagerGabor(coord_dim + latent_dim if i == 0 else hidden_dim, hidden_dim, omega0, sigma0)
+                for i in range(num_layers)
+            ]
         )
         self.seg_head = nn.Linear(hidden_dim, num_classes)
         self.intensity_head = nn.Linear(hidden_dim, 1)
@@ -132,9 +143,15 @@ class MatmulProbe:
             w_t = w.t().contiguous()
             y, gx, gw = torch.empty(rows, n_out), torch.empty(rows, n_in), torch.empty(n_out, n_in)
             if linear is None:
-                self.ops += [lambda x=x, w=w, y=y: torch.mm(x, w.t(), out=y), lambda gy=gy, w=w, gx=gx: torch.mm(gy, w, out=gx)]
+                self.ops += [
+                    lambda x=x, w=w, y=y: torch.mm(x, w.t(), out=y),
+                    lambda gy=gy, w=w, gx=gx: torch.mm(gy, w, out=gx),
+                ]
             else:
-                self.ops += [lambda x=x, w=w: linear(x, w, None, "none", [], ""), lambda gy=gy, w_t=w_t: linear(gy, w_t, None, "none", [], "")]
+                self.ops += [
+                    lambda x=x, w=w: linear(x, w, None, "none", [], ""),
+                    lambda gy=gy, w_t=w_t: linear(gy, w_t, None, "none", [], ""),
+                ]
             self.ops.append(lambda gy=gy, x=x, gw=gw: torch.mm(gy.t(), x, out=gw))
             self.flops += 6 * rows * n_in * n_out
 
@@ -146,7 +163,9 @@ class MatmulProbe:
 def onednn_available() -> bool:
     try:
         a = torch.randn(8, 4)
-        return bool(torch.allclose(torch.ops.mkldnn._linear_pointwise(a, a, None, "none", [], ""), a @ a.t(), atol=1e-5))
+        return bool(
+            torch.allclose(torch.ops.mkldnn._linear_pointwise(a, a, None, "none", [], ""), a @ a.t(), atol=1e-5)
+        )
     except Exception:
         return False
 
@@ -187,8 +206,11 @@ def make_step_fns(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     init_codes = torch.randn(args.batch, args.latent_dim) * 0.01
 
     def loss_of(seg: torch.Tensor, intensity: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return (F.cross_entropy(seg, labels) + F.binary_cross_entropy_with_logits(intensity, target)
-                + 1e-4 * codes.square().mean())
+        return (
+            F.cross_entropy(seg, labels)
+            + F.binary_cross_entropy_with_logits(intensity, target)
+            + 1e-4 * codes.square().mean()
+        )
 
     def trainer(model: nn.Module) -> Callable[[], None]:
         codes = nn.Parameter(init_codes.clone())
@@ -284,7 +306,9 @@ def paired_ratio(numer: list[float], denom: list[float]) -> float:
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4, help="frames per step (each with its own code)")
     parser.add_argument("--points", type=int, default=8192, help="points per frame")
     parser.add_argument("--latent-dim", dest="latent_dim", type=int, default=128)
@@ -297,14 +321,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager kernels in the package")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", default="", help="state_dict of a trained NISFNet of these sizes (default: random init)")
+    parser.add_argument(
+        "--weights", default="", help="state_dict of a trained NISFNet of these sizes (default: random init)"
+    )
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
     parser.add_argument("--inference", action="store_true", help="also run the inference benchmarks (inference.py)")
     inference.add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def time_variants(args: argparse.Namespace, rows: int, shapes: list) -> tuple[dict[str, list[float]], MatmulProbe, tuple, float]:
+def time_variants(
+    args: argparse.Namespace, rows: int, shapes: list
+) -> tuple[dict[str, list[float]], MatmulProbe, tuple, float]:
     """Times of every variant's step (``measure``), the BLAS matmul probe, the load average before and the wall
     time."""
     fns = make_step_fns(args)
@@ -343,8 +371,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": {
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
         },
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
@@ -392,31 +423,45 @@ def print_report(args: argparse.Namespace, result: dict) -> None:
     limit_train = result["arithmetic_limit_points_per_second"]["train"]
     limit_latent = result["arithmetic_limit_points_per_second"]["latent"]
     load_before, wall = result["load_average_1min"]["before"], result["wall_seconds"]
-    print(f"NISFNet throughput: {args.batch} frames x {args.points} points, {args.layers} x {args.hidden_dim} Gabor, "
-          f"latent {args.latent_dim}; {torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
-          f"compile {'on' if args.compile else 'off'} {result['compile']['compiled'] or ''}")
-    print(f"matmul rate on the MLP's shapes: {gflops:.1f} GFLOP/s ("
-          + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-          + f"); FLOPs/point: train {train_flops / 1e6:.3f} M, latent {latent_flops / 1e6:.3f} M; "
-          f"load average {load_before:.1f} -> {result['load_average_1min']['after']:.1f}")
+    print(
+        f"NISFNet throughput: {args.batch} frames x {args.points} points, {args.layers} x {args.hidden_dim} Gabor, "
+        f"latent {args.latent_dim}; {torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
+        f"compile {'on' if args.compile else 'off'} {result['compile']['compiled'] or ''}"
+    )
+    print(
+        f"matmul rate on the MLP's shapes: {gflops:.1f} GFLOP/s ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        + f"); FLOPs/point: train {train_flops / 1e6:.3f} M, latent {latent_flops / 1e6:.3f} M; "
+        f"load average {load_before:.1f} -> {result['load_average_1min']['after']:.1f}"
+    )
     print(f"{'step':<8}{'variant':<10}{'points/s':>12}{'median ms':>11}{'vs eager':>10}{'vs limit':>10}")
     for task, limit in (("train", limit_train), ("latent", limit_latent)):
         for variant in ("eager", "package"):
             name = f"{task}/{variant}"
             vs_eager = med[f"{task}/eager"] / med[name]
-            print(f"{task:<8}{variant:<10}{pts[name]:>12,.0f}{med[name] * 1e3:>11.1f}{vs_eager:>9.2f}x{pts[name] / limit:>9.0%}")
+            print(
+                f"{task:<8}{variant:<10}{pts[name]:>12,.0f}{med[name] * 1e3:>11.1f}{vs_eager:>9.2f}x{pts[name] / limit:>9.0%}"
+            )
         print(f"{task:<8}{'limit':<10}{limit:>12,.0f}")
-    print(f"paired ratios (median over repeats): train {r['train_package_over_eager_paired']:.2f}x eager, "
-          f"latent {r['latent_package_over_eager_paired']:.2f}x eager, train {r['train_package_over_limit_paired']:.0%} of limit")
+    print(
+        f"paired ratios (median over repeats): train {r['train_package_over_eager_paired']:.2f}x eager, "
+        f"latent {r['latent_package_over_eager_paired']:.2f}x eager, train {r['train_package_over_limit_paired']:.0%} of limit"
+    )
     for task in ("train", "latent"):
-        print(f"subnormals flushed ({task}): {pts[f'{task}/package']:,.0f} points/s vs {pts[f'{task}/subnormals']:,.0f} "
-              f"computed as subnormals: {r[f'{task}_flushed_over_subnormals_paired']:.2f}x (paired)")
+        print(
+            f"subnormals flushed ({task}): {pts[f'{task}/package']:,.0f} points/s vs {pts[f'{task}/subnormals']:,.0f} "
+            f"computed as subnormals: {r[f'{task}_flushed_over_subnormals_paired']:.2f}x (paired)"
+        )
     agree = result["agreement"]
-    print(f"agreement: max |seg diff| {agree['max_abs_diff_seg']:.2e} (max |seg| {agree['max_abs_seg']:.2f}), "
-          f"latent grad rel diff {agree['rel_diff_latent_grad']:.2e}; wall {wall:.0f} s")
+    print(
+        f"agreement: max |seg diff| {agree['max_abs_diff_seg']:.2e} (max |seg| {agree['max_abs_seg']:.2f}), "
+        f"latent grad rel diff {agree['rel_diff_latent_grad']:.2e}; wall {wall:.0f} s"
+    )
     bf16 = result["bf16_autocast_accuracy"]
-    print(f"bf16 autocast vs float32 (eager): seg error {bf16['seg_max_abs_err_over_max']:.1%} of max |seg|, "
-          f"argmax agreement {bf16['argmax_agreement']:.1%}, code-gradient cosine {bf16['latent_grad_cosine']:.2f}")
+    print(
+        f"bf16 autocast vs float32 (eager): seg error {bf16['seg_max_abs_err_over_max']:.1%} of max |seg|, "
+        f"argmax agreement {bf16['argmax_agreement']:.1%}, code-gradient cosine {bf16['latent_grad_cosine']:.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,13 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for run in range(1, args.runs + 1):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST], cwd=REPO,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         ok = result.returncode == 0
         if not ok:
             failures += 1
             (logs / f"run{run:03d}.log").write_text(result.stdout + "\n" + result.stderr)
-        print(f"run {run:3d}/{args.runs}: {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"run {run:3d}/{args.runs}: {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     print(f"{args.runs - failures} passed, {failures} failed")
     return 1 if failures else 0
 

@@ -58,7 +58,9 @@ def nearest_slice_labels(label: np.ndarray, kept: Sequence[int] | np.ndarray, ax
     label = np.asarray(label)
     moved = np.moveaxis(label, axis, -1)
     index = _kept_indices(kept, moved.shape[-1])
-    nearest = index[np.argmin(np.abs(np.arange(moved.shape[-1])[:, None] - index[None, :]), axis=1)]  # first minimum: lower
+    nearest = index[
+        np.argmin(np.abs(np.arange(moved.shape[-1])[:, None] - index[None, :]), axis=1)
+    ]  # first minimum: lower
     return np.moveaxis(moved[..., nearest], -1, axis)
 
 
@@ -97,7 +99,11 @@ def _distance_to(mask: np.ndarray, spacing: Sequence[float], chunk: int = 16) ->
 
 
 def shape_based_labels(
-    label: np.ndarray, kept: Sequence[int] | np.ndarray, num_classes: int, axis: int = -1, spacing: Sequence[float] = (1.0, 1.0)
+    label: np.ndarray,
+    kept: Sequence[int] | np.ndarray,
+    num_classes: int,
+    axis: int = -1,
+    spacing: Sequence[float] = (1.0, 1.0),
 ) -> np.ndarray:
     """Shape-based interpolation of the slices not in ``kept`` from the kept slices' labels.
 
@@ -119,7 +125,10 @@ def shape_based_labels(
         z0, z1 = index[index < z].max(), index[index > z].min()
         for k in (z0, z1):
             if k not in maps:
-                maps[k] = [signed_distance(moved[..., k] == c, spacing) if (moved[..., k] == c).any() else None for c in range(1, num_classes)]
+                maps[k] = [
+                    signed_distance(moved[..., k] == c, spacing) if (moved[..., k] == c).any() else None
+                    for c in range(1, num_classes)
+                ]
         w = (z - z0) / (z1 - z0)
         blended = np.full((num_classes - 1, *moved.shape[:-1]), _FAR, dtype=np.float64)
         for c in range(num_classes - 1):
@@ -137,7 +146,13 @@ def shape_based_labels(
     return np.moveaxis(out, -1, axis)
 
 
-def hidden_slice_dice(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, slices: Sequence[int], num_classes: int, axis: int = -1) -> np.ndarray:
+def hidden_slice_dice(
+    pred: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
+    slices: Sequence[int],
+    num_classes: int,
+    axis: int = -1,
+) -> np.ndarray:
     """Dice per foreground class over the given slices together (one 3D stack of them), by MONAI's
     ``DiceMetric`` on one-hot ``[1, C, ...]`` (background excluded; NaN where the class is absent from the
     ground truth of those slices)."""

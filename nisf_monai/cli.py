@@ -24,9 +24,13 @@ def _run_bundle(run_id: str, config: str, bundle_root: str | None, overrides: di
     if not (configs / "inference.json").is_file():
         raise MissingFileError(f"no bundle at {root} (configs/inference.json missing); pass --bundle_root.")
     logging_file = configs / "logging.conf"
-    run(run_id, config_file=[str(configs / "inference.json"), str(configs / config)], bundle_root=str(root),
+    run(
+        run_id,
+        config_file=[str(configs / "inference.json"), str(configs / config)],
+        bundle_root=str(root),
         logging_file=str(logging_file) if logging_file.is_file() else None,
-        **{k: v for k, v in overrides.items() if v is not None})
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
 
 
 def _model_overrides(model: str | None) -> dict[str, Any]:
@@ -80,10 +84,19 @@ def plane(
         datalist = [{"image": str(path.resolve()), "case": case_name(path)}]
     else:
         raise MissingFileError(f"{images}: no such image or folder.")
-    settings = {"datalist": expand_cine_datalist(datalist, keep_unreadable=True), "output_dir": str(Path(output_dir).resolve()),
-                "plane_reference": str(Path(reference).resolve()) if reference else None, "plane_centre": centre,
-                "plane_origin": origin, "plane_u": u, "plane_v": v, "plane_w": w, "plane_spacing": spacing, "plane_size": size,
-                "plane_name": name}
+    settings = {
+        "datalist": expand_cine_datalist(datalist, keep_unreadable=True),
+        "output_dir": str(Path(output_dir).resolve()),
+        "plane_reference": str(Path(reference).resolve()) if reference else None,
+        "plane_centre": centre,
+        "plane_origin": origin,
+        "plane_u": u,
+        "plane_v": v,
+        "plane_w": w,
+        "plane_spacing": spacing,
+        "plane_size": size,
+        "plane_name": name,
+    }
     _run_bundle("sampling_plane", "plane.json", bundle_root, {**settings, **_model_overrides(model), **overrides})
 
 
@@ -115,9 +128,14 @@ def measure(
     """
     if datalist is not None and not Path(datalist).is_file():
         raise MissingFileError(f"datalist {datalist} does not exist.")
-    settings = {"section": section, "output_dir": str(Path(output_dir).resolve()), "measure_spacing": spacing,
-                "measure_source": source, "mesh_format": mesh_format,
-                "datalist_file": str(Path(datalist).resolve()) if datalist else None}
+    settings = {
+        "section": section,
+        "output_dir": str(Path(output_dir).resolve()),
+        "measure_spacing": spacing,
+        "measure_source": source,
+        "mesh_format": mesh_format,
+        "datalist_file": str(Path(datalist).resolve()) if datalist else None,
+    }
     _run_bundle("measuring", "measure.json", bundle_root, {**settings, **_model_overrides(model), **overrides})
 
 

@@ -111,12 +111,16 @@ def sync_latent_gradients(table: LatentTable) -> None:
     ranks = dist.get_world_size()
     if grad is None:
         # this rank looked nothing up (e.g. an empty batch); it still has to join the collectives
-        grad = torch.sparse_coo_tensor(
-            torch.empty(1, 0, dtype=torch.long, device=weight.device),
-            weight.new_empty(0, weight.shape[1]),
-            tuple(weight.shape),
-            check_invariants=True,
-        ) if table.sparse else torch.zeros_like(weight)
+        grad = (
+            torch.sparse_coo_tensor(
+                torch.empty(1, 0, dtype=torch.long, device=weight.device),
+                weight.new_empty(0, weight.shape[1]),
+                tuple(weight.shape),
+                check_invariants=True,
+            )
+            if table.sparse
+            else torch.zeros_like(weight)
+        )
     if not grad.is_sparse:
         grad = grad.clone()
         dist.all_reduce(grad)

@@ -124,7 +124,9 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def save_nifti(array: Any, affine: Any, path: str | os.PathLike, dtype: Any = None, time_unit: str | None = None) -> str:
+def save_nifti(
+    array: Any, affine: Any, path: str | os.PathLike, dtype: Any = None, time_unit: str | None = None
+) -> str:
     """Write an array as NIfTI with the affine as sform and qform (scanner space), millimetre units (and
     ``time_unit``, e.g. ``"sec"``, when given); missing folders are created. Returns the path."""
     data = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))

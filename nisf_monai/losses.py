@@ -31,7 +31,9 @@ class NISFLoss(nn.Module):
     ``bce_intensity`` and ``latent_l2``.
     """
 
-    def __init__(self, alpha: float = 10.0, latent_weight: float = 1e-4, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+    def __init__(
+        self, alpha: float = 10.0, latent_weight: float = 1e-4, dice_weight: float = 1.0, bce_weight: float = 1.0
+    ) -> None:
         super().__init__()
         self.alpha = alpha
         self.latent_weight = latent_weight
@@ -51,7 +53,9 @@ class NISFLoss(nn.Module):
         num_classes = seg_logits.shape[1]
         label = label.long()
         if label.shape[0] != seg_logits.shape[0] or label.shape[1] != 1 or label.shape[2:] != seg_logits.shape[2:]:
-            raise ValueError(f"label must be (B, 1, *spatial) matching {tuple(seg_logits.shape)}, got {tuple(label.shape)}.")
+            raise ValueError(
+                f"label must be (B, 1, *spatial) matching {tuple(seg_logits.shape)}, got {tuple(label.shape)}."
+            )
         probs = torch.softmax(seg_logits.float(), dim=1)
         onehot = F.one_hot(label[:, 0], num_classes).movedim(-1, 1).to(probs.dtype)
         eps = 1e-6

@@ -62,15 +62,23 @@ def _is_text(value: Any) -> bool:
 
 def _none_hint(value: Any) -> str:
     """On the command line ``null`` and ``none`` arrive as text; ``None`` is what means "no value"."""
-    return " (write None, not null, on the command line)" if isinstance(value, str) and value.lower() in ("null", "none") else ""
+    return (
+        " (write None, not null, on the command line)"
+        if isinstance(value, str) and value.lower() in ("null", "none")
+        else ""
+    )
 
 
-def check_spacing(name: str, value: Any, counts: Sequence[int] = (1, 3), none_means: str | None = None) -> list[float] | None:
+def check_spacing(
+    name: str, value: Any, counts: Sequence[int] = (1, 3), none_means: str | None = None
+) -> list[float] | None:
     """Positive, finite millimetre spacings: ``counts`` says how many values may be given (one value is used for
     every axis); ``none_means`` says what None does, if it is allowed. Returns the values as floats."""
     several = " or ".join(str(c) for c in sorted(counts) if c > 1)
     example = _show([1.0] * max(counts))
-    accepted = f"give {several} positive millimetre values such as {example}" + (", or one for every axis" if 1 in counts else "")
+    accepted = f"give {several} positive millimetre values such as {example}" + (
+        ", or one for every axis" if 1 in counts else ""
+    )
     if none_means:
         accepted += f", or None {none_means}"
     if value is None:
@@ -92,7 +100,9 @@ def check_spacing(name: str, value: Any, counts: Sequence[int] = (1, 3), none_me
     return spacing.tolist()
 
 
-def check_count(name: str, value: Any, minimum: int = 1, what: str = "items", none_means: str | None = None) -> int | None:
+def check_count(
+    name: str, value: Any, minimum: int = 1, what: str = "items", none_means: str | None = None
+) -> int | None:
     """An integer of at least ``minimum``; ``none_means`` says what None does, if it is allowed. A float such
     as 4.0 is refused too: the objects it goes to (``DataLoader``'s batch size, ``range``) need an ``int``."""
     accepted = f"give an integer number of {what}, {minimum} or more"
@@ -113,7 +123,9 @@ def check_count(name: str, value: Any, minimum: int = 1, what: str = "items", no
 def check_fraction(name: str, value: Any, include_zero: bool = True) -> float:
     """A share between 0 (included or not) and 1 (included)."""
     interval = "[0, 1]" if include_zero else "(0, 1]"
-    accepted = f"give a number in {interval}" + (", such as 0.5" if include_zero else ", such as 0.5 (1 keeps everything)")
+    accepted = f"give a number in {interval}" + (
+        ", such as 0.5" if include_zero else ", such as 0.5 (1 keeps everything)"
+    )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SettingsError(name, f"{_show(value)} is not a number", accepted)
     if not (0.0 <= value <= 1.0) or (value == 0 and not include_zero):
@@ -139,7 +151,9 @@ def check_flag(name: str, value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     flag = f"--{name} False" if str(value).lower() in ("false", "0", "no", "off") else f"--{name} True"
-    problem = f"{_show(value)} is text, not True or False" if _is_text(value) else f"{_show(value)} is not True or False"
+    problem = (
+        f"{_show(value)} is text, not True or False" if _is_text(value) else f"{_show(value)} is not True or False"
+    )
     raise SettingsError(name, problem, f"give True or False, capitalised on the command line (e.g. {flag})")
 
 
@@ -181,7 +195,9 @@ def check_device(name: str, value: Any) -> torch.device:
         if not torch.cuda.is_available():
             raise SettingsError(name, f"{device} is not available (torch finds no CUDA GPU here)", accepted)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SettingsError(name, f"{device} does not exist ({torch.cuda.device_count()} CUDA GPU(s) here)", accepted)
+            raise SettingsError(
+                name, f"{device} does not exist ({torch.cuda.device_count()} CUDA GPU(s) here)", accepted
+            )
         return device
     if str(device) in devices:
         return device

@@ -68,8 +68,18 @@ def bundle_command(run_id: str, config: str | list[str], bundle_root: Path, *ove
     """``python -m monai.bundle run`` of a config of ``bundle/configs``; a list of configs is passed as MONAI's
     ``--config_file "['a.json', 'b.json']"`` (later files override earlier ones)."""
     configs = str(CONFIGS / config) if isinstance(config, str) else str([str(CONFIGS / c) for c in config])
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs,
-            "--bundle_root", str(bundle_root), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        configs,
+        "--bundle_root",
+        str(bundle_root),
+        *overrides,
+    ]
 
 
 def bundle_env(**env: str) -> dict[str, str]:

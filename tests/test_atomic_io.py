@@ -70,7 +70,7 @@ def test_process_killed_mid_write_keeps_the_previous_file(tmp_path: Path) -> Non
         "import os, signal, sys\n"
         "from nisf_monai.io import atomic_open\n"
         "with atomic_open(sys.argv[1], 'w') as f:\n"
-        "    f.write('{\"version\": 2, \"cut\": ')\n"
+        '    f.write(\'{"version": 2, "cut": \')\n'
         "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -168,7 +168,9 @@ def test_every_package_writer_goes_through_the_helper() -> None:
                 offenders.append(f"{source.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert offenders == [], "\n".join(offenders)
     assert DIRECT_WRITE.search('with open(path, "w", newline="") as f:') and DIRECT_WRITE.search("fig.savefig(p)")
-    assert not DIRECT_WRITE.search('with atomic_open(path, "w") as f:') and not DIRECT_WRITE.search("with open(path) as f:")
+    assert not DIRECT_WRITE.search('with atomic_open(path, "w") as f:') and not DIRECT_WRITE.search(
+        "with open(path) as f:"
+    )
 
 
 def test_temporary_names_match_what_resume_cleans_up(tmp_path: Path) -> None:

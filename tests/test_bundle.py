@@ -22,9 +22,26 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     root = tmp_path_factory.mktemp("bundle")
     data = tmp_path_factory.mktemp("cohort")
     datalist = generate_cohort(str(data), num_subjects=3, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1)
-    run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", "3", "--num_points", "256",
-               "--batch_size", "2", "--val_interval", "3", "--val_max_steps", "4", "--val_monitor_every", "2",
-               *TINY_NET_ARGS)
+    run_bundle(
+        "training",
+        "train.json",
+        root,
+        "--datalist",
+        datalist,
+        "--max_epochs",
+        "3",
+        "--num_points",
+        "256",
+        "--batch_size",
+        "2",
+        "--val_interval",
+        "3",
+        "--val_max_steps",
+        "4",
+        "--val_monitor_every",
+        "2",
+        *TINY_NET_ARGS,
+    )
     return root, Path(datalist)
 
 
@@ -53,8 +70,20 @@ def test_validation_selects_steps_and_keeps_the_best_model(trained_bundle: tuple
 
 def test_training_resumes_from_state(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     root, datalist = trained_bundle
-    out = run_bundle("training", "train.json", root, "--datalist", str(datalist), "--max_epochs", "4",
-                     "--num_points", "256", "--batch_size", "2", *TINY_NET_ARGS)
+    out = run_bundle(
+        "training",
+        "train.json",
+        root,
+        "--datalist",
+        str(datalist),
+        "--max_epochs",
+        "4",
+        "--num_points",
+        "256",
+        "--batch_size",
+        "2",
+        *TINY_NET_ARGS,
+    )
     assert "resumed from" in out.stdout + out.stderr
     state = torch.load(root / "models" / "training_state.pt", weights_only=True)
     assert state["trainer"]["epoch"] == 4
@@ -64,8 +93,21 @@ def test_inference_writes_segmentations_at_target_spacing(trained_bundle: tuple[
     root, datalist = trained_bundle
     images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))
     out_dir = tmp_path / "out"
-    run_bundle("inference", "inference.json", root, "--dataset_dir", str(datalist.parent), "--output_dir", str(out_dir),
-               "--target_spacing", "[2.0, 3.0, 5.0]", "--inference_steps", "5", *TINY_NET_ARGS, cwd=tmp_path)
+    run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--dataset_dir",
+        str(datalist.parent),
+        "--output_dir",
+        str(out_dir),
+        "--target_spacing",
+        "[2.0, 3.0, 5.0]",
+        "--inference_steps",
+        "5",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
     for image_path in images:
         name = image_path.name[: -len(".nii.gz")]
         source = nib.load(str(image_path))
@@ -94,27 +136,74 @@ def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path],
     root, datalist = trained_bundle
     bundle = tmp_path / "bundle"
     shutil.copytree(root / "models", bundle / "models")
-    run_bundle("training", ["train.json", "train_localiser.json"], bundle, "--datalist", str(datalist),
-               "--localiser_epochs", "1", "--localiser_batch_size", "4", "--localiser_patch", "[32, 32]")
+    run_bundle(
+        "training",
+        ["train.json", "train_localiser.json"],
+        bundle,
+        "--datalist",
+        str(datalist),
+        "--localiser_epochs",
+        "1",
+        "--localiser_batch_size",
+        "4",
+        "--localiser_patch",
+        "[32, 32]",
+    )
     weights = torch.load(bundle / "models" / "localiser.pt", weights_only=True)
     assert set(weights) == set(localiser_network().state_dict())
     images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))[:1]
     data = tmp_path / "images"
     data.mkdir()
     shutil.copy(images[0], data / images[0].name)
-    out = run_bundle("inference", "inference.json", bundle, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-                     "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET_ARGS)
+    out = run_bundle(
+        "inference",
+        "inference.json",
+        bundle,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--inference_steps",
+        "2",
+        "--num_points",
+        "256",
+        "--localiser_refine_steps",
+        "0",
+        *TINY_NET_ARGS,
+    )
     assert "no heart localiser" not in out.stdout + out.stderr
     assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 1
-    without = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out2"),
-                         "--inference_steps", "0", "--num_points", "256", *TINY_NET_ARGS)
+    without = run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out2"),
+        "--inference_steps",
+        "0",
+        "--num_points",
+        "256",
+        *TINY_NET_ARGS,
+    )
     assert "no heart localiser" in without.stdout + without.stderr
 
 
 def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> None:
     """A user with no data runs the training command as is: the synthetic cohort appears and is logged."""
-    out = run_bundle("training", "train.json", tmp_path, "--max_epochs", "1", "--num_points", "64",
-                     "--batch_size", "8", *TINY_NET_ARGS)
+    out = run_bundle(
+        "training",
+        "train.json",
+        tmp_path,
+        "--max_epochs",
+        "1",
+        "--num_points",
+        "64",
+        "--batch_size",
+        "8",
+        *TINY_NET_ARGS,
+    )
     datalist = tmp_path / "data" / "synthetic" / "datalist.json"
     assert datalist.is_file()
     assert "generated a synthetic cohort" in out.stdout + out.stderr
@@ -132,26 +221,56 @@ def test_inference_skips_a_bad_case_and_writes_the_others(trained_bundle: tuple[
     for p in images:
         (data / p.name).write_bytes(p.read_bytes())
     (data / "broken.nii.gz").write_bytes(images[0].read_bytes()[:200])  # truncated
-    out = run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-                     "--inference_steps", "2", *TINY_NET_ARGS, cwd=tmp_path)
+    out = run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--inference_steps",
+        "2",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
     log = out.stdout + out.stderr
     assert "skipping case" in log and "broken.nii.gz" in log and "1 case(s) were skipped" in log
     written = sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz"))
     assert written == sorted(p.name.replace(".nii.gz", "_seg.nii.gz") for p in images)
 
 
-def test_inference_on_a_cine_series_writes_one_file_per_frame(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+def test_inference_on_a_cine_series_writes_one_file_per_frame(
+    trained_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
     root, datalist = trained_bundle
     ed, es = (nib.load(str(datalist.parent / f"synth000_{phase}.nii.gz")) for phase in ("ED", "ES"))
     series = np.stack([np.asarray(ed.dataobj), np.asarray(es.dataobj)], axis=-1).astype(np.float32)
     data = tmp_path / "data"
     data.mkdir()
     nib.save(nib.Nifti1Image(series, ed.affine), str(data / "cine.nii.gz"))
-    run_bundle("inference", "inference.json", root, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"),
-               "--inference_steps", "2", *TINY_NET_ARGS, cwd=tmp_path)
+    run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--inference_steps",
+        "2",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["cine_t00_qc.json", "cine_t00_recon.nii.gz", "cine_t00_seg.nii.gz",
-                       "cine_t01_qc.json", "cine_t01_recon.nii.gz", "cine_t01_seg.nii.gz"]
+    assert written == [
+        "cine_t00_qc.json",
+        "cine_t00_recon.nii.gz",
+        "cine_t00_seg.nii.gz",
+        "cine_t01_qc.json",
+        "cine_t01_recon.nii.gz",
+        "cine_t01_seg.nii.gz",
+    ]
     qc = json.loads((tmp_path / "out" / "cine_t00_qc.json").read_text())  # quality control beside every output
     assert {"reconstruction_error", "volume_ml", "warnings"} <= set(qc)
     for name in ("cine_t00_seg.nii.gz", "cine_t01_seg.nii.gz"):
@@ -160,17 +279,25 @@ def test_inference_on_a_cine_series_writes_one_file_per_frame(trained_bundle: tu
         np.testing.assert_allclose(seg.affine, ed.affine, atol=1e-4)
 
 
-def _write_case(folder: Path, name: str, image: np.ndarray, label: np.ndarray, label_affine: np.ndarray | None = None) -> dict:
+def _write_case(
+    folder: Path, name: str, image: np.ndarray, label: np.ndarray, label_affine: np.ndarray | None = None
+) -> dict:
     affine = np.diag([2.0, 2.0, 8.0, 1.0])
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))
-    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine if label_affine is None else label_affine), str(folder / f"{name}_gt.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(label.astype(np.uint8), affine if label_affine is None else label_affine),
+        str(folder / f"{name}_gt.nii.gz"),
+    )
     return {"image": f"{name}.nii.gz", "label": f"{name}_gt.nii.gz"}
 
 
 BAD_CASES = {
     "shape mismatch": (lambda rng: (rng.random((16, 16, 4)), np.zeros((16, 16, 5))), "differs from image shape"),
     "label outside classes": (lambda rng: (rng.random((16, 16, 4)), np.full((16, 16, 4), 7)), "not classes 0..3"),
-    "NaN intensities": (lambda rng: (np.where(rng.random((16, 16, 4)) > 0.5, np.nan, 1.0), np.zeros((16, 16, 4))), "NaN or infinite"),
+    "NaN intensities": (
+        lambda rng: (np.where(rng.random((16, 16, 4)) > 0.5, np.nan, 1.0), np.zeros((16, 16, 4))),
+        "NaN or infinite",
+    ),
     "2D image": (lambda rng: (rng.random((16, 16)), np.zeros((16, 16))), "expected one 3D volume"),
 }
 
@@ -183,8 +310,18 @@ def test_training_on_a_bad_case_fails_with_one_clear_line(problem: str, tmp_path
     good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
     bad = _write_case(tmp_path, "bad", image, label)
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, bad]}))
-    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(tmp_path / "datalist.json"),
-                        "--max_epochs", "1", *TINY_NET_ARGS, check=False, timeout=300)
+    result = run_bundle(
+        "training",
+        "train.json",
+        tmp_path,
+        "--datalist",
+        str(tmp_path / "datalist.json"),
+        "--max_epochs",
+        "1",
+        *TINY_NET_ARGS,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
@@ -194,9 +331,21 @@ def test_training_on_a_bad_case_fails_with_one_clear_line(problem: str, tmp_path
 
 def test_training_with_a_missing_file_names_it(tmp_path: Path) -> None:
     good = _write_case(tmp_path, "good", np.random.default_rng(1).random((16, 16, 4)), np.zeros((16, 16, 4)))
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": [good, {"image": "gone.nii.gz", "label": "gone_gt.nii.gz"}]}))
-    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(tmp_path / "datalist.json"),
-                        "--max_epochs", "1", *TINY_NET_ARGS, check=False, timeout=300)
+    (tmp_path / "datalist.json").write_text(
+        json.dumps({"training": [good, {"image": "gone.nii.gz", "label": "gone_gt.nii.gz"}]})
+    )
+    result = run_bundle(
+        "training",
+        "train.json",
+        tmp_path,
+        "--datalist",
+        str(tmp_path / "datalist.json"),
+        "--max_epochs",
+        "1",
+        *TINY_NET_ARGS,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ERROR: " in result.stderr and "gone.nii.gz does not exist" in result.stderr
 
@@ -205,11 +354,28 @@ def test_streamed_outputs_equal_saveimage_outputs(trained_bundle: tuple[Path, Pa
     """With a target spacing the outputs are sampled and written slab by slab (``stream_outputs``, the default
     then); the files equal what sampling the whole grid and MONAI ``SaveImaged`` write: names, affines, labels."""
     root, datalist = trained_bundle
-    common = ["--dataset_dir", str(datalist.parent), "--target_spacing", "[2.5, 2.5, 4.0]", "--inference_steps", "3",
-              *TINY_NET_ARGS]
+    common = [
+        "--dataset_dir",
+        str(datalist.parent),
+        "--target_spacing",
+        "[2.5, 2.5, 4.0]",
+        "--inference_steps",
+        "3",
+        *TINY_NET_ARGS,
+    ]
     streamed, saved = tmp_path / "streamed", tmp_path / "saved"
     run_bundle("inference", "inference.json", root, "--output_dir", str(streamed), *common, cwd=tmp_path)
-    run_bundle("inference", "inference.json", root, "--output_dir", str(saved), "--stream_outputs", "False", *common, cwd=tmp_path)
+    run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--output_dir",
+        str(saved),
+        "--stream_outputs",
+        "False",
+        *common,
+        cwd=tmp_path,
+    )
     names = sorted(p.name for p in saved.glob("*.nii.gz"))
     assert names and names == sorted(p.name for p in streamed.glob("*.nii.gz"))
     assert sorted(p.name for p in saved.glob("*_qc.json")) == sorted(p.name for p in streamed.glob("*_qc.json"))

@@ -17,9 +17,29 @@ from monai.bundle import ConfigParser
 from nisf_monai.data import generate_subject
 
 # ids that train.json and inference.json both define, with the same value
-SHARED = ["bundle_root", "ckpt_dir", "dataset_dir", "device", "amp", "seed", "label_names", "num_classes",
-          "latent_dim", "hidden_dim", "num_layers", "activation", "coordinate_mode", "heart_frame", "extent_mm",
-          "heart_sigma_mm", "network_def", "network", "allow_missing_inputs", "loading_transforms", "intensity_scaling"]
+SHARED = [
+    "bundle_root",
+    "ckpt_dir",
+    "dataset_dir",
+    "device",
+    "amp",
+    "seed",
+    "label_names",
+    "num_classes",
+    "latent_dim",
+    "hidden_dim",
+    "num_layers",
+    "activation",
+    "coordinate_mode",
+    "heart_frame",
+    "extent_mm",
+    "heart_sigma_mm",
+    "network_def",
+    "network",
+    "allow_missing_inputs",
+    "loading_transforms",
+    "intensity_scaling",
+]
 
 # run -> (configs, datalist id, preprocessing id)
 RUNS = {

@@ -54,7 +54,11 @@ def grid_of(frame: CoordinateFrame, affine, shape) -> np.ndarray:
         (
             "oblique",  # 30 degrees about z: x = 2 cos30 i - 2 sin30 j + 10, y = 2 sin30 i + 2 cos30 j - 20
             [3.0, 1.0, 2.0],
-            [2 * math.cos(math.pi / 6) * 3 - 2 * 0.5 * 1 + 10, 2 * 0.5 * 3 + 2 * math.cos(math.pi / 6) * 1 - 20, 30 + 10],
+            [
+                2 * math.cos(math.pi / 6) * 3 - 2 * 0.5 * 1 + 10,
+                2 * 0.5 * 3 + 2 * math.cos(math.pi / 6) * 1 - 20,
+                30 + 10,
+            ],
         ),
     ],
 )

@@ -41,8 +41,10 @@ def test_relative_paths_resolved_and_ids_filled(cohort: Path, monkeypatch) -> No
     path = write_datalist(cohort, {"training": [entry("patient001_frame01"), entry("patient002_frame01")]})
     monkeypatch.chdir(cohort / "data")  # a working directory where the relative paths would not exist
     items = load_datalist(path)
-    assert [Path(i["image"]) for i in items] == [cohort / "data" / "patient001_frame01.nii.gz",
-                                                 cohort / "data" / "patient002_frame01.nii.gz"]
+    assert [Path(i["image"]) for i in items] == [
+        cohort / "data" / "patient001_frame01.nii.gz",
+        cohort / "data" / "patient002_frame01.nii.gz",
+    ]
     assert Path(items[0]["label"]) == cohort / "data" / "patient001_frame01_gt.nii.gz"
     assert [i["case"] for i in items] == ["patient001_frame01", "patient002_frame01"]
     assert [i["subject"] for i in items] == ["patient001_frame01", "patient002_frame01"]
@@ -50,16 +52,19 @@ def test_relative_paths_resolved_and_ids_filled(cohort: Path, monkeypatch) -> No
 
 def test_explicit_case_and_subject_kept(cohort: Path) -> None:
     """case and subject given in the datalist are kept (frames of one subject can share a code)."""
-    path = write_datalist(cohort, {"training": [entry("patient001_frame01", subject="p1"),
-                                                entry("patient002_frame01", case="c2", subject="p1")]})
+    path = write_datalist(
+        cohort,
+        {"training": [entry("patient001_frame01", subject="p1"), entry("patient002_frame01", case="c2", subject="p1")]},
+    )
     items = load_datalist(path)
     assert [(i["case"], i["subject"]) for i in items] == [("patient001_frame01", "p1"), ("c2", "p1")]
 
 
 def test_other_section_and_keys(cohort: Path) -> None:
     """Another section can be read with image-only keys (inference lists)."""
-    path = write_datalist(cohort, {"training": [entry("patient001_frame01")],
-                                   "testing": [{"image": "data/patient002_frame01.nii.gz"}]})
+    path = write_datalist(
+        cohort, {"training": [entry("patient001_frame01")], "testing": [{"image": "data/patient002_frame01.nii.gz"}]}
+    )
     items = load_datalist(path, section="testing", keys=("image",))
     assert len(items) == 1 and items[0]["case"] == "patient002_frame01"
 
@@ -111,8 +116,9 @@ def test_duplicate_case(cohort: Path) -> None:
 
 def test_duplicate_explicit_case(cohort: Path) -> None:
     """Explicit case fields that collide are rejected too."""
-    path = write_datalist(cohort, {"training": [entry("patient001_frame01", case="x"),
-                                                entry("patient002_frame01", case="x")]})
+    path = write_datalist(
+        cohort, {"training": [entry("patient001_frame01", case="x"), entry("patient002_frame01", case="x")]}
+    )
     with pytest.raises(ValueError, match="duplicate case IDs"):
         load_datalist(path)
 

@@ -72,12 +72,23 @@ def tiny_trainer(seen: list[bool]) -> NISFTrainer:
 
     network = NISFNet(latent_dim=8, hidden_dim=8, num_layers=1)
     table = LatentTable(["a", "b"], 8)
-    batch = {"coords": torch.rand(2, 3, 64) - 0.5, "image": torch.rand(2, 1, 64), "label": torch.randint(0, 4, (2, 1, 64)),
-             "case": ["a", "b"]}
+    batch = {
+        "coords": torch.rand(2, 3, 64) - 0.5,
+        "image": torch.rand(2, 1, 64),
+        "label": torch.randint(0, 4, (2, 1, 64)),
+        "case": ["a", "b"],
+    }
     trainer = NISFTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[batch, batch], network=network,
-        optimizer=torch.optim.Adam(network.parameters()), latent_table=table,
-        latent_optimizer=torch.optim.SparseAdam(table.parameters()), loss_function=NISFLoss(), decollate=False, amp=False,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch, batch],
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters()),
+        latent_table=table,
+        latent_optimizer=torch.optim.SparseAdam(table.parameters()),
+        loss_function=NISFLoss(),
+        decollate=False,
+        amp=False,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: seen.append(denormals_flushed()))
     return trainer
@@ -99,8 +110,12 @@ def test_latent_fit_flushes_during_the_fit_only(supported):
     seen: list[bool] = []
     image = MetaTensor(torch.rand(1, 1, 4, 4, 3), affine=torch.eye(4))
     inferer = LatentOptimisationInferer(num_steps=4, num_points=16, log_every=0)
-    inferer.fit(image, NISFNet(latent_dim=8, hidden_dim=8, num_layers=1), monitor=lambda *_: seen.append(denormals_flushed()),
-                monitor_every=2)
+    inferer.fit(
+        image,
+        NISFNet(latent_dim=8, hidden_dim=8, num_layers=1),
+        monitor=lambda *_: seen.append(denormals_flushed()),
+        monitor_every=2,
+    )
     assert seen and all(seen)
     assert not denormals_flushed()
 

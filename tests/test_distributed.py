@@ -71,9 +71,17 @@ def build(seed: int, save_dir: Path, resume: bool = False) -> tuple[Any, ...]:
 def train(network, table, optimizer, latent_optimizer, handler, loader: DataLoader, epochs: int) -> list[list[int]]:
     """Runs ``NISFTrainer`` and returns the frame indices of every step."""
     trainer = NISFTrainer(
-        device="cpu", max_epochs=epochs, train_data_loader=loader, network=network, optimizer=optimizer,
-        latent_table=table, latent_optimizer=latent_optimizer, loss_function=NISFLoss(), train_handlers=[handler],
-        decollate=False, amp=False,
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=optimizer,
+        latent_table=table,
+        latent_optimizer=latent_optimizer,
+        loss_function=NISFLoss(),
+        train_handlers=[handler],
+        decollate=False,
+        amp=False,
     )
     seen: list[list[int]] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.batch["index"].tolist()))
@@ -106,9 +114,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
         with pytest.raises(ValueError, match="data_parallel"):  # DDP over NISFNet would sync the segmentation head only
             other = NISFNet(latent_dim=LATENT, hidden_dim=16, num_layers=2)
-            NISFTrainer(device="cpu", max_epochs=1, train_data_loader=loader, network=DistributedDataParallel(other),
-                        optimizer=optimizer, latent_table=table, latent_optimizer=latent_optimizer,
-                        loss_function=NISFLoss())
+            NISFTrainer(
+                device="cpu",
+                max_epochs=1,
+                train_data_loader=loader,
+                network=DistributedDataParallel(other),
+                optimizer=optimizer,
+                latent_table=table,
+                latent_optimizer=latent_optimizer,
+                loss_function=NISFLoss(),
+            )
         seen = train(data_parallel(network), table, optimizer, latent_optimizer, handler, loader, EPOCHS)
         result = {"seen": seen, "trained": snapshot(network, table, latent_optimizer), "writes": writes}
         dist.barrier()  # rank 0's last save is on disk
@@ -159,7 +174,7 @@ def test_frames_move_between_ranks(ranks: tuple[list[dict[str, Any]], Path]) -> 
     subject = [[{i // 2 for i in r["seen"][t]} for t in range(len(r["seen"]))] for r in results]
     both = [t for t in range(len(subject[0])) if subject[0][t] & subject[1][t]]
     assert both, "no step had one subject on both ranks"
-    on_rank0 = [set().union(*subject[0][e * steps_per_epoch:(e + 1) * steps_per_epoch]) for e in range(EPOCHS)]
+    on_rank0 = [set().union(*subject[0][e * steps_per_epoch : (e + 1) * steps_per_epoch]) for e in range(EPOCHS)]
     assert len({frozenset(s) for s in on_rank0}) > 1, "the sampler gave rank 0 the same subjects every epoch"
     assert any(len(subject[0][t] | subject[1][t]) < FRAMES // 2 for t in range(len(subject[0])))
     assert len(results[0]["seen"]) == EPOCHS * steps_per_epoch
@@ -235,8 +250,9 @@ def test_checkpoints_hold_the_plain_network_keys(tmp_path: Path) -> None:
 
 def test_too_few_validation_items_for_the_ranks() -> None:
     with pytest.raises(InputDataError, match="validation set has 1 item.*2 ranks"):
-        distributed_sampler([{"image": 0}], shuffle=False, even_divisible=False, name="validation",
-                            num_replicas=2, rank=0)
+        distributed_sampler(
+            [{"image": 0}], shuffle=False, even_divisible=False, name="validation", num_replicas=2, rank=0
+        )
     sampler = distributed_sampler(list(range(3)), shuffle=False, even_divisible=False, num_replicas=2, rank=1)
     assert list(sampler) == [1]  # validation shards cover each item once, without padding
 
@@ -250,15 +266,47 @@ def _free_port() -> int:
 def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
     """The real configs, merged, under torchrun with 2 CPU processes (gloo): trains, validates on both
     shards and leaves rank 0's files."""
-    datalist = generate_cohort(str(tmp_path / "data"), num_subjects=4, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0),
-                               num_validation=1)
+    datalist = generate_cohort(
+        str(tmp_path / "data"), num_subjects=4, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1
+    )
     root = tmp_path / "bundle"
     configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "monai.bundle", "run", "training", "--config_file", configs,
-           "--bundle_root", str(root), "--datalist", datalist, "--max_epochs", "2", "--num_points", "256",
-           "--batch_size", "2", "--val_interval", "2", "--val_max_steps", "4", "--val_monitor_every", "2",
-           "--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--bundle_root",
+        str(root),
+        "--datalist",
+        datalist,
+        "--max_epochs",
+        "2",
+        "--num_points",
+        "256",
+        "--batch_size",
+        "2",
+        "--val_interval",
+        "2",
+        "--val_max_steps",
+        "4",
+        "--val_monitor_every",
+        "2",
+        "--hidden_dim",
+        "16",
+        "--latent_dim",
+        "16",
+        "--num_layers",
+        "2",
+    ]
     result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     models = root / "models"

@@ -42,7 +42,11 @@ def test_datalist_builder_splits_by_patient_and_maps_labels(tmp_path: Path) -> N
     path = build_datalist(str(tmp_path / "acdc"), str(tmp_path / "out" / "datalist.json"))
     parts = {part: load_datalist(path, part) for part in ("training", "validation", "test")}
     subjects = {part: {item["subject"] for item in items} for part, items in parts.items()}
-    assert not (subjects["training"] & subjects["validation"] or subjects["training"] & subjects["test"] or subjects["validation"] & subjects["test"])
+    assert not (
+        subjects["training"] & subjects["validation"]
+        or subjects["training"] & subjects["test"]
+        or subjects["validation"] & subjects["test"]
+    )
     for part, names in subjects.items():
         for name in names:
             assert split_of(int(name[-3:])) == part
@@ -50,7 +54,9 @@ def test_datalist_builder_splits_by_patient_and_maps_labels(tmp_path: Path) -> N
             assert sum(item["subject"] == name for item in parts[part]) == 2
     assert subjects["test"] == {f"patient{n:03d}" for n in patients if n % 5 == 4}
     assert subjects["validation"] == {"patient002", "patient012"}
-    assert all(os.path.exists(item["image"]) and os.path.exists(item["label"]) for items in parts.values() for item in items)
+    assert all(
+        os.path.exists(item["image"]) and os.path.exists(item["label"]) for items in parts.values() for item in items
+    )
     assert read_label_mapping(path) == {1: 3, 2: 2, 3: 1}  # ACDC RV 1 -> 3, LV blood pool 3 -> 1
 
 
@@ -131,9 +137,21 @@ def test_evaluating_run_on_two_acdc_cases(tmp_path: Path) -> None:
     net = NISFNet(latent_dim=16, hidden_dim=16, num_layers=2)
     (tmp_path / "models").mkdir()
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
-    result = run_bundle("evaluating", ["inference.json", "evaluate.json"], tmp_path,
-                        "--datalist_file", str(tmp_path / "datalist.json"), "--inference_steps", "4",
-                        "--monitor_every", "2", "--num_points", "256", *TINY_NET_ARGS, check=False)
+    result = run_bundle(
+        "evaluating",
+        ["inference.json", "evaluate.json"],
+        tmp_path,
+        "--datalist_file",
+        str(tmp_path / "datalist.json"),
+        "--inference_steps",
+        "4",
+        "--monitor_every",
+        "2",
+        "--num_points",
+        "256",
+        *TINY_NET_ARGS,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     raw = (tmp_path / "eval" / "mean_dice_raw.csv").read_text().splitlines()
     assert len(raw) == 3 and "patient" in raw[1]  # header + two cases, named by file
@@ -163,9 +181,22 @@ def test_evaluating_run_scores_each_frame_of_a_cine_series(tmp_path: Path) -> No
     torch.manual_seed(0)
     (tmp_path / "models").mkdir()
     torch.save(NISFNet(latent_dim=16, hidden_dim=16, num_layers=2).state_dict(), tmp_path / "models" / "model.pt")
-    run_bundle("evaluating", ["inference.json", "evaluate.json"], tmp_path,
-               "--datalist_file", str(tmp_path / "datalist.json"), "--save_images", "True",
-               "--inference_steps", "2", "--num_points", "256", "--localiser_refine_steps", "0", *TINY_NET_ARGS)
+    run_bundle(
+        "evaluating",
+        ["inference.json", "evaluate.json"],
+        tmp_path,
+        "--datalist_file",
+        str(tmp_path / "datalist.json"),
+        "--save_images",
+        "True",
+        "--inference_steps",
+        "2",
+        "--num_points",
+        "256",
+        "--localiser_refine_steps",
+        "0",
+        *TINY_NET_ARGS,
+    )
     rows = (tmp_path / "eval" / "mean_dice_raw.csv").read_text().splitlines()[1:]
     assert sorted(Path(row.split(",")[0]).name for row in rows) == ["cine_t00.nii.gz", "cine_t01.nii.gz", "flat.nii.gz"]
     assert not (tmp_path / "eval" / "failed_cases.txt").exists()  # no frame skipped

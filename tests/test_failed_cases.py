@@ -82,18 +82,26 @@ def test_report_failed_cases_raises_when_nothing_was_done(caplog: pytest.LogCapt
 def evaluator(cases: list[dict], output_dir: Path, with_metric: bool) -> LatentOptimisationEvaluator:
     """The evaluate.json arrangement, small: SkippingDataset, lists of cases per batch (batch size 1, so a
     batch can be wholly skipped), MeanDice from ``from_engine``, and the failed-cases handler."""
-    transform = Compose([LoadCased(["image", "label"], image_only=True, ensure_channel_first=True),
-                         ValidateCased(label_key="label", num_classes=4),
-                         ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True)])
+    transform = Compose(
+        [
+            LoadCased(["image", "label"], image_only=True, ensure_channel_first=True),
+            ValidateCased(label_key="label", num_classes=4),
+            ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
+        ]
+    )
     loader = DataLoader(SkippingDataset(cases, transform), batch_size=1, collate_fn=no_collation)
     torch.manual_seed(0)
     network = NISFNet(latent_dim=4, num_classes=4, hidden_dim=8, num_layers=1)
     metric = {"mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))}
     return LatentOptimisationEvaluator(
-        device=torch.device("cpu"), val_data_loader=loader, network=network,
+        device=torch.device("cpu"),
+        val_data_loader=loader,
+        network=network,
         inferer=LatentOptimisationInferer(num_steps=1, num_points=32, log_every=0),
         postprocessing=AsDiscreted(["pred", "label"], to_onehot=4) if with_metric else None,
-        key_val_metric=metric if with_metric else None, val_handlers=[FailedCasesHandler(output_dir)], decollate=False,
+        key_val_metric=metric if with_metric else None,
+        val_handlers=[FailedCasesHandler(output_dir)],
+        decollate=False,
     )
 
 
@@ -144,11 +152,26 @@ def test_evaluator_counts_restart_with_each_run(tmp_path: Path) -> None:
 def plane_run(cases: list[dict], output_dir: Path) -> PlaneRun:
     torch.manual_seed(0)
     network = NISFNet(latent_dim=4, num_classes=4, hidden_dim=8, num_layers=1)
-    transform = Compose([LoadCased("image", image_only=True, ensure_channel_first=True), ValidateCased(label_key=None),
-                         ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True)])
+    transform = Compose(
+        [
+            LoadCased("image", image_only=True, ensure_channel_first=True),
+            ValidateCased(label_key=None),
+            ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
+        ]
+    )
     datalist = [{"image": c["image"]} for c in cases]
-    return PlaneRun(network, LatentOptimisationInferer(num_steps=1, num_points=32, log_every=0), transform, datalist,
-                    output_dir, spacing=4.0, size=[6, 6], u=[1, 0, 0], v=[0, 0, 1], centre=[20.0, 20.0, 10.0])
+    return PlaneRun(
+        network,
+        LatentOptimisationInferer(num_steps=1, num_points=32, log_every=0),
+        transform,
+        datalist,
+        output_dir,
+        spacing=4.0,
+        size=[6, 6],
+        u=[1, 0, 0],
+        v=[0, 0, 1],
+        centre=[20.0, 20.0, 10.0],
+    )
 
 
 def test_plane_run_lists_failed_cases(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -167,9 +190,23 @@ def test_plane_run_lists_failed_cases(tmp_path: Path, caplog: pytest.LogCaptureF
 
 
 def run_inference(data: Path, out: Path) -> subprocess.CompletedProcess:
-    return run_bundle("inference", "inference.json", REPO / "bundle", "--dataset_dir", str(data),
-                      "--output_dir", str(out), "--inference_steps", "2", "--num_points", "256",
-                      cwd=data.parent, check=False, timeout=300, OMP_NUM_THREADS="1")
+    return run_bundle(
+        "inference",
+        "inference.json",
+        REPO / "bundle",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--inference_steps",
+        "2",
+        "--num_points",
+        "256",
+        cwd=data.parent,
+        check=False,
+        timeout=300,
+        OMP_NUM_THREADS="1",
+    )
 
 
 def test_inference_run_with_a_bad_case_lists_it_and_says_how_many(tmp_path: Path) -> None:

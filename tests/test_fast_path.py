@@ -40,7 +40,9 @@ def reference_heads(net: NISFNet, coords: torch.Tensor, latent: torch.Tensor) ->
         else:
             x = y + x
     seg = F.linear(x, net.seg_head.weight, net.seg_head.bias).transpose(1, 2).reshape([batch, -1] + spatial)
-    intensity = F.linear(x, net.intensity_head.weight, net.intensity_head.bias).transpose(1, 2).reshape([batch, 1] + spatial)
+    intensity = (
+        F.linear(x, net.intensity_head.weight, net.intensity_head.bias).transpose(1, 2).reshape([batch, 1] + spatial)
+    )
     return seg, intensity
 
 
@@ -191,7 +193,9 @@ def test_gradcheck_whole_network_function() -> None:
 
         def run(points, latent, *values, net=net, params=params):
             with torch.nn.utils.stateless._reparametrize_module(net, dict(zip(params, values, strict=True))):
-                return fused.gabor_network(net.layers, [net.seg_head, net.intensity_head], points, latent, net.latent_seeds_residual)
+                return fused.gabor_network(
+                    net.layers, [net.seg_head, net.intensity_head], points, latent, net.latent_seeds_residual
+                )
 
         values = [p.detach().clone().requires_grad_(True) for p in params.values()]
         assert torch.autograd.gradcheck(run, (points, latent, *values))
@@ -210,12 +214,17 @@ def test_compiled_kernel_maths_equals_eager_kernels() -> None:
             if p is not None:
                 torch.testing.assert_close(p, e)
     points, weight_t, frame_bias = torch.rand(3, 4, 3), torch.randn(3, 16), torch.randn(3, 1, 16)
-    for p, e in zip(fused._first_plain(points, weight_t, frame_bias, None, True),
-                    fused._first_eager(points, weight_t, frame_bias, None, True), strict=True):
+    for p, e in zip(
+        fused._first_plain(points, weight_t, frame_bias, None, True),
+        fused._first_eager(points, weight_t, frame_bias, None, True),
+        strict=True,
+    ):
         torch.testing.assert_close(p, e)
     g, m, da, db = (torch.randn(5, 8) for _ in range(4))
     torch.testing.assert_close(fused._backward_plain(g, da, db), fused._backward_eager(g, da, db))
-    for p, e in zip(fused._backward_acc_plain(g, m, da, db), fused._backward_acc_eager(g, m.clone(), da, db), strict=True):
+    for p, e in zip(
+        fused._backward_acc_plain(g, m, da, db), fused._backward_acc_eager(g, m.clone(), da, db), strict=True
+    ):
         torch.testing.assert_close(p, e)
 
 
@@ -245,7 +254,9 @@ def test_failed_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, cap
     assert sum("torch.compile of the Gabor kernels failed" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.skipif(os.environ.get("NISF_TEST_COMPILE") != "1", reason="compiles kernels (~30 s); set NISF_TEST_COMPILE=1")
+@pytest.mark.skipif(
+    os.environ.get("NISF_TEST_COMPILE") != "1", reason="compiles kernels (~30 s); set NISF_TEST_COMPILE=1"
+)
 def test_compiled_kernels_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a working compiler the compiled kernels run (none failed) and give the reference's outputs and
     gradients, for point sets with and without gradients."""
@@ -287,15 +298,20 @@ def test_state_dict_keys_unchanged_and_layer_uses_fused_activation() -> None:
     net = small_net()
     keys = set(net.state_dict())
     for i in range(SMALL["num_layers"]):
-        assert {f"layers.{i}.freq.weight", f"layers.{i}.freq.bias", f"layers.{i}.scale.weight", f"layers.{i}.scale.bias"} <= keys
+        assert {
+            f"layers.{i}.freq.weight",
+            f"layers.{i}.freq.bias",
+            f"layers.{i}.scale.weight",
+            f"layers.{i}.scale.bias",
+        } <= keys
     torch.manual_seed(8)
     layer = GaborLayer(6, 5)
     x = torch.randn(7, 6, requires_grad=True)
     y = layer(x)
     expected = torch.cos(10 * layer.freq(x)) * torch.exp(-((10 * layer.scale(x)) ** 2))
     torch.testing.assert_close(y, expected)
-    g_fast, = torch.autograd.grad(y.sum(), x)
-    g_ref, = torch.autograd.grad(expected.sum(), x)
+    (g_fast,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
 
 

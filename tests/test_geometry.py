@@ -43,7 +43,9 @@ left_handed_affine = partial(oblique_affine, (1.5, 1.25, 6.0), (-20.0, 12.0, 5.0
 
 
 def inferer(**kwargs) -> LatentOptimisationInferer:
-    return LatentOptimisationInferer(**{"num_steps": 2, "num_points": 64, "extent_mm": 100.0, "log_every": 0, "chunk_size": 500, **kwargs})
+    return LatentOptimisationInferer(
+        **{"num_steps": 2, "num_points": 64, "extent_mm": 100.0, "log_every": 0, "chunk_size": 500, **kwargs}
+    )
 
 
 def image_of(shape, affine) -> MetaTensor:
@@ -83,7 +85,9 @@ def test_plane_grid_places_voxels_in_world() -> None:
     origin_affine, _ = plane_grid(u=[2, 0, 0], v=[0, 0, 3], spacing=1.0, size=[5, 4], origin=[1, 2, 3])
     np.testing.assert_allclose(origin_affine[:3, 3], [1, 2, 3])
     # a volume, with w on the other side of the plane: the third axis flips
-    box, box_shape = plane_grid(u=[1, 0, 0], v=[0, 1, 0], w=[0, 0, -5], spacing=[1, 1, 2], size=[3, 3, 4], origin=[0, 0, 0])
+    box, box_shape = plane_grid(
+        u=[1, 0, 0], v=[0, 1, 0], w=[0, 0, -5], spacing=[1, 1, 2], size=[3, 3, 4], origin=[0, 0, 0]
+    )
     assert box_shape == [3, 3, 4]
     np.testing.assert_allclose(box[:3, 2], [0, 0, -2])
 
@@ -127,16 +131,26 @@ def test_plane_through_a_volume_matches_it_where_they_coincide(axis: int) -> Non
     in_plane = [a for a in range(3) if a != axis]
     origin = affine[:3, :3] @ index + affine[:3, 3]
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
-    grid, grid_shape = plane_grid(u=affine[:3, in_plane[0]], v=affine[:3, in_plane[1]], spacing=sizes[in_plane],
-                                  size=[shape[a] for a in in_plane], origin=origin)
+    grid, grid_shape = plane_grid(
+        u=affine[:3, in_plane[0]],
+        v=affine[:3, in_plane[1]],
+        spacing=sizes[in_plane],
+        size=[shape[a] for a in in_plane],
+        origin=origin,
+    )
     plane, plane_intensity = inf.sample(net, latent, frame, grid, grid_shape, probabilities=True)
     expected = volume[0].select(axis + 1, k)
     np.testing.assert_allclose(plane[0, :, :, :, 0], expected, atol=1e-5)
     np.testing.assert_allclose(plane_intensity[0, 0, :, :, 0], volume_intensity[0, 0].select(axis, k), atol=1e-5)
     assert expected.std() > 1e-3  # the network's output varies over the plane, so the match means something
     # a plane half a voxel away reads different values
-    shifted, _ = plane_grid(u=affine[:3, in_plane[0]], v=affine[:3, in_plane[1]], spacing=sizes[in_plane],
-                            size=[shape[a] for a in in_plane], origin=origin + 0.5 * affine[:3, axis])
+    shifted, _ = plane_grid(
+        u=affine[:3, in_plane[0]],
+        v=affine[:3, in_plane[1]],
+        spacing=sizes[in_plane],
+        size=[shape[a] for a in in_plane],
+        origin=origin + 0.5 * affine[:3, axis],
+    )
     other, _ = inf.sample(net, latent, frame, shifted, grid_shape, probabilities=True)
     assert (other[0, :, :, :, 0] - expected).abs().max() > 1e-4
 
@@ -155,8 +169,13 @@ def test_plane_through_a_generated_heart_matches_its_label_map() -> None:
         in_plane = [a for a in range(3) if a != axis]
         index = np.zeros(3)
         index[axis] = k
-        grid, grid_shape = plane_grid(u=affine[:3, in_plane[0]], v=affine[:3, in_plane[1]], spacing=sizes[in_plane],
-                                      size=[label.shape[a] for a in in_plane], origin=affine[:3, :3] @ index + affine[:3, 3])
+        grid, grid_shape = plane_grid(
+            u=affine[:3, in_plane[0]],
+            v=affine[:3, in_plane[1]],
+            spacing=sizes[in_plane],
+            size=[label.shape[a] for a in in_plane],
+            origin=affine[:3, :3] @ index + affine[:3, 3],
+        )
         probs, _ = field.sample(grid, grid_shape)
         expected = np.take(label, k, axis=axis)
         assert len(np.unique(expected)) == 4, "the plane should cut every structure"
@@ -172,7 +191,9 @@ def test_resample_image_is_exact_for_a_linear_image() -> None:
     centre = affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3]
     grid, grid_shape = plane_grid(u=[1, 1, 0], v=[0, 0.3, 1], spacing=0.7, size=[9, 9], centre=centre)
     out = resample_image(image, affine, grid, grid_shape)
-    expected = (np.stack(np.meshgrid(*[np.arange(n) for n in grid_shape], indexing="ij"), -1) @ grid[:3, :3].T + grid[:3, 3]) @ gradient + 5.0
+    expected = (
+        np.stack(np.meshgrid(*[np.arange(n) for n in grid_shape], indexing="ij"), -1) @ grid[:3, :3].T + grid[:3, 3]
+    ) @ gradient + 5.0
     np.testing.assert_allclose(out, expected, atol=2e-4)
     far, _ = plane_grid(u=[1, 0, 0], v=[0, 1, 0], spacing=1.0, size=[3, 3], centre=centre + 200.0)
     assert np.all(resample_image(image, affine, far, [3, 3, 1]) == 0)
@@ -181,10 +202,17 @@ def test_resample_image_is_exact_for_a_linear_image() -> None:
 def test_plane_run_writes_nifti_on_the_plane_and_a_figure(tmp_path: Path) -> None:
     image, _, affine, _ = synthetic.generate_subject(2, "ED", shape=(32, 32, 6), spacing=(3.0, 3.0, 10.0))
     path = save_nifti(image, affine, tmp_path / "case.nii.gz")
-    lax = save_nifti(np.arange(20 * 16, dtype=np.float32).reshape(20, 16, 1),
-                     np.array([[2.0, 0, 0, -20], [0, 0, 2.5, 5], [0, 2.0, 0, -15], [0, 0, 0, 1]]), tmp_path / "lax.nii.gz")
-    preprocessing = Compose([LoadCased("image", image_only=True, ensure_channel_first=True),
-                             ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True)])
+    lax = save_nifti(
+        np.arange(20 * 16, dtype=np.float32).reshape(20, 16, 1),
+        np.array([[2.0, 0, 0, -20], [0, 0, 2.5, 5], [0, 2.0, 0, -15], [0, 0, 0, 1]]),
+        tmp_path / "lax.nii.gz",
+    )
+    preprocessing = Compose(
+        [
+            LoadCased("image", image_only=True, ensure_channel_first=True),
+            ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
+        ]
+    )
     torch.manual_seed(0)
     net = NISFNet(latent_dim=8, hidden_dim=16, num_layers=2, num_classes=4)
     datalist = [{"image": path, "case": "case"}]
@@ -268,7 +296,9 @@ def test_mesh_files(tmp_path: Path) -> None:
 
     obj = Path(write_mesh(tmp_path / "s.obj", mesh)).read_text().splitlines()
     assert "SPACE=RAS" in obj[0]
-    assert sum(line.startswith("v ") for line in obj) == len(mesh.vertices) and sum(line.startswith("f ") for line in obj) == len(mesh)
+    assert sum(line.startswith("v ") for line in obj) == len(mesh.vertices) and sum(
+        line.startswith("f ") for line in obj
+    ) == len(mesh)
     with pytest.raises(ValueError, match="format"):
         write_mesh(tmp_path / "s.ply", mesh)
 
@@ -281,9 +311,21 @@ def test_bundle_plane_config_runs(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "plane.json")])
     centre = [float(c) for c in affine[:3, :3] @ [15.5, 15.5, 2.5] + affine[:3, 3]]
-    parser.update({"bundle_root": str(REPO / "bundle"), "dataset_dir": str(tmp_path / "images"), "output_dir": str(tmp_path / "out"),
-                   "inference_steps": 1, "num_points": 256, "device": "cpu", "plane_centre": centre,
-                   "plane_u": [1, 1, 0], "plane_v": [0, 0, 1], "plane_spacing": 2.0, "plane_size": [30, 25]})
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundle"),
+            "dataset_dir": str(tmp_path / "images"),
+            "output_dir": str(tmp_path / "out"),
+            "inference_steps": 1,
+            "num_points": 256,
+            "device": "cpu",
+            "plane_centre": centre,
+            "plane_u": [1, 1, 0],
+            "plane_v": [0, 0, 1],
+            "plane_spacing": 2.0,
+            "plane_size": [30, 25],
+        }
+    )
     parser.get_parsed_content("sampling_plane")
     expected, shape = plane_grid(u=[1, 1, 0], v=[0, 0, 1], spacing=2.0, size=[30, 25], centre=centre)
     seg = nib.load(tmp_path / "out" / "s_plane_seg.nii.gz")

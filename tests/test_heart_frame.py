@@ -55,8 +55,12 @@ def test_pose_follows_the_heart_not_the_field_of_view():
     shifted = np.roll(label, (3, -2), axis=(0, 1))
     a, b = turned_affine(0.3), turned_affine(1.1)
     # a voxel of the LV in each scan, same place relative to the heart
-    heart_a = CoordinateFrame(a, SHAPE, 100.0, pose=heart_pose(label, a)).from_world(torch.as_tensor(to_world(a, [8, 10, 2]))[None])
-    heart_b = CoordinateFrame(b, SHAPE, 100.0, pose=heart_pose(shifted, b)).from_world(torch.as_tensor(to_world(b, [11, 8, 2]))[None])
+    heart_a = CoordinateFrame(a, SHAPE, 100.0, pose=heart_pose(label, a)).from_world(
+        torch.as_tensor(to_world(a, [8, 10, 2]))[None]
+    )
+    heart_b = CoordinateFrame(b, SHAPE, 100.0, pose=heart_pose(shifted, b)).from_world(
+        torch.as_tensor(to_world(b, [11, 8, 2]))[None]
+    )
     torch.testing.assert_close(heart_a, heart_b, atol=1e-6, rtol=0)
 
 
@@ -71,13 +75,18 @@ def test_no_rv_or_no_rotation_keeps_world_axes():
 
 def test_transform_carries_the_pose_to_the_coordinates():
     affine = torch.as_tensor(turned_affine(math.pi / 5))
-    data = {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine), "label": MetaTensor(torch.as_tensor(two_ventricles())[None], affine=affine)}
+    data = {
+        "image": MetaTensor(torch.rand(1, *SHAPE), affine=affine),
+        "label": MetaTensor(torch.as_tensor(two_ventricles())[None], affine=affine),
+    }
     posed = HeartPosed(["image", "label"])(data)
     pose = posed["image"].meta[POSE_KEY]
     coords = CoordinateGridd("image", extent_mm=100.0)(posed)["coords"]
     expected = CoordinateFrame(affine, SHAPE, 100.0, pose=pose).grid(affine, SHAPE).T.reshape(3, *SHAPE)
     torch.testing.assert_close(coords.as_tensor(), expected)
-    plain = CoordinateGridd("image", extent_mm=100.0)(data | {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine)})["coords"]
+    plain = CoordinateGridd("image", extent_mm=100.0)(
+        data | {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine)}
+    )["coords"]
     assert not torch.allclose(plain.as_tensor(), coords.as_tensor())
     # the inferer reads the same frame from the image's metadata
     frame = LatentOptimisationInferer(extent_mm=100.0).frame_of(posed["image"][None])
@@ -86,7 +95,10 @@ def test_transform_carries_the_pose_to_the_coordinates():
 
 def test_label_without_lv_warns_and_keeps_volume_centre(caplog):
     affine = torch.as_tensor(turned_affine(math.pi / 5))
-    data = {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine), "label": MetaTensor(torch.zeros(1, *SHAPE), affine=affine)}
+    data = {
+        "image": MetaTensor(torch.rand(1, *SHAPE), affine=affine),
+        "label": MetaTensor(torch.zeros(1, *SHAPE), affine=affine),
+    }
     out = HeartPosed(["image", "label"])(data)
     assert POSE_KEY not in out["image"].meta
     assert "no left ventricle" in caplog.text
@@ -184,7 +196,8 @@ def test_pose_search_looks_only_at_kept_voxels():
             return torch.eye(4, dtype=torch.float64)
 
     field = TwoBlobField(100.0)
-    inferer = LatentOptimisationInferer(num_steps=1, num_points=16, extent_mm=100.0, heart_frame=True,
-                                        heart_locator=Recording(), log_every=0)
+    inferer = LatentOptimisationInferer(
+        num_steps=1, num_points=16, extent_mm=100.0, heart_frame=True, heart_locator=Recording(), log_every=0
+    )
     inferer.fit([image], field, masks=[mask[None]])
     assert len(seen) == 1 and torch.equal(seen[0].reshape(SHAPE), mask)

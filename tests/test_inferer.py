@@ -107,7 +107,9 @@ def test_fit_under_inference_mode_matches_fit_with_grad() -> None:
     with torch.inference_mode():
         image = as_image(volumes()[0])
         under_inference_mode = inferer(num_steps=10).fit(image, net)
-    torch.testing.assert_close(under_inference_mode, inferer(num_steps=10).fit(as_image(volumes()[0]), net), rtol=0, atol=0)
+    torch.testing.assert_close(
+        under_inference_mode, inferer(num_steps=10).fit(as_image(volumes()[0]), net), rtol=0, atol=0
+    )
 
 
 def test_zero_steps_returns_seeded_initial_code() -> None:
@@ -152,7 +154,9 @@ def test_fitting_beats_zero_code_on_trained_network(trained: dict) -> None:
 
 def test_reconstruction_resembles_fitted_image(trained: dict) -> None:
     """fit_and_sample's recon of the ramp is close to the ramp and far from the disc."""
-    out = inferer(num_steps=60, learning_rate=2e-2, num_points=None).fit_and_sample(as_image(trained["ramp"]), trained["net"])
+    out = inferer(num_steps=60, learning_rate=2e-2, num_points=None).fit_and_sample(
+        as_image(trained["ramp"]), trained["net"]
+    )
     recon = out["recon"][0, 0].numpy()
     assert np.abs(recon - trained["ramp"]).mean() < 0.5 * np.abs(recon - trained["disc"]).mean()
 

@@ -53,7 +53,17 @@ def slice_mask() -> torch.Tensor:
 
 
 def inferer(**kwargs) -> LatentOptimisationInferer:
-    return LatentOptimisationInferer(**{"num_steps": 12, "learning_rate": 2e-2, "num_points": 64, "extent_mm": EXTENT, "log_every": 0, "seed": 3, **kwargs})
+    return LatentOptimisationInferer(
+        **{
+            "num_steps": 12,
+            "learning_rate": 2e-2,
+            "num_points": 64,
+            "extent_mm": EXTENT,
+            "log_every": 0,
+            "seed": 3,
+            **kwargs,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------ the inferer
@@ -94,8 +104,12 @@ def test_the_network_only_ever_sees_kept_points(num_points) -> None:
     frame = CoordinateFrame(AFFINE, SHAPE, EXTENT)
     grid = frame.grid(AFFINE, SHAPE).reshape(*SHAPE, 3)
     kept, hidden = grid[..., [0, 2, 4], :].reshape(-1, 3), grid[..., HIDDEN, :].reshape(-1, 3)
-    assert torch.cdist(points, kept, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-6  # each seen point is a kept voxel
-    assert torch.cdist(points, hidden, compute_mode="donot_use_mm_for_euclid_dist").min() > 0.1  # and none is (near) a hidden one: slices are 8 mm apart
+    assert (
+        torch.cdist(points, kept, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-6
+    )  # each seen point is a kept voxel
+    assert (
+        torch.cdist(points, hidden, compute_mode="donot_use_mm_for_euclid_dist").min() > 0.1
+    )  # and none is (near) a hidden one: slices are 8 mm apart
     if num_points is None:
         assert points.shape[0] == 20 * kept.shape[0]  # all kept voxels, every step
 
@@ -104,7 +118,9 @@ def test_full_mask_equals_no_mask_and_mask_layouts_agree() -> None:
     net, image = tiny_net(), as_image(volume())
     fit = inferer()
     plain = fit.fit(image, net)
-    torch.testing.assert_close(fit.fit(image, net, masks=torch.ones(1, 1, *SHAPE, dtype=torch.bool)), plain, rtol=0, atol=0)
+    torch.testing.assert_close(
+        fit.fit(image, net, masks=torch.ones(1, 1, *SHAPE, dtype=torch.bool)), plain, rtol=0, atol=0
+    )
     mask = slice_mask()
     a = fit.fit(image, net, masks=mask[None])  # (B, 1, X, Y, Z)
     b = fit.fit(image, net, masks=mask)  # one case's (1, X, Y, Z)
@@ -186,14 +202,21 @@ def test_masked_percentile_scaling() -> None:
     clean = scale({"image": as_image(raw, batch=False), "mask": slice_mask()})["image"]
     dirty = scale({"image": as_image(with_garbage(raw), batch=False), "mask": slice_mask()})["image"]
     torch.testing.assert_close(dirty[..., [0, 2, 4]], clean[..., [0, 2, 4]], rtol=0, atol=0)
-    assert not torch.equal(expected[..., [0, 2, 4]], ScaleIntensityRangePercentilesd(**args)({"image": as_image(with_garbage(raw), batch=False)})["image"][..., [0, 2, 4]])
+    assert not torch.equal(
+        expected[..., [0, 2, 4]],
+        ScaleIntensityRangePercentilesd(**args)({"image": as_image(with_garbage(raw), batch=False)})["image"][
+            ..., [0, 2, 4]
+        ],
+    )
 
 
 def test_a_mask_from_the_datalist_is_checked_against_the_image() -> None:
     image = as_image(volume(), batch=False)
     with pytest.raises(InvalidCaseError, match="mask shape"):
         SliceMaskd()({"image": image, "mask": torch.ones(1, 12, 10, 5)})
-    shifted = MetaTensor(torch.ones(1, *SHAPE), affine=torch.as_tensor(AFFINE) + torch.diag(torch.tensor([0.0, 0.0, 0.0, 0.0])))
+    shifted = MetaTensor(
+        torch.ones(1, *SHAPE), affine=torch.as_tensor(AFFINE) + torch.diag(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    )
     shifted.affine[0, 3] = 3.0
     with pytest.raises(InvalidCaseError, match="affine"):
         RandPointMaskd(fraction=0.5)({"image": image, "mask": shifted})
@@ -210,12 +233,16 @@ def test_evaluator_hides_slices_end_to_end() -> None:
     the mask is handed on with the outputs."""
     raw = volume() * 500 + 40
     data = [{"image": as_image(raw, batch=False)}, {"image": as_image(with_garbage(raw), batch=False)}]
-    transform = Compose([
-        SliceMaskd(keep="every_other"),
-        MaskedScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
-    ])
+    transform = Compose(
+        [
+            SliceMaskd(keep="every_other"),
+            MaskedScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True),
+        ]
+    )
     loader = DataLoader([transform(d) for d in data], batch_size=2, collate_fn=no_collation)
-    evaluator = LatentOptimisationEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=tiny_net(), inferer=inferer(), decollate=False)
+    evaluator = LatentOptimisationEvaluator(
+        device=torch.device("cpu"), val_data_loader=loader, network=tiny_net(), inferer=inferer(), decollate=False
+    )
     evaluator.run()
     clean, dirty = evaluator.state.output
     torch.testing.assert_close(dirty["latent"], clean["latent"], rtol=0, atol=0)
@@ -232,7 +259,9 @@ def test_evaluator_passes_masks_of_collated_batches() -> None:
     outputs = {}
     for name, collate in (("collated", list_data_collate), ("listed", no_collation)):
         loader = DataLoader(data, batch_size=2, collate_fn=collate)
-        evaluator = LatentOptimisationEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=tiny_net(), inferer=inferer(), decollate=False)
+        evaluator = LatentOptimisationEvaluator(
+            device=torch.device("cpu"), val_data_loader=loader, network=tiny_net(), inferer=inferer(), decollate=False
+        )
         evaluator.run()
         outputs[name] = evaluator.state.output
     collated, listed = outputs["collated"], outputs["listed"]

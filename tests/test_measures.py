@@ -77,9 +77,13 @@ def test_volumes_ejection_fraction_and_mass() -> None:
     label[5:7, :5] = 3  # 100
     volumes = class_volumes(label, voxel_ml=0.002)
     assert volumes == pytest.approx({"lv_blood_pool": 0.8, "lv_myocardium": 0.2, "rv_blood_pool": 0.2})
-    probs = np.stack([np.full(label.shape, 0.1), np.full(label.shape, 0.6), np.full(label.shape, 0.2), np.full(label.shape, 0.1)])
+    probs = np.stack(
+        [np.full(label.shape, 0.1), np.full(label.shape, 0.6), np.full(label.shape, 0.2), np.full(label.shape, 0.1)]
+    )
     assert class_volumes(probs, 1.0)["lv_blood_pool"] == 1000.0  # argmax: LV wins everywhere
-    assert class_volumes(probs, 1.0, mode="probability") == pytest.approx({"lv_blood_pool": 600.0, "lv_myocardium": 200.0, "rv_blood_pool": 100.0})
+    assert class_volumes(probs, 1.0, mode="probability") == pytest.approx(
+        {"lv_blood_pool": 600.0, "lv_myocardium": 200.0, "rv_blood_pool": 100.0}
+    )
     assert ejection_fraction(120.0, 48.0) == pytest.approx(60.0)
     assert math.isnan(ejection_fraction(0.0, 0.0))
     ed = {"lv_blood_pool": 150.0, "lv_myocardium": 100.0, "rv_blood_pool": 160.0}
@@ -158,7 +162,9 @@ def test_fine_measures_match_the_generator_on_a_cohort() -> None:
                 thin_rv[phase] = (result.volumes["rv_blood_pool"], thin["rv_blood_pool_ml"])
         measures = cardiac_measures(volumes["ED"], volumes["ES"])
         assert measures["lv_ef_pct"] == pytest.approx(100 * infos["ED"]["target_ejection_fraction"], abs=1.5)
-        assert measures["lv_mass_g"] == pytest.approx(MYOCARDIAL_DENSITY * infos["ED"]["lv_myocardium_continuous_ml"], rel=0.02)
+        assert measures["lv_mass_g"] == pytest.approx(
+            MYOCARDIAL_DENSITY * infos["ED"]["lv_myocardium_continuous_ml"], rel=0.02
+        )
         # the generator conserves the myocardium between ED and ES; so does the measured one
         assert volumes["ES"]["lv_myocardium"] == pytest.approx(volumes["ED"]["lv_myocardium"], rel=0.02)
     for measured, reference in thin_rv.values():
@@ -193,7 +199,12 @@ def test_trained_model_measures_an_unseen_subject() -> None:
         infos.append(info)
     latent = inferer.fit(images, net)
     volumes = [
-        measure_frame(NetworkField(net, inferer, latent[b], inferer.frame_of(images[b][None])), np.asarray(images[b].affine), images[b].shape[1:], 2.5).volumes
+        measure_frame(
+            NetworkField(net, inferer, latent[b], inferer.frame_of(images[b][None])),
+            np.asarray(images[b].affine),
+            images[b].shape[1:],
+            2.5,
+        ).volumes
         for b in range(2)
     ]
     measures = cardiac_measures(*volumes)
@@ -208,7 +219,9 @@ def test_trained_model_measures_an_unseen_subject() -> None:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cohort")
-    return Path(generate_cohort(str(folder), num_subjects=2, shape=(40, 40, 6), spacing=(3.0, 3.0, 12.0), num_validation=1))
+    return Path(
+        generate_cohort(str(folder), num_subjects=2, shape=(40, 40, 6), spacing=(3.0, 3.0, 12.0), num_validation=1)
+    )
 
 
 def test_measure_run_from_labels_reproduces_the_disc_sums(cohort: Path, tmp_path: Path) -> None:
@@ -223,16 +236,33 @@ def test_measure_run_from_labels_reproduces_the_disc_sums(cohort: Path, tmp_path
         item.pop("phase")  # the second subject's ED / ES from the LV volumes instead
     preprocessing = Compose([LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True)])
     net = NISFNet(latent_dim=4, hidden_dim=8, num_layers=1)
-    report = MeasureRun(net, None, preprocessing, items, tmp_path, source="labels", spacing=2.0, mesh_format="stl",
-                        max_surface_figures=1).run()
+    report = MeasureRun(
+        net,
+        None,
+        preprocessing,
+        items,
+        tmp_path,
+        source="labels",
+        spacing=2.0,
+        mesh_format="stl",
+        max_surface_figures=1,
+    ).run()
     assert sorted(report["measures"]["labels"]) == ["synth000", "synth001"]
     for stats in report["agreement"].values():
         assert stats["n"] == 2 and stats["mae"] == pytest.approx(0.0, abs=1e-9)
     assert report["subjects"]["synth001"]["phase_rule"].startswith("largest / smallest manual")
     assert report["subjects"]["synth001"]["ed_case"] == "synth001_ED"
     json.loads((tmp_path / "measures.json").read_text())  # valid JSON (no NaN)
-    for name in ("measures.csv", "volumes.csv", "agreement.csv", "figures/bland_altman.png", "figures/scatter.png",
-                 "figures/synth000_surfaces.png", "meshes/synth000_ED_lv_myocardium.stl", "segmentations/synth001_ES_fine_seg.nii.gz"):
+    for name in (
+        "measures.csv",
+        "volumes.csv",
+        "agreement.csv",
+        "figures/bland_altman.png",
+        "figures/scatter.png",
+        "figures/synth000_surfaces.png",
+        "meshes/synth000_ED_lv_myocardium.stl",
+        "segmentations/synth001_ES_fine_seg.nii.gz",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     header = (tmp_path / "measures.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["subject", "source", "ed_case", "es_case"] and "lv_mass_g" in header
@@ -243,8 +273,17 @@ def test_bundle_measuring_config_runs(cohort: Path, tmp_path: Path) -> None:
     fitting is needed here; the NISF source is the same object with the shipped network)."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "measure.json")])
-    parser.update({"bundle_root": str(REPO / "bundle"), "datalist_file": str(cohort), "section": "training",
-                   "output_dir": str(tmp_path), "measure_source": "labels", "measure_spacing": 3.0, "device": "cpu"})
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundle"),
+            "datalist_file": str(cohort),
+            "section": "training",
+            "output_dir": str(tmp_path),
+            "measure_source": "labels",
+            "measure_spacing": 3.0,
+            "device": "cpu",
+        }
+    )
     measurer = parser.get_parsed_content("measurer")
     assert isinstance(measurer, MeasureRun) and measurer.ckpt_path.endswith("model.pt")
     parser.get_parsed_content("measuring")

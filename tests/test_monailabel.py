@@ -45,7 +45,10 @@ LABELS = {"lv_blood_pool": 1, "lv_myocardium": 2, "rv_blood_pool": 3}
 
 
 def test_case_ids_name_datastore_entries_by_file_and_keep_given_ids() -> None:
-    data = [{"image": "/ds/a_01.nii.gz", "label": "/ds/labels/final/a_01.nii.gz"}, {"image": "/ds/b.nii", "case": "b_t03"}]
+    data = [
+        {"image": "/ds/a_01.nii.gz", "label": "/ds/labels/final/a_01.nii.gz"},
+        {"image": "/ds/b.nii", "case": "b_t03"},
+    ]
     assert case_ids(data) == ["a_01", "b_t03"]
     assert CaseIDd("image")(data[0])["case"] == "a_01"
     assert CaseIDd("image")(data[1])["case"] == "b_t03"
@@ -103,7 +106,9 @@ def monailabel() -> Iterator[types.SimpleNamespace]:
         train = importlib.import_module("monailabel.tasks.train.bundle")
         local = importlib.import_module("monailabel.datastore.local")
         yield types.SimpleNamespace(
-            BundleInferTask=infer.BundleInferTask, BundleTrainTask=train.BundleTrainTask, LocalDatastore=local.LocalDatastore
+            BundleInferTask=infer.BundleInferTask,
+            BundleTrainTask=train.BundleTrainTask,
+            LocalDatastore=local.LocalDatastore,
         )
     except ImportError as err:
         pytest.skip(f"monailabel is installed but cannot be imported ({err}); install what it imports: {INSTALL}")
@@ -114,7 +119,9 @@ def monailabel() -> Iterator[types.SimpleNamespace]:
             sys.modules.update(saved)
 
 
-def _write_case(path: Path, seed: int, label_path: Path | None = None, oblique: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _write_case(
+    path: Path, seed: int, label_path: Path | None = None, oblique: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     image, label, affine, _ = generate_subject(seed, "ED", spacing=(3.0, 3.0, 8.0), shape=(48, 48, 8), oblique=oblique)
     nib.save(nib.Nifti1Image(image, affine), str(path))
     if label_path is not None:
@@ -133,7 +140,9 @@ def test_bundle_infer_task_returns_labels_on_the_input_grid(monailabel: types.Si
     image = tmp_path / "case.nii.gz"
     truth, affine = _write_case(image, seed=7, oblique=True)
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("data", "logs", "eval", "training_state.pt", "*.pt", "*.json"))
+    shutil.copytree(
+        BUNDLE, bundle, ignore=shutil.ignore_patterns("data", "logs", "eval", "training_state.pt", "*.pt", "*.json")
+    )
     shutil.copytree(BUNDLE / "configs", bundle / "configs", dirs_exist_ok=True)
     shutil.copy(SYNTHETIC_MODEL / "model.pt", bundle / "models" / "model.pt")
     task = monailabel.BundleInferTask(str(bundle), {})
@@ -159,7 +168,9 @@ def _request(max_epochs: int, val_split: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def label_training(monailabel: types.SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+def label_training(
+    monailabel: types.SimpleNamespace, tmp_path_factory: pytest.TempPathFactory
+) -> types.SimpleNamespace:
     """A copy of the shipped bundle trained by ``BundleTrainTask`` for one epoch on a datastore of 5 cases,
     one of which MONAI Label holds out for validation."""
     root = tmp_path_factory.mktemp("monailabel")

@@ -246,7 +246,9 @@ def test_gabor_layer_gradcheck() -> None:
     def as_function(x, *values):
         return torch.func.functional_call(layer, dict(zip(params, values, strict=True)), (x,))
 
-    assert torch.autograd.gradcheck(as_function, (x, *[p.detach().clone().requires_grad_(True) for p in params.values()]))
+    assert torch.autograd.gradcheck(
+        as_function, (x, *[p.detach().clone().requires_grad_(True) for p in params.values()])
+    )
 
 
 def test_gabor_layer_analytic_derivative() -> None:
@@ -264,7 +266,9 @@ def test_gabor_layer_analytic_derivative() -> None:
     (grad,) = torch.autograd.grad(layer(x).sum(), x)
     for xv, gv in zip(xs.tolist(), grad[:, 0].tolist(), strict=True):
         g = math.exp(-((s0 * (c * xv + d)) ** 2))
-        expected = -w0 * a * math.sin(w0 * (a * xv + b)) * g - 2 * s0**2 * c * (c * xv + d) * math.cos(w0 * (a * xv + b)) * g
+        expected = (
+            -w0 * a * math.sin(w0 * (a * xv + b)) * g - 2 * s0**2 * c * (c * xv + d) * math.cos(w0 * (a * xv + b)) * g
+        )
         assert gv == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 

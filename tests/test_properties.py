@@ -26,11 +26,13 @@ def quaternion_rotation(q: tuple[float, float, float, float]) -> np.ndarray:
     w, x, y, z = np.asarray(q, dtype=np.float64) / max(np.linalg.norm(q), 1e-12)
     if np.linalg.norm(q) < 1e-6:
         return np.eye(3)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 unit = st.floats(-1.0, 1.0, allow_nan=False)
@@ -53,7 +55,9 @@ def affines(draw: st.DrawFn) -> np.ndarray:
 
 def c_order_indices(shape: tuple[int, ...]) -> np.ndarray:
     """Voxel indices (N, 3) in C (row-major) order, built without the code under test."""
-    return np.array([(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])], dtype=np.float64)
+    return np.array(
+        [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])], dtype=np.float64
+    )
 
 
 def network_coords(array: np.ndarray, affine: np.ndarray, extent: float = EXTENT) -> np.ndarray:
@@ -63,7 +67,9 @@ def network_coords(array: np.ndarray, affine: np.ndarray, extent: float = EXTENT
 
 
 @SETTINGS
-@given(affine=affines(), shape=shapes, points=st.lists(st.tuples(*[st.floats(-3.0, 12.0)] * 3), min_size=1, max_size=16))
+@given(
+    affine=affines(), shape=shapes, points=st.lists(st.tuples(*[st.floats(-3.0, 12.0)] * 3), min_size=1, max_size=16)
+)
 def test_index_world_round_trip(affine: np.ndarray, shape: tuple[int, ...], points: list) -> None:
     """index -> world -> index and world -> index -> world return their input (continuous indices, also
     outside the volume), and index_to_world is the affine."""
@@ -72,12 +78,16 @@ def test_index_world_round_trip(affine: np.ndarray, shape: tuple[int, ...], poin
     world = frame.index_to_world(index)
     np.testing.assert_allclose(world.numpy(), index.numpy() @ affine[:3, :3].T + affine[:3, 3], rtol=0, atol=1e-9)
     np.testing.assert_allclose(frame.world_to_index(world).numpy(), index.numpy(), rtol=0, atol=1e-8)
-    np.testing.assert_allclose(frame.index_to_world(frame.world_to_index(world)).numpy(), world.numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(
+        frame.index_to_world(frame.world_to_index(world)).numpy(), world.numpy(), rtol=0, atol=1e-8
+    )
 
 
 @SETTINGS
 @given(affine=affines(), shape=shapes, flip=flips, perm=st.permutations([0, 1, 2]))
-def test_coordinates_do_not_depend_on_storage(affine: np.ndarray, shape: tuple[int, ...], flip: tuple, perm: list) -> None:
+def test_coordinates_do_not_depend_on_storage(
+    affine: np.ndarray, shape: tuple[int, ...], flip: tuple, perm: list
+) -> None:
     """Storing the same volume with axes reversed and permuted (array and affine changed together, as
     another scanner or a reorientation would) gives every physical voxel the same network coordinates."""
     array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
@@ -94,8 +104,10 @@ def test_coordinates_do_not_depend_on_storage(affine: np.ndarray, shape: tuple[i
     stored_coords = network_coords(stored, stored_affine)
     # undo the storage change on the coordinate volumes (spatial axes follow the channel axis)
     undone = np.flip(np.transpose(stored_coords, [0, *[1 + perm.index(a) for a in range(3)]]), [1 + a for a in axes])
-    np.testing.assert_array_equal(np.flip(np.transpose(stored[None], [0, *[1 + perm.index(a) for a in range(3)]]),
-                                          [1 + a for a in axes])[0], array)  # the undo is right
+    np.testing.assert_array_equal(
+        np.flip(np.transpose(stored[None], [0, *[1 + perm.index(a) for a in range(3)]]), [1 + a for a in axes])[0],
+        array,
+    )  # the undo is right
     np.testing.assert_allclose(undone, coords, rtol=0, atol=1e-6)
 
 

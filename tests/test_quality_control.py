@@ -46,8 +46,14 @@ class Engine:
 
 
 def test_numbers_of_a_known_fit():
-    quality = case_quality(LatentOptimisationInferer(), ConstantField(1, 0.3), image(0.5), torch.zeros(4), LABELS,
-                           training_codes=torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    quality = case_quality(
+        LatentOptimisationInferer(),
+        ConstantField(1, 0.3),
+        image(0.5),
+        torch.zeros(4),
+        LABELS,
+        training_codes=torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]),
+    )
     assert abs(quality["reconstruction_error"] - 0.2) < 1e-5
     assert abs(quality["volume_ml"]["lv_blood_pool"] - 400 * 20 / 1000) < 1e-9  # 400 voxels of 20 mm^3
     assert quality["volume_ml"]["rv_blood_pool"] == 0.0
@@ -56,8 +62,15 @@ def test_numbers_of_a_known_fit():
 
 def test_writes_json_and_warns_only_out_of_distribution(tmp_path, caplog):
     reference = tmp_path / "qc_reference.json"
-    reference.write_text(json.dumps({"reconstruction_error": [0.05, 0.1], "nearest_training_code_distance": [1.0],
-                                     "training_codes": [[0.0, 0.0, 0.0, 0.0]]}))
+    reference.write_text(
+        json.dumps(
+            {
+                "reconstruction_error": [0.05, 0.1],
+                "nearest_training_code_distance": [1.0],
+                "training_codes": [[0.0, 0.0, 0.0, 0.0]],
+            }
+        )
+    )
     inferer = LatentOptimisationInferer()
     good = QualityControlHandler(inferer, ConstantField(1, 0.45), tmp_path / "good", LABELS, reference)
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
@@ -76,7 +89,9 @@ def test_writes_json_and_warns_only_out_of_distribution(tmp_path, caplog):
 
 
 def test_without_reference_only_the_lv_check(tmp_path):
-    handler = QualityControlHandler(LatentOptimisationInferer(), ConstantField(1, 0.9), tmp_path, LABELS, tmp_path / "missing.json")
+    handler = QualityControlHandler(
+        LatentOptimisationInferer(), ConstantField(1, 0.9), tmp_path, LABELS, tmp_path / "missing.json"
+    )
     assert handler.warnings(case_quality(handler.inferer, handler.network, image(), torch.zeros(4), LABELS)) == []
 
 
@@ -93,7 +108,10 @@ def test_records_the_heart_frame_of_the_case():
     case.meta[POSE_KEY] = pose_matrix([10.0, -5.0, 20.0], torch.eye(3))
     quality = case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), case, torch.zeros(4), LABELS)
     assert quality["heart_frame"]["origin_mm"] == [10.0, -5.0, 20.0]
-    assert case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), image(), torch.zeros(4), LABELS)["heart_frame"] is None
+    assert (
+        case_quality(LatentOptimisationInferer(), ConstantField(1, 0.5), image(), torch.zeros(4), LABELS)["heart_frame"]
+        is None
+    )
 
 
 # ---- real data: the shipped ACDC model against a model that has never seen a real heart ----------------------
@@ -126,7 +144,14 @@ def qc_of(model: Path, settings: dict, reference: Path | None, tmp_path: Path, s
 def test_synthetic_model_on_a_real_frame_warns(tmp_path):
     from conftest import SYNTHETIC_MODEL, SYNTHETIC_MODEL_SETTINGS
 
-    quality = qc_of(SYNTHETIC_MODEL / "model.pt", SYNTHETIC_MODEL_SETTINGS, None, tmp_path, 20, "patient019/patient019_frame01.nii.gz")
+    quality = qc_of(
+        SYNTHETIC_MODEL / "model.pt",
+        SYNTHETIC_MODEL_SETTINGS,
+        None,
+        tmp_path,
+        20,
+        "patient019/patient019_frame01.nii.gz",
+    )
     assert quality["warnings"], quality
 
 
@@ -135,7 +160,13 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
     """A test-split frame on which the heart is found (patient019 ED: pose within 9 mm, Dice 0.68 in the benchmark)."""
     settings = {"heart_frame": True, "extent_mm": 100.0}
     steps = json.loads((BUNDLE / "models" / "inference_steps.json").read_text())["inference_steps"]
-    quality = qc_of(BUNDLE / "models" / "model.pt", settings, BUNDLE / "models" / "qc_reference.json", tmp_path, steps,
-                    "patient019/patient019_frame01.nii.gz")
+    quality = qc_of(
+        BUNDLE / "models" / "model.pt",
+        settings,
+        BUNDLE / "models" / "qc_reference.json",
+        tmp_path,
+        steps,
+        "patient019/patient019_frame01.nii.gz",
+    )
     assert quality["warnings"] == [], quality
     assert quality["volume_ml"]["lv_blood_pool"] > 20.0 and quality["heart_frame"] is not None

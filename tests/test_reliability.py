@@ -66,8 +66,17 @@ def train_parser(root: Path, datalist: str | os.PathLike, **overrides: Any) -> C
     transforms = parser["loading_transforms"]  # the loading steps train#preprocessing starts with
     loader = next(t for t in transforms if t["_target_"] in ("LoadImaged", LOADER))
     loader["_target_"] = LOADER
-    settings = {"bundle_root": str(root), "datalist": str(datalist), "max_epochs": 2, "num_points": 64, "batch_size": 2,
-                "hidden_dim": 16, "latent_dim": 8, "num_layers": 2, "resume": False}
+    settings = {
+        "bundle_root": str(root),
+        "datalist": str(datalist),
+        "max_epochs": 2,
+        "num_points": 64,
+        "batch_size": 2,
+        "hidden_dim": 16,
+        "latent_dim": 8,
+        "num_layers": 2,
+        "resume": False,
+    }
     if parser.get("val_interval") is not None:
         settings["val_interval"] = 0  # no validation: these datalists need no validation section
     settings.update(overrides)
@@ -128,27 +137,55 @@ def test_load_cased_is_a_drop_in_for_load_imaged(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- through the config
 
 BAD_CASES = {
-    "truncated image": (lambda d: (truncate(write(d / "bad.nii.gz", image(1))), write(d / "bad_gt.nii.gz", label())),
-                        "bad.nii.gz: cannot read this image: the file is truncated"),
-    "truncated label": (lambda d: (write(d / "bad.nii.gz", image(1)), truncate(write(d / "bad_gt.nii.gz", label()), 0.3)),
-                        "bad_gt.nii.gz: cannot read this image"),
-    "shape mismatch": (lambda d: (write(d / "bad.nii.gz", image(1)), write(d / "bad_gt.nii.gz", label((12, 10, 5)))),
-                       "bad_gt.nii.gz: label shape (12, 10, 5) differs from image shape (12, 10, 4)"),
-    "affine mismatch": (lambda d: (write(d / "bad.nii.gz", image(1)),
-                                   write(d / "bad_gt.nii.gz", label(), np.diag([2.0, 2.0, 10.0, 1.0]))),
-                        "bad_gt.nii.gz: label affine differs"),
-    "label outside classes": (lambda d: (write(d / "bad.nii.gz", image(1)), write(d / "bad_gt.nii.gz", label() * 2)),
-                              "bad_gt.nii.gz: label values [4.0, 6.0] are not classes 0..3"),
-    "NaN": (lambda d: (write(d / "bad.nii.gz", np.where(image(1) > 0.9, np.nan, image(1))), write(d / "bad_gt.nii.gz", label())),
-            "voxels are NaN or infinite"),
-    "Inf": (lambda d: (write(d / "bad.nii.gz", np.where(image(1) > 0.9, np.inf, image(1))), write(d / "bad_gt.nii.gz", label())),
-            "voxels are NaN or infinite"),
-    "constant image": (lambda d: (write(d / "bad.nii.gz", np.full(SHAPE, 7.0, np.float32)), write(d / "bad_gt.nii.gz", label())),
-                       "bad.nii.gz: the image is constant"),
-    "2D image": (lambda d: (write(d / "bad.nii.gz", image(1, (12, 10))), write(d / "bad_gt.nii.gz", label((12, 10, 1))[..., 0])),
-                 "bad.nii.gz: expected one 3D volume"),
-    "4D cine image with a 3D label": (lambda d: (write(d / "bad.nii.gz", image(1, (*SHAPE, 3))), write(d / "bad_gt.nii.gz", label())),
-                                      "say which frame it labels"),
+    "truncated image": (
+        lambda d: (truncate(write(d / "bad.nii.gz", image(1))), write(d / "bad_gt.nii.gz", label())),
+        "bad.nii.gz: cannot read this image: the file is truncated",
+    ),
+    "truncated label": (
+        lambda d: (write(d / "bad.nii.gz", image(1)), truncate(write(d / "bad_gt.nii.gz", label()), 0.3)),
+        "bad_gt.nii.gz: cannot read this image",
+    ),
+    "shape mismatch": (
+        lambda d: (write(d / "bad.nii.gz", image(1)), write(d / "bad_gt.nii.gz", label((12, 10, 5)))),
+        "bad_gt.nii.gz: label shape (12, 10, 5) differs from image shape (12, 10, 4)",
+    ),
+    "affine mismatch": (
+        lambda d: (
+            write(d / "bad.nii.gz", image(1)),
+            write(d / "bad_gt.nii.gz", label(), np.diag([2.0, 2.0, 10.0, 1.0])),
+        ),
+        "bad_gt.nii.gz: label affine differs",
+    ),
+    "label outside classes": (
+        lambda d: (write(d / "bad.nii.gz", image(1)), write(d / "bad_gt.nii.gz", label() * 2)),
+        "bad_gt.nii.gz: label values [4.0, 6.0] are not classes 0..3",
+    ),
+    "NaN": (
+        lambda d: (
+            write(d / "bad.nii.gz", np.where(image(1) > 0.9, np.nan, image(1))),
+            write(d / "bad_gt.nii.gz", label()),
+        ),
+        "voxels are NaN or infinite",
+    ),
+    "Inf": (
+        lambda d: (
+            write(d / "bad.nii.gz", np.where(image(1) > 0.9, np.inf, image(1))),
+            write(d / "bad_gt.nii.gz", label()),
+        ),
+        "voxels are NaN or infinite",
+    ),
+    "constant image": (
+        lambda d: (write(d / "bad.nii.gz", np.full(SHAPE, 7.0, np.float32)), write(d / "bad_gt.nii.gz", label())),
+        "bad.nii.gz: the image is constant",
+    ),
+    "2D image": (
+        lambda d: (write(d / "bad.nii.gz", image(1, (12, 10))), write(d / "bad_gt.nii.gz", label((12, 10, 1))[..., 0])),
+        "bad.nii.gz: expected one 3D volume",
+    ),
+    "4D cine image with a 3D label": (
+        lambda d: (write(d / "bad.nii.gz", image(1, (*SHAPE, 3))), write(d / "bad_gt.nii.gz", label())),
+        "say which frame it labels",
+    ),
 }
 
 
@@ -172,10 +209,23 @@ def test_truncated_file_stops_bundle_with_one_line(tmp_path: Path) -> None:
     """Run as a user runs it: a truncated image stops training with one 'ERROR:' line naming it and no
     traceback."""
     good = {"image": write(tmp_path / "good.nii.gz", image(0)), "label": write(tmp_path / "good_gt.nii.gz", label())}
-    bad = {"image": truncate(write(tmp_path / "cut.nii.gz", image(1))), "label": write(tmp_path / "cut_gt.nii.gz", label())}
+    bad = {
+        "image": truncate(write(tmp_path / "cut.nii.gz", image(1))),
+        "label": write(tmp_path / "cut_gt.nii.gz", label()),
+    }
     datalist = write_datalist(tmp_path, [good, bad])
-    result = run_bundle("training", "train.json", tmp_path, "--datalist", str(datalist), "--max_epochs", "1",
-                        *TINY_NET_ARGS, check=False, timeout=300)
+    result = run_bundle(
+        "training",
+        "train.json",
+        tmp_path,
+        "--datalist",
+        str(datalist),
+        "--max_epochs",
+        "1",
+        *TINY_NET_ARGS,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -187,8 +237,10 @@ def test_truncated_file_stops_bundle_with_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture
 def two_cases(tmp_path: Path) -> list[dict]:
-    return [{"image": write(tmp_path / f"c{i}.nii.gz", image(i)), "label": write(tmp_path / f"c{i}_gt.nii.gz", label())}
-            for i in range(2)]
+    return [
+        {"image": write(tmp_path / f"c{i}.nii.gz", image(i)), "label": write(tmp_path / f"c{i}_gt.nii.gz", label())}
+        for i in range(2)
+    ]
 
 
 def test_empty_validation_section(tmp_path: Path, two_cases: list[dict]) -> None:
@@ -296,9 +348,15 @@ def cine(tmp_path: Path) -> dict[str, Any]:
         "series": series,
         "labels": labels,
         "full": {"image": write(tmp_path / "cine.nii.gz", series), "label": write(tmp_path / "cine_gt.nii.gz", labels)},
-        "one": {"image": write(tmp_path / "cine2.nii.gz", series), "label": write(tmp_path / "cine2_ed_gt.nii.gz", labels[..., 1]),
-                "frames": [1]},
-        "flat": {"image": write(tmp_path / "flat.nii.gz", image(20)), "label": write(tmp_path / "flat_gt.nii.gz", label())},
+        "one": {
+            "image": write(tmp_path / "cine2.nii.gz", series),
+            "label": write(tmp_path / "cine2_ed_gt.nii.gz", labels[..., 1]),
+            "frames": [1],
+        },
+        "flat": {
+            "image": write(tmp_path / "flat.nii.gz", image(20)),
+            "label": write(tmp_path / "flat_gt.nii.gz", label()),
+        },
     }
 
 
@@ -307,9 +365,16 @@ def test_expand_cine_datalist(cine: dict[str, Any]) -> None:
     a 3D label needs its one frame; a 3D entry keeps its case as frame 0. All entries get the same keys,
     so batches mixing them collate."""
     items = expand_cine_datalist([dict(cine["full"], subject="p1"), cine["one"], cine["flat"]])
-    assert [(i["frame"], i["case"]) for i in items] == [(0, "cine_t00"), (1, "cine_t01"), (2, "cine_t02"),
-                                                        (1, "cine2_t01"), (0, "flat")]
-    assert {i["subject"] for i in items[:3]} == {"p1"} and items[3]["subject"] == "cine2" and items[4]["subject"] == "flat"
+    assert [(i["frame"], i["case"]) for i in items] == [
+        (0, "cine_t00"),
+        (1, "cine_t01"),
+        (2, "cine_t02"),
+        (1, "cine2_t01"),
+        (0, "flat"),
+    ]
+    assert (
+        {i["subject"] for i in items[:3]} == {"p1"} and items[3]["subject"] == "cine2" and items[4]["subject"] == "flat"
+    )
     assert len({frozenset(i) for i in items}) == 1, [sorted(i) for i in items]
     assert items[4]["image"] == cine["flat"]["image"] and items[4]["label"] == cine["flat"]["label"]
     load = LoadCased(["image", "label"], image_only=True, ensure_channel_first=True)
@@ -319,10 +384,12 @@ def test_expand_cine_datalist(cine: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "change,message",
-    [({"frames": [3]}, r"frames \[3\] requested, the series has frames 0..2"),
-     ({"image": "flat", "frames": [1]}, r"frames \[1\] requested, the series has frames 0..0"),
-     ({"frames": [0, 1], "label": "3d"}, "say which frame it labels"),
-     ({"label": "4d_other"}, "label has 2 frames, its image")],
+    [
+        ({"frames": [3]}, r"frames \[3\] requested, the series has frames 0..2"),
+        ({"image": "flat", "frames": [1]}, r"frames \[1\] requested, the series has frames 0..0"),
+        ({"frames": [0, 1], "label": "3d"}, "say which frame it labels"),
+        ({"label": "4d_other"}, "label has 2 frames, its image"),
+    ],
 )
 def test_expand_cine_datalist_errors(cine: dict[str, Any], tmp_path: Path, change: dict, message: str) -> None:
     """Impossible frame requests are DatalistErrors naming the file."""
@@ -369,7 +436,9 @@ def test_cine_trains_through_bundle_config(cine: dict[str, Any], tmp_path: Path)
     code per frame of a 4D series."""
     datalist = write_datalist(tmp_path, [cine["full"], cine["one"], cine["flat"]])
     parser = train_parser(tmp_path / "bundle", datalist, max_epochs=1)
-    parser["train"]["dataset"]["data"] = "$nisf_monai.data.datalist.expand_cine_datalist(nisf_monai.data.load_datalist(@datalist, 'training'))"
+    parser["train"]["dataset"]["data"] = (
+        "$nisf_monai.data.datalist.expand_cine_datalist(nisf_monai.data.load_datalist(@datalist, 'training'))"
+    )
     transforms = parser["loading_transforms"]
     index = next(i for i, t in enumerate(transforms) if t["_target_"] == LOADER)
     transforms.insert(index + 1, {"_target_": "nisf_monai.transforms.SelectFramed", "keys": ["image", "label"]})
@@ -384,11 +453,18 @@ def test_cine_trains_through_bundle_config(cine: dict[str, Any], tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return generate_cohort(str(tmp_path_factory.mktemp("cohort")), num_subjects=3, shape=(24, 24, 4),
-                           spacing=(4.0, 4.0, 10.0), num_validation=1)
+    return generate_cohort(
+        str(tmp_path_factory.mktemp("cohort")),
+        num_subjects=3,
+        shape=(24, 24, 4),
+        spacing=(4.0, 4.0, 10.0),
+        num_validation=1,
+    )
 
 
-def train_in_process(root: Path, datalist: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.nn.Module]:
+def train_in_process(
+    root: Path, datalist: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, torch.nn.Module]:
     """Two epochs of the bundle's trainer, built from train.json as ``monai.bundle run`` builds it
     (``initialize`` first, which seeds everything); returns the codes and the network."""
     monkeypatch.setenv("CI", "true")  # no progress bar

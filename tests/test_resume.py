@@ -30,13 +30,27 @@ ITERATIONS_PER_EPOCH = 2  # 2 training subjects x 2 phases, batch size 2
 
 
 def training_command(root: Path, datalist: str, max_epochs: int, *extra: str) -> list[str]:
-    return bundle_command("training", "train.json", root, "--datalist", datalist, "--max_epochs", str(max_epochs),
-                          *TINY, *extra)
+    return bundle_command(
+        "training", "train.json", root, "--datalist", datalist, "--max_epochs", str(max_epochs), *TINY, *extra
+    )
 
 
-def run_training(root: Path, datalist: str, max_epochs: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_bundle("training", "train.json", root, "--datalist", datalist, "--max_epochs", str(max_epochs),
-                      *TINY, *extra, check=check, timeout=300)
+def run_training(
+    root: Path, datalist: str, max_epochs: int, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    return run_bundle(
+        "training",
+        "train.json",
+        root,
+        "--datalist",
+        datalist,
+        "--max_epochs",
+        str(max_epochs),
+        *TINY,
+        *extra,
+        check=check,
+        timeout=300,
+    )
 
 
 def saved_epoch(path: Path) -> int:
@@ -80,8 +94,9 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
 
     # 1. start a run that would outlast the test, kill it once it has saved epoch 2 or later
     with open(tmp_path / "first_run.log", "w") as log:
-        proc = subprocess.Popen(training_command(root, datalist, 100_000), cwd=root, env=bundle_env(), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            training_command(root, datalist, 100_000), cwd=root, env=bundle_env(), stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 120
             while saved_epoch(state_path) < 2:
@@ -114,7 +129,9 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     again = torch.load(state_path, map_location="cpu", weights_only=True)
     steps_so_far = iteration + epoch * ITERATIONS_PER_EPOCH
     assert again["trainer"] == {"epoch": epoch, "iteration": epoch * ITERATIONS_PER_EPOCH}
-    assert {int(s["step"]) for s in again["optimizer"]["state"].values()} == {steps_so_far}  # moments restored, then stepped
+    assert {int(s["step"]) for s in again["optimizer"]["state"].values()} == {
+        steps_so_far
+    }  # moments restored, then stepped
     assert int(again["latent_optimizer"]["state"][0]["step"]) == steps_so_far
     assert again["latent_table"]["_extra_state"] == killed["latent_table"]["_extra_state"]
     assert any(not torch.equal(again["network"][k], killed["network"][k]) for k in killed["network"])  # it trained
@@ -142,13 +159,24 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
 IDS = ["s1", "s2", "s3"]
 
 
-def parts(ids=IDS, latent_dim: int = 4, num_classes: int = 4, hidden_dim: int = 8, num_layers: int = 2,
-          strict: bool = False, seed: int = 0) -> dict[str, Any]:
+def parts(
+    ids=IDS,
+    latent_dim: int = 4,
+    num_classes: int = 4,
+    hidden_dim: int = 8,
+    num_layers: int = 2,
+    strict: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = NISFNet(latent_dim=latent_dim, num_classes=num_classes, hidden_dim=hidden_dim, num_layers=num_layers)
     table = LatentTable(ids, latent_dim=latent_dim, strict_subjects=strict)
-    return {"network": net, "latent_table": table, "optimizer": torch.optim.Adam(net.parameters(), lr=1e-2),
-            "latent_optimizer": torch.optim.SparseAdam(table.parameters(), lr=1e-2)}
+    return {
+        "network": net,
+        "latent_table": table,
+        "optimizer": torch.optim.Adam(net.parameters(), lr=1e-2),
+        "latent_optimizer": torch.optim.SparseAdam(table.parameters(), lr=1e-2),
+    }
 
 
 def train_step(p: dict[str, Any], ids=IDS) -> None:

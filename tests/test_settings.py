@@ -22,7 +22,9 @@ from nisf_monai.errors import InputDataError, SettingsError, find_input_error
 from nisf_monai.settings import CHECKS, available_devices, check_output_dir, check_settings
 
 DEVICES = "give one of the devices of this machine: " + ", ".join(available_devices())
-SPACING = "give 3 positive millimetre values such as [1.0, 1.0, 1.0], or one for every axis, or None to keep the input grid"
+SPACING = (
+    "give 3 positive millimetre values such as [1.0, 1.0, 1.0], or one for every axis, or None to keep the input grid"
+)
 STEPS = "give an integer number of latent optimisation steps (0 decodes the initial code), 0 or more"
 POINTS = "give an integer number of points per image and step, 1 or more, or None for every voxel"
 BATCH = "give an integer number of images per batch, 1 or more"
@@ -34,43 +36,98 @@ BAD = [
     ("target_spacing", [1, -1.5, 1], f"target_spacing: [1, -1.5, 1] has a value that is not positive; {SPACING}"),
     ("target_spacing", [1, 1], f"target_spacing: [1, 1] has 2 value(s); {SPACING}"),
     ("target_spacing", [1, float("inf"), 1], f"target_spacing: [1, inf, 1] has a value that is not finite; {SPACING}"),
-    ("target_spacing", "null", f"target_spacing: 'null' is not a spacing (write None, not null, on the command line); {SPACING}"),
+    (
+        "target_spacing",
+        "null",
+        f"target_spacing: 'null' is not a spacing (write None, not null, on the command line); {SPACING}",
+    ),
     ("target_spacing", "1mm", f"target_spacing: '1mm' is not a spacing; {SPACING}"),
     ("target_spacing", [1, "a", 1], f"target_spacing: [1, 'a', 1] is not a list of numbers; {SPACING}"),
-    ("measure_spacing", 0, "measure_spacing: 0 has a value that is not positive; give 3 positive millimetre values such as "
-     "[1.0, 1.0, 1.0], or one for every axis, or None to read on the acquired grid"),
-    ("plane_spacing", [1, 1, 1, 1], "plane_spacing: [1, 1, 1, 1] has 4 value(s); give 2 or 3 positive millimetre values such "
-     "as [1.0, 1.0, 1.0], or one for every axis"),
+    (
+        "measure_spacing",
+        0,
+        "measure_spacing: 0 has a value that is not positive; give 3 positive millimetre values such as "
+        "[1.0, 1.0, 1.0], or one for every axis, or None to read on the acquired grid",
+    ),
+    (
+        "plane_spacing",
+        [1, 1, 1, 1],
+        "plane_spacing: [1, 1, 1, 1] has 4 value(s); give 2 or 3 positive millimetre values such "
+        "as [1.0, 1.0, 1.0], or one for every axis",
+    ),
     ("inference_steps", -3, f"inference_steps: -3 is negative; {STEPS}"),
     ("inference_steps", "abc", f"inference_steps: 'abc' is not an integer; {STEPS}"),
     ("inference_steps", 100.0, f"inference_steps: 100.0 is not an integer; {STEPS}"),
     ("val_max_steps", -1, f"val_max_steps: -1 is negative; {STEPS}"),
-    ("monitor_every", -25, "monitor_every: -25 is negative; give an integer number of latent steps between Dice records "
-     "(0 turns them off), 0 or more"),
+    (
+        "monitor_every",
+        -25,
+        "monitor_every: -25 is negative; give an integer number of latent steps between Dice records "
+        "(0 turns them off), 0 or more",
+    ),
     ("max_epochs", 0, "max_epochs: 0 is less than 1; give an integer number of epochs, 1 or more"),
-    ("val_interval", -1, "val_interval: -1 is negative; give an integer number of epochs between validations "
-     "(0 turns validation off), 0 or more"),
+    (
+        "val_interval",
+        -1,
+        "val_interval: -1 is negative; give an integer number of epochs between validations "
+        "(0 turns validation off), 0 or more",
+    ),
     ("num_points", 0, f"num_points: 0 is less than 1; {POINTS}"),
     ("num_points", 2.5, f"num_points: 2.5 is not an integer; {POINTS}"),
-    ("num_points", "none", f"num_points: 'none' is not an integer (write None, not null, on the command line); {POINTS}"),
+    (
+        "num_points",
+        "none",
+        f"num_points: 'none' is not an integer (write None, not null, on the command line); {POINTS}",
+    ),
     ("foreground_fraction", 1.5, "foreground_fraction: 1.5 is outside [0, 1]; give a number in [0, 1], such as 0.5"),
-    ("point_fraction", 0, "point_fraction: 0 is outside (0, 1]; give a number in (0, 1], such as 0.5 (1 keeps everything)"),
+    (
+        "point_fraction",
+        0,
+        "point_fraction: 0 is outside (0, 1]; give a number in (0, 1], such as 0.5 (1 keeps everything)",
+    ),
     ("batch_size", 0, f"batch_size: 0 is less than 1; {BATCH}"),
     ("batch_size", -2, f"batch_size: -2 is less than 1; {BATCH}"),
     ("batch_size", True, f"batch_size: True is not an integer; {BATCH}"),
     ("val_batch_size", 4.0, f"val_batch_size: 4.0 is not an integer; {BATCH}"),
     ("device", "gpu", f"device: 'gpu' is not a torch device; {DEVICES}"),
     ("device", [0], f"device: [0] is not a device; {DEVICES}"),
-    ("stream_outputs", "false", "stream_outputs: 'false' is text, not True or False; give True or False, capitalised on the "
-     "command line (e.g. --stream_outputs False)"),
-    ("amp", "true", "amp: 'true' is text, not True or False; give True or False, capitalised on the command line "
-     "(e.g. --amp True)"),
-    ("save_images", 1, "save_images: 1 is not True or False; give True or False, capitalised on the command line "
-     "(e.g. --save_images True)"),
-    ("roi_margin_mm", -5, "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab"),
-    ("volume_mode", "soft", "volume_mode: 'soft' is not one of the accepted values; give one of 'label', 'probability'"),
-    ("measure_source", "manual", "measure_source: 'manual' is not one of the accepted values; give one of 'nisf', 'labels'"),
-    ("mesh_format", "ply", "mesh_format: 'ply' is not one of the accepted values; give one of 'vtk', 'stl', 'obj', or None for no meshes"),
+    (
+        "stream_outputs",
+        "false",
+        "stream_outputs: 'false' is text, not True or False; give True or False, capitalised on the "
+        "command line (e.g. --stream_outputs False)",
+    ),
+    (
+        "amp",
+        "true",
+        "amp: 'true' is text, not True or False; give True or False, capitalised on the command line (e.g. --amp True)",
+    ),
+    (
+        "save_images",
+        1,
+        "save_images: 1 is not True or False; give True or False, capitalised on the command line "
+        "(e.g. --save_images True)",
+    ),
+    (
+        "roi_margin_mm",
+        -5,
+        "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab",
+    ),
+    (
+        "volume_mode",
+        "soft",
+        "volume_mode: 'soft' is not one of the accepted values; give one of 'label', 'probability'",
+    ),
+    (
+        "measure_source",
+        "manual",
+        "measure_source: 'manual' is not one of the accepted values; give one of 'nisf', 'labels'",
+    ),
+    (
+        "mesh_format",
+        "ply",
+        "mesh_format: 'ply' is not one of the accepted values; give one of 'vtk', 'stl', 'obj', or None for no meshes",
+    ),
 ]
 if NO_CUDA:
     BAD += [
@@ -80,14 +137,36 @@ if NO_CUDA:
     ]
 
 GOOD = [
-    ("target_spacing", None), ("target_spacing", 1.5), ("target_spacing", [1, 1, 2.5]), ("target_spacing", (0.5, 0.5, 0.5)),
-    ("measure_spacing", None), ("plane_spacing", [0.5, 2.0]),
-    ("inference_steps", 0), ("inference_steps", np.int64(300)), ("monitor_every", 0), ("val_interval", 0),
-    ("max_epochs", 1), ("num_points", None), ("num_points", 1), ("batch_size", 1), ("val_batch_size", 16),
-    ("foreground_fraction", 0), ("foreground_fraction", 1.0), ("point_fraction", 1), ("point_fraction", 0.05),
-    ("device", "cpu"), ("device", torch.device("cpu")), ("amp", False), ("stream_outputs", True), ("save_images", np.bool_(True)),
-    ("roi_margin_mm", None), ("roi_margin_mm", 0), ("volume_mode", "probability"), ("measure_source", "labels"),
-    ("mesh_format", None), ("mesh_format", "stl"),
+    ("target_spacing", None),
+    ("target_spacing", 1.5),
+    ("target_spacing", [1, 1, 2.5]),
+    ("target_spacing", (0.5, 0.5, 0.5)),
+    ("measure_spacing", None),
+    ("plane_spacing", [0.5, 2.0]),
+    ("inference_steps", 0),
+    ("inference_steps", np.int64(300)),
+    ("monitor_every", 0),
+    ("val_interval", 0),
+    ("max_epochs", 1),
+    ("num_points", None),
+    ("num_points", 1),
+    ("batch_size", 1),
+    ("val_batch_size", 16),
+    ("foreground_fraction", 0),
+    ("foreground_fraction", 1.0),
+    ("point_fraction", 1),
+    ("point_fraction", 0.05),
+    ("device", "cpu"),
+    ("device", torch.device("cpu")),
+    ("amp", False),
+    ("stream_outputs", True),
+    ("save_images", np.bool_(True)),
+    ("roi_margin_mm", None),
+    ("roi_margin_mm", 0),
+    ("volume_mode", "probability"),
+    ("measure_source", "labels"),
+    ("mesh_format", None),
+    ("mesh_format", "stl"),
 ]
 
 
@@ -122,16 +201,20 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "results").write_text("not a folder")
     with pytest.raises(SettingsError) as err:
         check_settings({"output_dir": str(tmp_path / "results")})
-    assert str(err.value) == (f"output_dir: {tmp_path / 'results'} is a file, not a folder; give a folder you can "
-                              "write to (it is created if missing)")
+    assert str(err.value) == (
+        f"output_dir: {tmp_path / 'results'} is a file, not a folder; give a folder you can "
+        "write to (it is created if missing)"
+    )
 
 
 def test_output_dir_under_a_file_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "results").write_text("not a folder")
     with pytest.raises(SettingsError) as err:
         check_settings({"ckpt_dir": str(tmp_path / "results" / "models")})
-    assert str(err.value) == (f"ckpt_dir: cannot create {tmp_path / 'results' / 'models'} (Not a directory); give a "
-                              "folder you can write to (it is created if missing)")
+    assert str(err.value) == (
+        f"ckpt_dir: cannot create {tmp_path / 'results' / 'models'} (Not a directory); give a "
+        "folder you can write to (it is created if missing)"
+    )
 
 
 def _writable(folder: Path) -> bool:
@@ -212,7 +295,9 @@ def bundle_parser(run: str, root: Path, **overrides: Any) -> ConfigParser:
 
 
 @pytest.mark.parametrize("run", [r for r in CONFIG_SETS if r != "multi_gpu_training"])
-def test_initialize_checks_defaults_without_touching_data(run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_initialize_checks_defaults_without_touching_data(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each run's ``initialize`` passes with the config's own defaults and reads no data: the data folder (which
     ``ensure_synthetic_cohort`` would generate) is never created and the datalist is never resolved."""
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # `initialize` installs a hook; restore it after
@@ -227,7 +312,11 @@ def test_initialize_checks_defaults_without_touching_data(run: str, tmp_path: Pa
 @pytest.mark.parametrize(
     "run,override,message",
     [
-        ("inference", {"target_spacing": [0, 1, 1]}, f"target_spacing: [0, 1, 1] has a value that is not positive; {SPACING}"),
+        (
+            "inference",
+            {"target_spacing": [0, 1, 1]},
+            f"target_spacing: [0, 1, 1] has a value that is not positive; {SPACING}",
+        ),
         ("evaluating", {"monitor_every": -1}, "monitor_every: -1 is negative"),
         ("interpolating", {"point_fraction": 2.0}, "point_fraction: 2.0 is outside (0, 1]"),
         ("sampling_plane", {"plane_spacing": [1, 0]}, "plane_spacing: [1, 0] has a value that is not positive"),
@@ -236,8 +325,9 @@ def test_initialize_checks_defaults_without_touching_data(run: str, tmp_path: Pa
         ("training", {"device": "cuda:9"}, "device: cuda:9"),
     ],
 )
-def test_initialize_refuses_a_bad_value_of_each_run(run: str, override: dict, message: str, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_initialize_refuses_a_bad_value_of_each_run(
+    run: str, override: dict, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     root = tmp_path / "bundle"
     parser = bundle_parser(run, root, **override)
@@ -281,8 +371,17 @@ def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) ->
 
 def test_inference_with_a_zero_spacing_stops_before_reading_data(tmp_path: Path) -> None:
     data = truncated_image(tmp_path / "data").parent
-    cmd = bundle_command("inference", ["inference.json"], REPO / "bundle", "--dataset_dir", str(data),
-                         "--output_dir", str(tmp_path / "out"), "--target_spacing", "[0, 1, 1]")
+    cmd = bundle_command(
+        "inference",
+        ["inference.json"],
+        REPO / "bundle",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--target_spacing",
+        "[0, 1, 1]",
+    )
     result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert_one_error_line(result, f"target_spacing: [0, 1, 1] has a value that is not positive; {SPACING}")
     assert not (tmp_path / "out").exists()
@@ -291,16 +390,35 @@ def test_inference_with_a_zero_spacing_stops_before_reading_data(tmp_path: Path)
 def test_inference_into_a_file_is_refused(tmp_path: Path) -> None:
     data = truncated_image(tmp_path / "data").parent
     (tmp_path / "out.txt").write_text("a file")
-    cmd = bundle_command("inference", ["inference.json"], REPO / "bundle", "--dataset_dir", str(data),
-                         "--output_dir", str(tmp_path / "out.txt"))
+    cmd = bundle_command(
+        "inference",
+        ["inference.json"],
+        REPO / "bundle",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out.txt"),
+    )
     result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
-    assert_one_error_line(result, f"output_dir: {tmp_path / 'out.txt'} is a file, not a folder; give a "
-                          "folder you can write to (it is created if missing)")
+    assert_one_error_line(
+        result,
+        f"output_dir: {tmp_path / 'out.txt'} is a file, not a folder; give a "
+        "folder you can write to (it is created if missing)",
+    )
 
 
 def test_evaluating_with_batch_size_zero_is_refused(tmp_path: Path) -> None:
-    cmd = bundle_command("evaluating", ["inference.json", "evaluate.json"], REPO / "bundle", "--dataset_dir",
-                         str(tmp_path / "cohort"), "--output_dir", str(tmp_path / "out"), "--batch_size", "0")
+    cmd = bundle_command(
+        "evaluating",
+        ["inference.json", "evaluate.json"],
+        REPO / "bundle",
+        "--dataset_dir",
+        str(tmp_path / "cohort"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "0",
+    )
     result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert_one_error_line(result, f"batch_size: 0 is less than 1; {BATCH}")
     assert not (tmp_path / "cohort").exists()  # the synthetic cohort was not generated either
@@ -315,7 +433,16 @@ def test_training_with_no_points_is_refused(tmp_path: Path) -> None:
 
 def test_cli_plane_with_a_bad_device_is_refused(tmp_path: Path) -> None:
     image = truncated_image(tmp_path / "data")
-    cmd = [sys.executable, "-m", "nisf_monai.cli", "plane", str(image), "--output_dir", str(tmp_path / "out"),
-           "--device", "gpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nisf_monai.cli",
+        "plane",
+        str(image),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--device",
+        "gpu",
+    ]
     result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert_one_error_line(result, f"device: 'gpu' is not a torch device; {DEVICES}")

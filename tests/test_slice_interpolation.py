@@ -31,7 +31,9 @@ def test_signed_distance_is_exact_signed_and_respects_anisotropic_spacing() -> N
     mask = np.zeros((9, 11), bool)
     mask[4, 5] = True
     d = signed_distance(mask, spacing=(2.0, 0.5))
-    assert d[4, 5] == pytest.approx(-0.5)  # inside: minus the distance to the nearest outside pixel (0.5 mm along axis 1)
+    assert d[4, 5] == pytest.approx(
+        -0.5
+    )  # inside: minus the distance to the nearest outside pixel (0.5 mm along axis 1)
     assert d[4, 6] == pytest.approx(0.5) and d[5, 5] == pytest.approx(2.0)
     assert d[7, 9] == pytest.approx(np.hypot(3 * 2.0, 4 * 0.5), rel=1e-5)
     block = np.zeros((12, 12), bool)
@@ -64,7 +66,9 @@ def test_nearest_slice_copies_the_nearest_kept_slice_ties_to_the_lower() -> None
     out_bool = nearest_slice_labels(label, np.isin(np.arange(7), [0, 2, 5]))
     np.testing.assert_array_equal(out, out_bool)
     # along another axis
-    np.testing.assert_array_equal(nearest_slice_labels(np.moveaxis(label, -1, 0), [0, 2, 5], axis=0), np.moveaxis(out, -1, 0))
+    np.testing.assert_array_equal(
+        nearest_slice_labels(np.moveaxis(label, -1, 0), [0, 2, 5], axis=0), np.moveaxis(out, -1, 0)
+    )
 
 
 def test_shape_based_reproduces_kept_slices_and_interpolates_a_linear_disc() -> None:
@@ -126,11 +130,15 @@ def test_hidden_slice_dice_matches_hand_counts_and_ignores_other_slices() -> Non
 def test_report_scores_hidden_slices_and_writes_outputs(tmp_path: Path) -> None:
     label = disc_stack([4, 6, 8, 10, 12, 14])
     affine = torch.diag(torch.tensor([1.5, 1.5, 8.0, 1.0], dtype=torch.float64))
-    image = MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=affine, meta={"filename_or_obj": "/d/disc.nii.gz"})
+    image = MetaTensor(
+        torch.as_tensor(label[None], dtype=torch.float32), affine=affine, meta={"filename_or_obj": "/d/disc.nii.gz"}
+    )
     mask = torch.zeros((1, *label.shape), dtype=torch.bool)
     mask[..., ::2] = True  # slices 0, 2, 4 kept; 1, 3 scored; 5 extrapolated
     report = HiddenSliceReport(tmp_path, ["background", "disc"], settings={"keep": "every_other"})
-    record = report.score({"image": image, "label": torch.as_tensor(label[None]), "pred": torch.as_tensor(label[None]), "mask": mask})
+    record = report.score(
+        {"image": image, "label": torch.as_tensor(label[None]), "pred": torch.as_tensor(label[None]), "mask": mask}
+    )
     assert record["scored_slices"] == [1, 3] and record["kept_slices"] == [0, 2, 4]
     assert record["dice"]["nisf"] == [1.0]  # the prediction is the truth
     assert record["dice"]["shape_based"][0] > record["dice"]["nearest"][0]
@@ -141,7 +149,9 @@ def test_report_scores_hidden_slices_and_writes_outputs(tmp_path: Path) -> None:
     assert rows[0] == "case,method,disc,mean,scored_slices" and any(r.startswith("disc,shape_based,") for r in rows)
     assert (tmp_path / "hidden_slice_dice_examples.png").stat().st_size > 0
     with pytest.raises(ValueError, match="target_spacing"):
-        report.score({"image": image, "label": torch.as_tensor(label[None]), "pred": torch.zeros(1, 3, 3, 3), "mask": mask})
+        report.score(
+            {"image": image, "label": torch.as_tensor(label[None]), "pred": torch.zeros(1, 3, 3, 3), "mask": mask}
+        )
 
 
 def test_interpolating_config_runs_and_writes_its_outputs(tmp_path: Path) -> None:
@@ -153,7 +163,11 @@ def test_interpolating_config_runs_and_writes_its_outputs(tmp_path: Path) -> Non
     from nisf_monai.data import generate_cohort
     from nisf_monai.networks import NISFNet
 
-    datalist = Path(generate_cohort(str(tmp_path / "synth"), num_subjects=2, shape=(24, 24, 6), spacing=(5.0, 5.0, 10.0), num_validation=1))
+    datalist = Path(
+        generate_cohort(
+            str(tmp_path / "synth"), num_subjects=2, shape=(24, 24, 6), spacing=(5.0, 5.0, 10.0), num_validation=1
+        )
+    )
     # a mask in the datalist for the first case: only its first 12 rows may be used (relative path, like image and label)
     content = json.loads(datalist.read_text())
     first = content["validation"][0]
@@ -169,9 +183,21 @@ def test_interpolating_config_runs_and_writes_its_outputs(tmp_path: Path) -> Non
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / name) for name in ("inference.json", "evaluate.json", "interpolate.json")])
-    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "synth"), "section": "validation",
-                   "output_dir": str(tmp_path / "out"), "inference_steps": 3, "num_points": 128, "batch_size": 2,
-                   "latent_dim": 8, "hidden_dim": 16, "num_layers": 2, "device": "$torch.device('cpu')"})
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "dataset_dir": str(tmp_path / "synth"),
+            "section": "validation",
+            "output_dir": str(tmp_path / "out"),
+            "inference_steps": 3,
+            "num_points": 128,
+            "batch_size": 2,
+            "latent_dim": 8,
+            "hidden_dim": 16,
+            "num_layers": 2,
+            "device": "$torch.device('cpu')",
+        }
+    )
     parser.get_parsed_content("interpolating")
     saved = json.loads((tmp_path / "out" / "hidden_slice_dice.json").read_text())
     assert saved["num_cases"] == 2 and saved["settings"]["keep_slices"] == "every_other"

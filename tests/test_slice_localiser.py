@@ -93,14 +93,18 @@ def test_locator_starts_from_the_localiser_pose() -> None:
     localiser = SliceLocaliser(IntensityClasses())
     pose = HeartLocator(localiser=localiser, refine_steps=0).locate(image, tiny_heart_net(), extent_mm=100.0)
     torch.testing.assert_close(pose, localiser.pose(image))
-    refined = HeartLocator(localiser=localiser, refine_steps=3, score_points=256).locate(image, tiny_heart_net(), extent_mm=100.0)
+    refined = HeartLocator(localiser=localiser, refine_steps=3, score_points=256).locate(
+        image, tiny_heart_net(), extent_mm=100.0
+    )
     origin = lambda p: -p[:3, :3].T @ p[:3, 3]  # noqa: E731
     assert torch.linalg.norm(origin(refined) - origin(pose)) < 15.0  # a correction, not a new search
 
 
 def test_locator_falls_back_to_the_search_when_the_localiser_finds_no_heart(caplog: pytest.LogCaptureFixture) -> None:
     image, _ = heart_scan()
-    locator = HeartLocator(localiser=SliceLocaliser(IntensityClasses(find_nothing=True)), refine_steps=0, score_points=256)
+    locator = HeartLocator(
+        localiser=SliceLocaliser(IntensityClasses(find_nothing=True)), refine_steps=0, score_points=256
+    )
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
         pose = locator.locate(image, tiny_heart_net(), extent_mm=100.0)
     assert "found no left ventricle" in caplog.text

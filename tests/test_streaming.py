@@ -14,7 +14,10 @@ from nisf_monai.networks import NISFNet
 
 
 def _image() -> MetaTensor:
-    affine = torch.tensor([[0.0, -1.4, 0.0, 30.0], [1.4, 0.0, 0.0, -12.0], [0.0, 0.0, 8.0, 5.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    affine = torch.tensor(
+        [[0.0, -1.4, 0.0, 30.0], [1.4, 0.0, 0.0, -12.0], [0.0, 0.0, 8.0, 5.0], [0.0, 0.0, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
     return MetaTensor(torch.rand(1, 1, 11, 9, 5, generator=torch.Generator().manual_seed(3)), affine=affine)
 
 
@@ -78,4 +81,6 @@ def test_saver_rejects_a_bad_spacing_before_any_fitting(network) -> None:
     from nisf_monai.handlers import StreamingSegmentationSaver
 
     with pytest.raises(ValueError, match="target_spacing must be 3 positive"):
-        StreamingSegmentationSaver(LatentOptimisationInferer(num_steps=0), network, "out", target_spacing=[1.0, -2.0, 1.0])
+        StreamingSegmentationSaver(
+            LatentOptimisationInferer(num_steps=0), network, "out", target_spacing=[1.0, -2.0, 1.0]
+        )

@@ -66,8 +66,10 @@ def test_label_key_none_skips_label_checks(tmp_path) -> None:
 
 def test_shape_mismatch(tmp_path) -> None:
     """A label of another shape is rejected; the message names the label file and both shapes."""
-    files = {"image": write(tmp_path / "case01.nii.gz", good_image()),
-             "label": write(tmp_path / "case01_gt.nii.gz", np.zeros((6, 5, 3), np.uint8))}
+    files = {
+        "image": write(tmp_path / "case01.nii.gz", good_image()),
+        "label": write(tmp_path / "case01_gt.nii.gz", np.zeros((6, 5, 3), np.uint8)),
+    }
     data = LoadImaged(["image", "label"], ensure_channel_first=True, image_only=True)(files)
     with pytest.raises(InvalidCaseError, match="case01_gt.nii.gz") as err:
         ValidateCased()(data)

@@ -59,7 +59,9 @@ def case_ids(data: Sequence[Mapping[Hashable, Any]], case_key: str = "case", ima
     return ids
 
 
-def load_datalist(datalist: str | os.PathLike, section: str = "training", keys: tuple[str, ...] = ("image", "label")) -> list[dict[str, Any]]:
+def load_datalist(
+    datalist: str | os.PathLike, section: str = "training", keys: tuple[str, ...] = ("image", "label")
+) -> list[dict[str, Any]]:
     """Entries of one section of a MONAI datalist with paths resolved against the datalist's folder.
 
     Fails with one message naming the datalist and the entry when a file is missing or an image is
@@ -80,7 +82,9 @@ def load_datalist(datalist: str | os.PathLike, section: str = "training", keys: 
             if key not in item:
                 raise DatalistError(f"datalist {path}: entry {i} of {section!r} has no {key!r} path.")
             if not os.path.exists(item[key]):
-                raise MissingFileError(f"datalist {path}: entry {i} of {section!r}: {key} file {item[key]} does not exist.")
+                raise MissingFileError(
+                    f"datalist {path}: entry {i} of {section!r}: {key} file {item[key]} does not exist."
+                )
         item.setdefault("case", case_name(item[keys[0]]))
         item.setdefault("subject", item["case"])
     repeated = [name for name, n in Counter(str(item[keys[0]]) for item in items).items() if n > 1]
@@ -88,7 +92,9 @@ def load_datalist(datalist: str | os.PathLike, section: str = "training", keys: 
         raise DatalistError(f"datalist {path}: {section!r} lists the same image more than once: {repeated[:3]}.")
     cases = [name for name, n in Counter(item["case"] for item in items).items() if n > 1]
     if cases:
-        raise DatalistError(f"datalist {path}: {section!r} has duplicate case IDs {cases[:3]}; case IDs key the latent codes.")
+        raise DatalistError(
+            f"datalist {path}: {section!r} has duplicate case IDs {cases[:3]}; case IDs key the latent codes."
+        )
     return items
 
 
@@ -98,9 +104,7 @@ def list_images(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise MissingFileError(f"dataset_dir {folder} is not a folder.")
-    images = sorted(
-        p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt")
-    )
+    images = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt"))
     if not images:
         raise MissingFileError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
     return [{"image": str(p), "case": case_name(p)} for p in images]
@@ -163,7 +167,9 @@ def expand_cine_datalist(
         frames = [int(t) for t in item.get(frames_key, range(num_frames))]
         bad = [t for t in frames if not 0 <= t < num_frames]
         if bad or not frames:
-            raise DatalistError(f"{image}: frames {bad or frames} requested, the series has frames 0..{num_frames - 1}.")
+            raise DatalistError(
+                f"{image}: frames {bad or frames} requested, the series has frames 0..{num_frames - 1}."
+            )
         if num_frames > 1 and item.get(label_key) is not None:
             label_frames = _num_frames(str(item[label_key]))
             if label_frames is None and len(frames) != 1:
@@ -172,14 +178,23 @@ def expand_cine_datalist(
                     f"frame it labels with '{frames_key}': [t] in its datalist entry."
                 )
             if label_frames is not None and label_frames != num_frames:
-                raise DatalistError(f"{item[label_key]}: label has {label_frames} frames, its image {image} has {num_frames}.")
+                raise DatalistError(
+                    f"{item[label_key]}: label has {label_frames} frames, its image {image} has {num_frames}."
+                )
         case = str(item.get("case", case_name(image)))
         for t in frames:
             entry = {k: v for k, v in item.items() if k != frames_key}
-            entry.update({frame_key: t, "case": f"{case}_t{t:02d}" if num_frames > 1 else case,
-                          "subject": str(item.get("subject", case))})
+            entry.update(
+                {
+                    frame_key: t,
+                    "case": f"{case}_t{t:02d}" if num_frames > 1 else case,
+                    "subject": str(item.get("subject", case)),
+                }
+            )
             expanded.append(entry)
     repeated = [name for name, n in Counter(e["case"] for e in expanded).items() if n > 1]
     if repeated:
-        raise DatalistError(f"expanding cine series gave duplicate case IDs {repeated[:3]}; case IDs key the latent codes.")
+        raise DatalistError(
+            f"expanding cine series gave duplicate case IDs {repeated[:3]}; case IDs key the latent codes."
+        )
     return expanded

@@ -78,7 +78,11 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         with flush_denormal():
             super().run(global_epoch)
         state = self.state  # an empty loader never starts the engine: no case counts then
-        report_failed_cases(getattr(state, "failed_cases", []), getattr(state, "num_cases_done", 0), getattr(state, "failed_cases_file", None))
+        report_failed_cases(
+            getattr(state, "failed_cases", []),
+            getattr(state, "num_cases_done", 0),
+            getattr(state, "failed_cases_file", None),
+        )
 
     def _register_metrics(self, k_metric: dict, add_metrics: dict | None = None) -> None:
         """Register metrics as MONAI does, each made to pass over an iteration whose cases were all skipped:
@@ -105,8 +109,9 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         device = engine.state.device
-        with engine.mode(engine.network), torch.autocast(
-            device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs
+        with (
+            engine.mode(engine.network),
+            torch.autocast(device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs),
         ):
             if isinstance(batchdata, (list, tuple)):
                 engine.state.output = self._cases_iteration(engine, list(batchdata))
@@ -146,8 +151,13 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
             frames = [engine.inferer.frame_of(image[None]) for image in images]
             recorder = DiceCurveRecorder(
-                engine.network, images, [case[Keys.LABEL] for case in cases], frames,
-                int(engine.network.num_classes), self.monitor_points, seed=engine.inferer.seed,
+                engine.network,
+                images,
+                [case[Keys.LABEL] for case in cases],
+                frames,
+                int(engine.network.num_classes),
+                self.monitor_points,
+                seed=engine.inferer.seed,
             )
         if self.sample_outputs:
             outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every, masks=kept)

@@ -159,4 +159,3 @@ def _as_list(ids: Any) -> list[str]:
     if isinstance(ids, str):
         return [ids]
     return [str(i) for i in ids]
-

@@ -50,7 +50,9 @@ class NetworkField:
         self.num_classes = int(network.num_classes)
 
     def sample(self, affine: np.ndarray, spatial_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        probs, intensity = self.inferer.sample(self.network, self.latent, self.frame, affine, spatial_shape, probabilities=True)
+        probs, intensity = self.inferer.sample(
+            self.network, self.latent, self.frame, affine, spatial_shape, probabilities=True
+        )
         return probs[0].numpy(), intensity[0, 0].numpy()
 
 
@@ -115,7 +117,9 @@ def measure_frame(
         coarse, _ = source.sample(coarse_affine, coarse_shape)
         bounds = roi_slices(coarse.argmax(axis=0) > 0, coarse_affine, fine_affine, fine_shape, roi_margin_mm)
         if bounds is None:
-            return FrameMeasurement({name: 0.0 for name in structures}, None, fine_affine, _sizes(fine_affine), [0, 0, 0])
+            return FrameMeasurement(
+                {name: 0.0 for name in structures}, None, fine_affine, _sizes(fine_affine), [0, 0, 0]
+            )
         lower, upper = bounds
     roi_affine, roi_shape = sub_grid(fine_affine, lower, upper)
     probs, _ = source.sample(roi_affine, roi_shape)

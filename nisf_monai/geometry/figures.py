@@ -30,7 +30,15 @@ def plane_figure(
         nu, nv = image.shape
         extent = (-0.5 * su, (nu - 0.5) * su, -0.5 * sv, (nv - 0.5) * sv)
         lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-        ax.imshow(image.T, cmap="gray", origin="lower", extent=extent, vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        ax.imshow(
+            image.T,
+            cmap="gray",
+            origin="lower",
+            extent=extent,
+            vmin=lo,
+            vmax=hi if hi > lo else lo + 1,
+            interpolation="nearest",
+        )
         if labels is not None:
             overlay = np.zeros((nv, nu, 4))
             for value, colour in CLASS_COLOURS.items():
@@ -90,8 +98,14 @@ def agreement_figure(
             ax.set_ylabel(labels[0], fontsize=8)
         if p.size:
             r_text = f", r {np.corrcoef(p, r)[0, 1]:.2f}" if p.size > 1 and p.std() > 0 and r.std() > 0 else ""
-            ax.text(0.02, 0.97, f"bias {np.mean(p - r):+.2f}, MAE {np.mean(np.abs(p - r)):.2f}{r_text}", transform=ax.transAxes,
-                    fontsize=7, va="top")
+            ax.text(
+                0.02,
+                0.97,
+                f"bias {np.mean(p - r):+.2f}, MAE {np.mean(np.abs(p - r)):.2f}{r_text}",
+                transform=ax.transAxes,
+                fontsize=7,
+                va="top",
+            )
         ax.set_title(_label(measure), fontsize=9)
         ax.ticklabel_format(useOffset=False)
         ax.xaxis.set_major_locator(plt.MaxNLocator(4))
@@ -115,7 +129,11 @@ def surface_figure(path: str | os.PathLike, meshes: Mapping[str, Mesh], title: s
     plt = pyplot()
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    colours = {"lv_blood_pool": (CLASS_COLOURS[1], 1.0), "lv_myocardium": (CLASS_COLOURS[2], 0.2), "rv_blood_pool": (CLASS_COLOURS[3], 0.9)}
+    colours = {
+        "lv_blood_pool": (CLASS_COLOURS[1], 1.0),
+        "lv_myocardium": (CLASS_COLOURS[2], 0.2),
+        "rv_blood_pool": (CLASS_COLOURS[3], 0.9),
+    }
     fig = plt.figure(figsize=(5, 5))
     ax = fig.add_subplot(projection="3d")
     points = [m.vertices for m in meshes.values() if len(m)]

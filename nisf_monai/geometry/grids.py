@@ -21,7 +21,9 @@ from nisf_monai.spatial import voxel_sizes, voxel_volume_ml
 __all__ = ["footprint_grid", "roi_slices", "sub_grid", "voxel_sizes", "voxel_volume_ml"]
 
 
-def footprint_grid(affine: Any, spatial_shape: Sequence[int], spacing: float | Sequence[float] | None) -> tuple[np.ndarray, list[int]]:
+def footprint_grid(
+    affine: Any, spatial_shape: Sequence[int], spacing: float | Sequence[float] | None
+) -> tuple[np.ndarray, list[int]]:
     """Affine and shape of a grid nested in the grid ``(affine, spatial_shape)``: every voxel split into
     ``k`` along each axis, with the smallest ``k`` that brings the voxel size ``d`` to ``spacing`` or below
     (``d / k``; e.g. 1.56 mm -> 0.78 mm and 10 mm -> 1 mm for ``spacing=1``). Same axis directions, same

@@ -34,10 +34,22 @@ __all__ = [
 ]
 
 MYOCARDIAL_DENSITY = 1.05  # g/ml
-MEASURES = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "rv_ef_pct", "lv_mass_g")
+MEASURES = (
+    "lv_edv_ml",
+    "lv_esv_ml",
+    "lv_sv_ml",
+    "lv_ef_pct",
+    "rv_edv_ml",
+    "rv_esv_ml",
+    "rv_sv_ml",
+    "rv_ef_pct",
+    "lv_mass_g",
+)
 
 
-def class_volumes(segmentation: Any, voxel_ml: float, structures: Mapping[str, int] = STRUCTURES, mode: str = "label") -> dict[str, float]:
+def class_volumes(
+    segmentation: Any, voxel_ml: float, structures: Mapping[str, int] = STRUCTURES, mode: str = "label"
+) -> dict[str, float]:
     """Volume in ml of each structure.
 
     Args:
@@ -97,8 +109,17 @@ def agreement(predicted: Sequence[float], reference: Sequence[float]) -> dict[st
     n = int(p.size)
     nan = math.nan
     if n == 0:
-        return {"n": 0, "mae": nan, "bias": nan, "sd_diff": nan, "loa_lower": nan, "loa_upper": nan, "pearson_r": nan,
-                "mean_predicted": nan, "mean_reference": nan}
+        return {
+            "n": 0,
+            "mae": nan,
+            "bias": nan,
+            "sd_diff": nan,
+            "loa_lower": nan,
+            "loa_upper": nan,
+            "pearson_r": nan,
+            "mean_predicted": nan,
+            "mean_reference": nan,
+        }
     diff = p - r
     sd = float(diff.std(ddof=1)) if n > 1 else nan
     bias = float(diff.mean())
@@ -121,13 +142,13 @@ def agreement(predicted: Sequence[float], reference: Sequence[float]) -> dict[st
 
 
 def agreement_table(
-    predicted: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]], measures: Iterable[str] = MEASURES
+    predicted: Mapping[str, Mapping[str, float]],
+    reference: Mapping[str, Mapping[str, float]],
+    measures: Iterable[str] = MEASURES,
 ) -> dict[str, dict[str, float]]:
     """:func:`agreement` of each measure over the subjects present in both ``{subject: {measure: value}}``."""
     subjects = sorted(set(predicted) & set(reference))
-    return {
-        m: agreement([predicted[s][m] for s in subjects], [reference[s][m] for s in subjects]) for m in measures
-    }
+    return {m: agreement([predicted[s][m] for s in subjects], [reference[s][m] for s in subjects]) for m in measures}
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:

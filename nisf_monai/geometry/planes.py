@@ -86,8 +86,10 @@ def plane_grid(
         raise InputDataError(f"directions u {list(u)} and v {list(v)} are parallel; they must span a plane.")
     e2 /= np.linalg.norm(e2)
     if abs(v_unit @ e1) > 1e-6:
-        logger.warning("plane: v was not orthogonal to u (angle %.2f deg); using its orthogonal part",
-                       np.degrees(np.arccos(np.clip(v_unit @ e1, -1, 1))))
+        logger.warning(
+            "plane: v was not orthogonal to u (angle %.2f deg); using its orthogonal part",
+            np.degrees(np.arccos(np.clip(v_unit @ e1, -1, 1))),
+        )
     normal = np.cross(e1, e2)
     if w is None:
         e3 = normal
@@ -114,7 +116,9 @@ def reference_grid(path: str | os.PathLike) -> tuple[np.ndarray, list[int]]:
     try:
         image = nib.load(path)
     except Exception as err:
-        raise InvalidCaseError(f"{path}: cannot read the reference image header ({type(err).__name__}: {err}).") from err
+        raise InvalidCaseError(
+            f"{path}: cannot read the reference image header ({type(err).__name__}: {err})."
+        ) from err
     shape = [int(s) for s in image.shape[:3]]
     shape += [1] * (3 - len(shape))
     affine = np.asarray(image.affine, dtype=np.float64)
@@ -129,7 +133,9 @@ def grid_centre(affine: Any, spatial_shape: Sequence[int]) -> np.ndarray:
     return affine[:3, :3] @ ((np.asarray(spatial_shape, dtype=np.float64) - 1) / 2) + affine[:3, 3]
 
 
-def resample_image(image: Any, image_affine: Any, affine: Any, spatial_shape: Sequence[int], mode: str = "bilinear") -> np.ndarray:
+def resample_image(
+    image: Any, image_affine: Any, affine: Any, spatial_shape: Sequence[int], mode: str = "bilinear"
+) -> np.ndarray:
     """An acquired image ``(X, Y, Z)`` interpolated (trilinear, or ``mode='nearest'``) at the voxel centres
     of another grid: how a viewer shows a short-axis stack in a long-axis plane, the reference NISF's
     continuous reading is compared with. Within the outer half voxel the edge value holds (a slice stands
@@ -149,4 +155,3 @@ def resample_image(image: Any, image_affine: Any, affine: Any, spatial_shape: Se
     coords = torch.as_tensor(norm[:, ::-1].copy(), dtype=torch.float32).reshape(1, 1, 1, -1, 3)
     out = F.grid_sample(volume[None, None], coords, mode=mode, padding_mode="border", align_corners=True)
     return np.where(inside, out.reshape(-1).numpy(), 0.0).reshape(shape).astype(np.float32)
-

@@ -80,9 +80,17 @@ def _name(entry: Mapping[str, Any], item: Mapping[str, Any]) -> str:
 
 
 def _log_measures(subject: str, m: Mapping[str, float], seconds: float) -> None:
-    logger.info("%s: LV EDV %.1f ml, ESV %.1f ml, EF %.1f %%; RV EDV %.1f ml, EF %.1f %%; LV mass %.1f g (%.0f s)",
-                subject, m["lv_edv_ml"], m["lv_esv_ml"], m["lv_ef_pct"], m["rv_edv_ml"], m["rv_ef_pct"], m["lv_mass_g"],
-                seconds)
+    logger.info(
+        "%s: LV EDV %.1f ml, ESV %.1f ml, EF %.1f %%; RV EDV %.1f ml, EF %.1f %%; LV mass %.1f g (%.0f s)",
+        subject,
+        m["lv_edv_ml"],
+        m["lv_esv_ml"],
+        m["lv_ef_pct"],
+        m["rv_edv_ml"],
+        m["rv_ef_pct"],
+        m["lv_mass_g"],
+        seconds,
+    )
 
 
 class _FittedRun:
@@ -190,10 +198,16 @@ class MeasureRun(_FittedRun):
             missing = [i for i, item in enumerate(items) if "label" not in item]
             if missing:
                 raise InputDataError("source 'labels' needs a label for every frame of the datalist.")
-            return [LabelField(np.asarray(item["label"])[0], affine_array(item["image"]), int(self.network.num_classes)) for item in items]
+            return [
+                LabelField(np.asarray(item["label"])[0], affine_array(item["image"]), int(self.network.num_classes))
+                for item in items
+            ]
         images = [item["image"].to(self.device) for item in items]
         latents = self.inferer.fit(images, self.network)
-        return [NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None])) for b in range(len(images))]
+        return [
+            NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None]))
+            for b in range(len(images))
+        ]
 
     def run(self) -> dict[str, Any]:
         self._prepare_network()
@@ -218,11 +232,17 @@ class MeasureRun(_FittedRun):
             measures[self.source][subject] = cardiac_measures(measured[ed], measured[es] if es is not None else None)
             if len(manual) == len(items):
                 measures["manual"][subject] = cardiac_measures(manual[ed], manual[es] if es is not None else None)
-            subject_info[subject] = {"ed_case": names[ed], "es_case": names[es] if es is not None else None, "phase_rule": rule,
-                                     "seconds": time.perf_counter() - start}
+            subject_info[subject] = {
+                "ed_case": names[ed],
+                "es_case": names[es] if es is not None else None,
+                "phase_rule": rule,
+                "seconds": time.perf_counter() - start,
+            }
             _log_measures(subject, measures[self.source][subject], subject_info[subject]["seconds"])
             if figures < self.max_surface_figures and meshes[ed]:
-                surface_figure(self.output_dir / "figures" / f"{subject}_surfaces.png", meshes[ed], f"{subject} {names[ed]} (ED)")
+                surface_figure(
+                    self.output_dir / "figures" / f"{subject}_surfaces.png", meshes[ed], f"{subject} {names[ed]} (ED)"
+                )
                 figures += 1
         report = self._write(measures, frames_rows, subject_info)
         self._account_for_failures(sum(len(cases) for cases in subjects.values()))
@@ -246,12 +266,18 @@ class MeasureRun(_FittedRun):
         fine segmentation."""
         image = item["image"]
         affine, shape = affine_array(image), list(image.shape[1:])
-        result = measure_frame(source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing,
-                               self.volume_mode)
-        row = {"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": self.source,
-               **{f"{k}_ml": v for k, v in result.volumes.items()},
-               "spacing_mm": "x".join(f"{s:.3g}" for s in result.spacing),
-               "roi_shape": "x".join(map(str, result.roi_shape))}
+        result = measure_frame(
+            source, affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode
+        )
+        row = {
+            "subject": subject,
+            "case": name,
+            "phase": entry.get("phase", ""),
+            "source": self.source,
+            **{f"{k}_ml": v for k, v in result.volumes.items()},
+            "spacing_mm": "x".join(f"{s:.3g}" for s in result.spacing),
+            "roi_shape": "x".join(map(str, result.roi_shape)),
+        }
         figure_meshes = {}
         if result.probabilities is not None:
             row.update(self._write_surfaces(name, result))
@@ -263,10 +289,17 @@ class MeasureRun(_FittedRun):
         if "label" in item:
             label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
             manual = class_volumes(label, voxel_volume_ml(affine))
-            rows.append({"subject": subject, "case": name, "phase": entry.get("phase", ""), "source": "manual",
-                         **{f"{k}_ml": v for k, v in manual.items()},
-                         "spacing_mm": "x".join(f"{s:.3g}" for s in voxel_sizes(affine)),
-                         "roi_shape": "x".join(map(str, shape))})
+            rows.append(
+                {
+                    "subject": subject,
+                    "case": name,
+                    "phase": entry.get("phase", ""),
+                    "source": "manual",
+                    **{f"{k}_ml": v for k, v in manual.items()},
+                    "spacing_mm": "x".join(f"{s:.3g}" for s in voxel_sizes(affine)),
+                    "roi_shape": "x".join(map(str, shape)),
+                }
+            )
         return result.volumes, manual, figure_meshes, rows
 
     def _write_surfaces(self, name: str, result: Any) -> dict[str, float]:
@@ -306,8 +339,15 @@ class MeasureRun(_FittedRun):
         rows = []
         for source, by_subject in measures.items():
             for subject, values in by_subject.items():
-                rows.append({"subject": subject, "source": source, "ed_case": subject_info[subject]["ed_case"],
-                             "es_case": subject_info[subject]["es_case"] or "", **values})
+                rows.append(
+                    {
+                        "subject": subject,
+                        "source": source,
+                        "ed_case": subject_info[subject]["ed_case"],
+                        "es_case": subject_info[subject]["es_case"] or "",
+                        **values,
+                    }
+                )
         rows.sort(key=lambda r: (r["subject"], r["source"] != self.source))
         write_csv(out / "measures.csv", rows)
         write_csv(out / "volumes.csv", frames_rows)
@@ -317,15 +357,36 @@ class MeasureRun(_FittedRun):
             write_csv(out / "agreement.csv", [{"measure": m, **stats} for m, stats in agreement.items()])
             label = "NISF" if self.source == "nisf" else "labels (fine grid)"
             shown = [m for m in MEASURES if not m.endswith("_sv_ml")]
-            agreement_figure(out / "figures" / "bland_altman.png", measures[self.source], measures["manual"], shown,
-                             "bland_altman", f"{label} vs manual, {len(measures['manual'])} subjects", (label, "manual"))
-            agreement_figure(out / "figures" / "scatter.png", measures[self.source], measures["manual"], shown,
-                             "scatter", f"{label} vs manual, {len(measures['manual'])} subjects", (label, "manual"))
+            agreement_figure(
+                out / "figures" / "bland_altman.png",
+                measures[self.source],
+                measures["manual"],
+                shown,
+                "bland_altman",
+                f"{label} vs manual, {len(measures['manual'])} subjects",
+                (label, "manual"),
+            )
+            agreement_figure(
+                out / "figures" / "scatter.png",
+                measures[self.source],
+                measures["manual"],
+                shown,
+                "scatter",
+                f"{label} vs manual, {len(measures['manual'])} subjects",
+                (label, "manual"),
+            )
         spacing = np.asarray(self.spacing, dtype=float).ravel().tolist()
         report = {
-            "settings": {"source": self.source, "spacing_mm": spacing, "roi_margin_mm": self.roi_margin_mm,
-                         "roi_spacing_mm": self.roi_spacing, "volume_mode": self.volume_mode, "myocardial_density_g_per_ml": MYOCARDIAL_DENSITY,
-                         "inference_steps": getattr(self.inferer, "num_steps", None), "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None},
+            "settings": {
+                "source": self.source,
+                "spacing_mm": spacing,
+                "roi_margin_mm": self.roi_margin_mm,
+                "roi_spacing_mm": self.roi_spacing,
+                "volume_mode": self.volume_mode,
+                "myocardial_density_g_per_ml": MYOCARDIAL_DENSITY,
+                "inference_steps": getattr(self.inferer, "num_steps", None),
+                "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None,
+            },
             "measures": measures,
             "subjects": subject_info,
             "frames": frames_rows,
@@ -382,7 +443,9 @@ class PlaneRun(_FittedRun):
         elif u is not None and v is not None:
             plane_grid(u, v, spacing, size if size is not None else [1, 1], centre=[0.0, 0.0, 0.0], w=w)
 
-    def grid(self, field: NetworkField, image_affine: np.ndarray, image_shape: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    def grid(
+        self, field: NetworkField, image_affine: np.ndarray, image_shape: Sequence[int]
+    ) -> tuple[np.ndarray, list[int]]:
         """The plane's affine and shape for one image (see the class docstring for the defaults)."""
         if self.reference is not None:
             return reference_grid(self.reference)
@@ -407,7 +470,9 @@ class PlaneRun(_FittedRun):
 
     def _spanning_size(self, u: Any, v: Any, affine: np.ndarray, shape: Sequence[int]) -> list[int]:
         """Voxels along u and v that span the image's footprint seen along each direction."""
-        corners = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5) for k in (-0.5, shape[2] - 0.5)])
+        corners = np.array(
+            [[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5) for k in (-0.5, shape[2] - 0.5)]
+        )
         world = corners @ affine[:3, :3].T
         steps = np.asarray(self.spacing, dtype=float).ravel()
         steps = np.repeat(steps, 2) if steps.size == 1 else steps
@@ -448,16 +513,26 @@ class PlaneRun(_FittedRun):
                 "input": save_nifti(acquired, affine, f"{stem}_input.nii.gz"),
             }
             k = shape[2] // 2
-            panels = [("acquired stack, interpolated", acquired[:, :, k], None), ("NISF intensity", intensity[:, :, k], None),
-                      ("NISF segmentation", intensity[:, :, k], labels[:, :, k])]
+            panels = [
+                ("acquired stack, interpolated", acquired[:, :, k], None),
+                ("NISF intensity", intensity[:, :, k], None),
+                ("NISF segmentation", intensity[:, :, k], labels[:, :, k]),
+            ]
             reference = self._reference_slice(affine, shape)
             if reference is not None:
                 panels.insert(0, ("reference image", reference, None))
                 panels.append(("NISF segmentation on reference", reference, labels[:, :, k]))
             paths["png"] = plane_figure(f"{stem}.png", panels, voxel_sizes(affine)[:2], f"{name}: {self.name}")
-            info = {"case": name, "affine": affine, "shape": shape, "spacing_mm": voxel_sizes(affine),
-                    "centre_mm": grid_centre(affine, shape), "reference": self.reference, "files": paths,
-                    "label_voxels": {n: int((labels == c).sum()) for n, c in STRUCTURES.items()}}
+            info = {
+                "case": name,
+                "affine": affine,
+                "shape": shape,
+                "spacing_mm": voxel_sizes(affine),
+                "centre_mm": grid_centre(affine, shape),
+                "reference": self.reference,
+                "files": paths,
+                "label_voxels": {n: int((labels == c).sum()) for n, c in STRUCTURES.items()},
+            }
             atomic_write_json(f"{stem}.json", json_safe(info))
             logger.info("%s: %s %s written to %s", name, self.name, "x".join(map(str, shape)), stem.parent)
             written.append(info)

@@ -120,7 +120,9 @@ class HiddenSliceReport:
         image, label, pred = item["image"], _array(item["label"]), _array(item["pred"])
         name = frame_case_name(image, f"case{len(self.cases)}")
         if pred.shape != label.shape:
-            raise ValueError(f"{name}: prediction {pred.shape} is not on the label grid {label.shape}; score hidden slices with target_spacing null.")
+            raise ValueError(
+                f"{name}: prediction {pred.shape} is not on the label grid {label.shape}; score hidden slices with target_spacing null."
+            )
         mask = item.get("mask")
         num_slices = label.shape[self.axis]
         kept = kept_slices(mask, self.axis) if mask is not None else np.ones(num_slices, dtype=bool)
@@ -131,7 +133,11 @@ class HiddenSliceReport:
             "kept_slices": np.flatnonzero(kept).tolist(),
             "scored_slices": hidden.tolist(),
             "kept_voxel_fraction": float(np.mean(_array(mask) != 0)) if mask is not None else 1.0,
-            "dice": {"nisf_all_slices": hidden_slice_dice(pred, label, range(num_slices), self.num_classes, self.axis).tolist()},
+            "dice": {
+                "nisf_all_slices": hidden_slice_dice(
+                    pred, label, range(num_slices), self.num_classes, self.axis
+                ).tolist()
+            },
         }
         if hidden.size:
             spacing = _in_plane_spacing(image, self.axis)
@@ -147,12 +153,20 @@ class HiddenSliceReport:
         self.cases.append(record)
         return record
 
-    def _example(self, name: str, image: np.ndarray, label: np.ndarray, segs: dict[str, np.ndarray], hidden: np.ndarray) -> dict[str, Any]:
+    def _example(
+        self, name: str, image: np.ndarray, label: np.ndarray, segs: dict[str, np.ndarray], hidden: np.ndarray
+    ) -> dict[str, Any]:
         take = lambda a, z: np.take(a, z, axis=self.axis)  # noqa: E731
         lv = [(take(label, z) == 1).sum() for z in hidden]
         z = int(hidden[int(np.argmax(lv))])
         crop = _heart_box(take(label, z))
-        return {"case": name, "slice": z, "image": take(image, z)[crop], "ground truth": take(label, z)[crop], **{m: take(s, z)[crop] for m, s in segs.items()}}
+        return {
+            "case": name,
+            "slice": z,
+            "image": take(image, z)[crop],
+            "ground truth": take(label, z)[crop],
+            **{m: take(s, z)[crop] for m, s in segs.items()},
+        }
 
     def summary(self) -> dict[str, dict[str, list[float]]]:
         """Mean and std over cases per method: per class and of the per-case class mean (NaN-aware)."""
@@ -161,7 +175,10 @@ class HiddenSliceReport:
         for method in methods:
             dice = np.asarray([c["dice"][method] for c in self.cases if method in c["dice"]], dtype=float)
             with _quiet():
-                stats = {n: [json_safe(np.nanmean(dice[:, k])), json_safe(np.nanstd(dice[:, k]))] for k, n in enumerate(self.class_names[1:])}
+                stats = {
+                    n: [json_safe(np.nanmean(dice[:, k])), json_safe(np.nanstd(dice[:, k]))]
+                    for k, n in enumerate(self.class_names[1:])
+                }
                 means = np.nanmean(dice, axis=1)
                 stats["mean"] = [json_safe(np.nanmean(means)), json_safe(np.nanstd(means))]
             out[method] = stats
@@ -193,8 +210,13 @@ class HiddenSliceReport:
         }
         atomic_write_json(self.output_dir / f"{self.prefix}.json", record)
         for method, stats in summary.items():
-            logger.info("hidden-slice report: %s mean Dice %s over %d cases (%s)", method, _fmt(stats["mean"][0]), len(self.cases),
-                        ", ".join(f"{n} {_fmt(stats[n][0])}" for n in names))
+            logger.info(
+                "hidden-slice report: %s mean Dice %s over %d cases (%s)",
+                method,
+                _fmt(stats["mean"][0]),
+                len(self.cases),
+                ", ".join(f"{n} {_fmt(stats[n][0])}" for n in names),
+            )
         if engine is not None:
             for method, stats in summary.items():
                 engine.state.metrics[f"{self.prefix}_{method}"] = stats["mean"][0]
@@ -204,7 +226,13 @@ class HiddenSliceReport:
     def _plot(self) -> None:
         plt = pyplot()
         columns = ["image", "ground truth", "nisf", "nearest", "shape_based"]
-        titles = {"image": "image (hidden)", "ground truth": "ground truth", "nisf": "NISF", "nearest": "nearest slice", "shape_based": "shape-based"}
+        titles = {
+            "image": "image (hidden)",
+            "ground truth": "ground truth",
+            "nisf": "NISF",
+            "nearest": "nearest slice",
+            "shape_based": "shape-based",
+        }
         rows = len(self._examples)
         fig, axes = plt.subplots(rows, len(columns), figsize=(2.4 * len(columns), 2.6 * rows), squeeze=False)
         for r, ex in enumerate(self._examples):

@@ -10,7 +10,9 @@ from monai.handlers import MeanDice
 __all__ = ["class_dice_metrics"]
 
 
-def class_dice_metrics(label_names: Sequence[str], pred_key: str = "pred", label_key: str = "label") -> dict[str, MeanDice]:
+def class_dice_metrics(
+    label_names: Sequence[str], pred_key: str = "pred", label_key: str = "label"
+) -> dict[str, MeanDice]:
     """One MONAI ``MeanDice`` per foreground class, named ``dice_<class>``, on one-hot ``[C, *spatial]``
     predictions and labels of decollated outputs (``AsDiscreted(to_onehot=...)`` in postprocessing).
     Each keeps per-case details for ``MetricsSaver``."""

@@ -151,25 +151,36 @@ class QualityControlHandler:
         """Why a case looks out of distribution (empty when it does not)."""
         found = []
         if quality["volume_ml"].get(self.lv_name, 0.0) < self.min_lv_ml:
-            found.append(f"no left ventricle found (LV blood pool {quality['volume_ml'].get(self.lv_name, 0.0):.1f} ml)")
+            found.append(
+                f"no left ventricle found (LV blood pool {quality['volume_ml'].get(self.lv_name, 0.0):.1f} ml)"
+            )
         limit = self._limit("reconstruction_error")
         if limit is not None and quality["reconstruction_error"] > limit:
-            found.append(f"reconstruction error {quality['reconstruction_error']:.4f} beyond what reference cases reach "
-                         f"({limit / self.tolerance:.4f} at most)")
+            found.append(
+                f"reconstruction error {quality['reconstruction_error']:.4f} beyond what reference cases reach "
+                f"({limit / self.tolerance:.4f} at most)"
+            )
         limit = self._limit("nearest_training_code_distance")
         distance = quality["nearest_training_code_distance"]
         if limit is not None and distance is not None and distance > limit:
-            found.append(f"code {distance:.3f} from the nearest training code, beyond the reference cases' "
-                         f"{limit / self.tolerance:.3f}")
+            found.append(
+                f"code {distance:.3f} from the nearest training code, beyond the reference cases' "
+                f"{limit / self.tolerance:.3f}"
+            )
         return found
 
     def __call__(self, engine: Engine) -> None:
         outputs = engine.state.output
         if isinstance(outputs, dict):  # a collated batch: split it into cases
-            outputs = [{Keys.IMAGE: outputs[Keys.IMAGE][b], "latent": outputs["latent"][b]} for b in range(len(outputs["latent"]))]
+            outputs = [
+                {Keys.IMAGE: outputs[Keys.IMAGE][b], "latent": outputs["latent"][b]}
+                for b in range(len(outputs["latent"]))
+            ]
         for output in outputs or []:
             image = output[Keys.IMAGE]
-            quality = case_quality(self.inferer, self.network, image, output["latent"], self.label_names, self.training_codes)
+            quality = case_quality(
+                self.inferer, self.network, image, output["latent"], self.label_names, self.training_codes
+            )
             quality["warnings"] = self.warnings(quality)
             layout = FolderLayout(self.output_dir, postfix="qc", extension=".json", parent=False, makedirs=True)
             path = layout.filename(**self.output_name_formatter(dict(image.meta), self))

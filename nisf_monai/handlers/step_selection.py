@@ -60,7 +60,12 @@ class StepSelectionHandler:
         class_names: foreground class names for the figure and JSON.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, figure_path: str | os.PathLike | None = None, class_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        figure_path: str | os.PathLike | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
         self.save_dir = Path(save_dir)
         self.figure_path = None if figure_path is None else Path(figure_path)
         self.class_names = class_names
@@ -116,7 +121,12 @@ class StepSelectionHandler:
         }
         atomic_write_json(self.save_dir / STEPS_FILENAME, record)
         engine.state.metrics["selected_inference_steps"] = best
-        logger.info("step selection: best mean Dice %.4f at %d latent steps over %d cases", record["mean_dice_at_best"], best, dice.shape[0])
+        logger.info(
+            "step selection: best mean Dice %.4f at %d latent steps over %d cases",
+            record["mean_dice_at_best"],
+            best,
+            dice.shape[0],
+        )
         if self.figure_path is not None:
             self._plot(self._steps, curve, per_class, names, best)
 

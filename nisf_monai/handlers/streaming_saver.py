@@ -85,13 +85,22 @@ class StreamingSegmentationSaver:
         for output in outputs or []:
             image = output[Keys.IMAGE]
             if not isinstance(image, MetaTensor):
-                raise TypeError("StreamingSegmentationSaver needs the evaluator's `image` as a MetaTensor (its affine places the output).")
+                raise TypeError(
+                    "StreamingSegmentationSaver needs the evaluator's `image` as a MetaTensor (its affine places the output)."
+                )
             case = image[None] if image.dim() == 4 else image
             frame = self.inferer.frame_of(case)
             affine, shape = target_grid(frame.affine, case.shape[2:], self.target_spacing)
             meta = dict(image.meta)
             seg_path, recon_path = self._path(meta, self.seg_postfix), self._path(meta, self.recon_postfix)
             latent = output["latent"].reshape(1, -1).to(next(self.network.parameters()).device)
-            stream_sampled_grid(self.inferer, self.network, latent, frame, affine, shape, seg_path, recon_path, self.slab_points)
-            logger.info("wrote %s (%s voxels at %s mm)", seg_path or recon_path, "x".join(map(str, shape)), self.target_spacing or "input")
+            stream_sampled_grid(
+                self.inferer, self.network, latent, frame, affine, shape, seg_path, recon_path, self.slab_points
+            )
+            logger.info(
+                "wrote %s (%s voxels at %s mm)",
+                seg_path or recon_path,
+                "x".join(map(str, shape)),
+                self.target_spacing or "input",
+            )
             self._data_index += 1

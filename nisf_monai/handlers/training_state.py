@@ -55,14 +55,20 @@ def describe_state_mismatch(state: dict[str, Any], network: nn.Module, latent_ta
     codes by ID unless ``strict_subjects`` is set."""
     saved_table = state.get("latent_table", {})
     saved_codes = saved_table.get("weight") if isinstance(saved_table, dict) else None
-    if isinstance(saved_codes, torch.Tensor) and saved_codes.ndim == 2 and saved_codes.shape[1] != latent_table.latent_dim:
+    if (
+        isinstance(saved_codes, torch.Tensor)
+        and saved_codes.ndim == 2
+        and saved_codes.shape[1] != latent_table.latent_dim
+    ):
         return f"latent_dim {saved_codes.shape[1]} in checkpoint vs {latent_table.latent_dim} in config"
     saved, current = _shapes(state.get("network", {})), _shapes(network.state_dict())
     head = "seg_head.weight"
     if head in saved and head in current:
         if saved[head][0] != current[head][0]:
-            return (f"number of classes {saved[head][0]} in checkpoint vs {current[head][0]} in config "
-                    "(label_names, background included)")
+            return (
+                f"number of classes {saved[head][0]} in checkpoint vs {current[head][0]} in config "
+                "(label_names, background included)"
+            )
         if saved[head][1] != current[head][1]:
             return f"hidden_dim {saved[head][1]} in checkpoint vs {current[head][1]} in config"
     layers_saved, layers_now = _num_layers(saved), _num_layers(current)
@@ -70,8 +76,10 @@ def describe_state_mismatch(state: dict[str, Any], network: nn.Module, latent_ta
         return f"num_layers {layers_saved} in checkpoint vs {layers_now} in config"
     missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or unexpected:
-        return (f"network parameters differ (missing from checkpoint: {missing[:3]}, not in config: {unexpected[:3]}); "
-                "was it trained with another activation or network version?")
+        return (
+            f"network parameters differ (missing from checkpoint: {missing[:3]}, not in config: {unexpected[:3]}); "
+            "was it trained with another activation or network version?"
+        )
     for key, shape in current.items():
         if saved[key] != shape:
             return f"network parameter {key} of shape {saved[key]} in checkpoint vs {shape} in config"
@@ -271,7 +279,10 @@ class TrainingStateHandler:
             # the saved weights and codes instead of ending at once with nothing done
             logger.info(
                 "%s finished at epoch %d (max_epochs %d): training %d more epochs from its weights and codes",
-                self.state_path, saved_epoch, engine.state.max_epochs, engine.state.max_epochs,
+                self.state_path,
+                saved_epoch,
+                engine.state.max_epochs,
+                engine.state.max_epochs,
             )
             return
         engine.state.epoch = saved_epoch

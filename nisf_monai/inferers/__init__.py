@@ -2,4 +2,11 @@ from nisf_monai.inferers.heart_locator import HeartLocator
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, target_grid
 from nisf_monai.inferers.slice_localiser import SliceLocaliser, load_localiser, localiser_network
 
-__all__ = ["HeartLocator", "LatentOptimisationInferer", "SliceLocaliser", "load_localiser", "localiser_network", "target_grid"]
+__all__ = [
+    "HeartLocator",
+    "LatentOptimisationInferer",
+    "SliceLocaliser",
+    "load_localiser",
+    "localiser_network",
+    "target_grid",
+]

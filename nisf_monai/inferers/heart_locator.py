@@ -127,7 +127,9 @@ class HeartLocator:
         self.refine_steps, self.learning_rate, self.seed = int(refine_steps), float(learning_rate), int(seed)
         self.localiser, self.localiser_angles = localiser, bool(localiser_angles)
 
-    def candidates(self, image: MetaTensor, centre: torch.Tensor | None = None, radius_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(
+        self, image: MetaTensor, centre: torch.Tensor | None = None, radius_mm: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes), around the
         volume centre (or ``centre``, world mm) within ``radius_mm`` (default: the locator's)."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
@@ -135,8 +137,12 @@ class HeartLocator:
         radius_mm = self.radius_mm if radius_mm is None else radius_mm
         e1, e2, normal = _in_plane_axes(affine)
         n = int(radius_mm // self.step_mm)
-        offsets = [(i * self.step_mm, j * self.step_mm) for i in range(-n, n + 1) for j in range(-n, n + 1)
-                   if math.hypot(i, j) * self.step_mm <= radius_mm + 1e-9]
+        offsets = [
+            (i * self.step_mm, j * self.step_mm)
+            for i in range(-n, n + 1)
+            for j in range(-n, n + 1)
+            if math.hypot(i, j) * self.step_mm <= radius_mm + 1e-9
+        ]
         origins, rotations = [], []
         for a in range(self.num_angles):
             theta = 2.0 * math.pi * a / self.num_angles
@@ -147,7 +153,9 @@ class HeartLocator:
                 rotations.append(rotation)
         return torch.stack(origins), torch.stack(rotations)
 
-    def _voxels(self, image: MetaTensor, generator: torch.Generator, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _voxels(
+        self, image: MetaTensor, generator: torch.Generator, kept: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """World positions ``(P, 3)`` (float64) and intensities ``(P,)`` of random voxels (among ``kept`` flat
         indices when given)."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
@@ -167,7 +175,9 @@ class HeartLocator:
         return (local / extent_mm).float()
 
     @torch.no_grad()
-    def _scores(self, network: nn.Module, coords: torch.Tensor, target: torch.Tensor, extent_mm: float, group: int) -> torch.Tensor:
+    def _scores(
+        self, network: nn.Module, coords: torch.Tensor, target: torch.Tensor, extent_mm: float, group: int
+    ) -> torch.Tensor:
         scores = []
         latent_dim = int(network.latent_dim)
         for start in range(0, coords.shape[0], group):
@@ -177,7 +187,9 @@ class HeartLocator:
             scores.append((bce * heart_weights(chunk, extent_mm, self.sigma_mm)).mean(dim=-1))
         return torch.cat(scores)
 
-    def locate(self, image: MetaTensor, network: nn.Module, extent_mm: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def locate(
+        self, image: MetaTensor, network: nn.Module, extent_mm: float, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The 4 x 4 pose (world mm -> heart frame mm) of one case ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)``; a
         boolean ``mask`` of the image's grid limits the voxels used (hidden slices, sparse inputs)."""
         network = frozen_view(network)  # refinement's backward then reaches the code and pose alone
@@ -196,8 +208,10 @@ class HeartLocator:
                 return pose_matrix(origins[0].numpy(), rotations[0].numpy())
             return self._refine(network, image, origins, rotations, extent_mm, generator, device, kept)
         if self.localiser is not None:
-            logger.warning("the localiser found no left ventricle in %s: searching the heart by reconstruction instead.",
-                           image.meta.get("filename_or_obj", "a case"))
+            logger.warning(
+                "the localiser found no left ventricle in %s: searching the heart by reconstruction instead.",
+                image.meta.get("filename_or_obj", "a case"),
+            )
         origins, rotations = self.candidates(image)
         best = self._best(network, image, origins, rotations, extent_mm, generator, device, kept)[: self.num_starts]
         return self._refine(network, image, origins[best], rotations[best], extent_mm, generator, device, kept)
@@ -212,19 +226,27 @@ class HeartLocator:
     def _refine(self, network, image, origins, rotations, extent_mm, generator, device, kept) -> torch.Tensor:
         """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
         starts = origins.shape[0]
-        latent = (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
+        latent = (
+            (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
+        )
         shift = torch.zeros(starts, 3, device=device, requires_grad=True)  # along the heart axes, in units of step_mm
         angle = torch.zeros(starts, device=device, requires_grad=True)  # radians about heart z
-        optimiser = torch.optim.Adam([{"params": [latent], "lr": self.learning_rate},
-                                      {"params": [shift], "lr": 4 * self.learning_rate},
-                                      {"params": [angle], "lr": self.learning_rate}])
+        optimiser = torch.optim.Adam(
+            [
+                {"params": [latent], "lr": self.learning_rate},
+                {"params": [shift], "lr": 4 * self.learning_rate},
+                {"params": [angle], "lr": self.learning_rate},
+            ]
+        )
         losses = torch.zeros(starts)
         for step in range(self.refine_steps + 1):
             world, target = self._voxels(image, generator, kept)
             base = self._coords(world, origins, rotations, extent_mm).to(device)  # (S, 3, P)
             coords = _moved(base, shift * (self.step_mm / extent_mm), angle)
             _, logit = network.forward_heads(coords, latent)
-            bce = F.binary_cross_entropy_with_logits(logit[:, 0], target.to(device).expand(starts, -1), reduction="none")
+            bce = F.binary_cross_entropy_with_logits(
+                logit[:, 0], target.to(device).expand(starts, -1), reduction="none"
+            )
             per_start = (bce * heart_weights(coords.detach(), extent_mm, self.sigma_mm)).mean(dim=-1)
             if step == self.refine_steps:
                 losses = per_start.detach().cpu()
@@ -234,7 +256,9 @@ class HeartLocator:
             loss.backward()
             optimiser.step()
         b = int(torch.argmin(losses))
-        return _corrected_pose(origins[b], rotations[b], shift[b].detach().cpu().double() * self.step_mm, float(angle[b].detach()))
+        return _corrected_pose(
+            origins[b], rotations[b], shift[b].detach().cpu().double() * self.step_mm, float(angle[b].detach())
+        )
 
 
 def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,9 @@ CPU_GROUP_POINTS = 16384  # points per forward pass of a batched latent fit on a
 logger = logging.getLogger("nisf_monai")
 
 
-def target_grid(affine: Any, spatial_shape: Sequence[int], spacing: Sequence[float] | None) -> tuple[np.ndarray, list[int]]:
+def target_grid(
+    affine: Any, spatial_shape: Sequence[int], spacing: Sequence[float] | None
+) -> tuple[np.ndarray, list[int]]:
     """Affine and shape of the grid at ``spacing`` (mm) over the same physical extent as the input, computed
     as MONAI's ``Spacing`` computes its output grid (same axes directions, ``diagonal=False``,
     ``scale_extent=False``). ``spacing=None`` keeps the input grid."""
@@ -133,14 +135,18 @@ class LatentOptimisationInferer(Inferer):
     def frame_of(self, image: MetaTensor) -> CoordinateFrame:
         """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation and the heart
         pose its metadata carries (``POSE_KEY``), if any."""
-        return CoordinateFrame(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose_of(image))
+        return CoordinateFrame(
+            _grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose_of(image)
+        )
 
     @staticmethod
     def _check_input(inputs: torch.Tensor) -> MetaTensor:
         if not isinstance(inputs, MetaTensor):
             raise TypeError("LatentOptimisationInferer needs a MetaTensor (its affine places the voxels in space).")
         if inputs.dim() != 5 or inputs.shape[1] != 1:
-            raise ValueError(f"expected a batch of 3D single-channel images (B, 1, X, Y, Z), got {tuple(inputs.shape)}.")
+            raise ValueError(
+                f"expected a batch of 3D single-channel images (B, 1, X, Y, Z), got {tuple(inputs.shape)}."
+            )
         return inputs
 
     def _cases(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[MetaTensor]:
@@ -169,17 +175,26 @@ class LatentOptimisationInferer(Inferer):
             return
         images = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] > 1 and pose_of(inputs) is None:
-            raise ValueError("a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch.")
+            raise ValueError(
+                "a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch."
+            )
         case_masks = self._masks(masks, [image if image.dim() == 5 else image[None] for image in images])
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(self._device_type(network), enabled=False), \
-                flush_denormal():
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(self._device_type(network), enabled=False),
+            flush_denormal(),
+        ):
             for image, mask in zip(images, case_masks):
                 if pose_of(image) is not None:
                     continue
                 pose = self.heart_locator.locate(image, network, self.extent_mm, mask)
                 image.meta[POSE_KEY] = pose
-                logger.debug("heart frame of %s: origin %s mm", image.meta.get("filename_or_obj", "a case"),
-                             np.round((-pose[:3, :3].T @ pose[:3, 3]).numpy(), 1).tolist())
+                logger.debug(
+                    "heart frame of %s: origin %s mm",
+                    image.meta.get("filename_or_obj", "a case"),
+                    np.round((-pose[:3, :3].T @ pose[:3, 3]).numpy(), 1).tolist(),
+                )
 
     @staticmethod
     def _device_type(network: nn.Module) -> str:
@@ -216,8 +231,12 @@ class LatentOptimisationInferer(Inferer):
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not. The fit
         # runs in float32 even inside an autocast region (the bundle's AMP on CUDA): the code's gradient is a
         # mean over thousands of points and would underflow in float16 without loss scaling
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
-                flush_denormal():
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device.type, enabled=False),
+            flush_denormal(),
+        ):
             frozen = frozen_view(network)  # no weight gradients, and no flag of the shared network flipped
             coords, targets = self._fit_points(cases, case_masks, device)
             generators = [torch.Generator().manual_seed(self.seed) for _ in cases]  # as for each case alone
@@ -230,8 +249,12 @@ class LatentOptimisationInferer(Inferer):
                 loss = self._gradient(frozen, latent, coords, targets, generators)
                 optimiser.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
-                    logger.info("latent optimisation step %d/%d: loss %.5f", step + 1, self.num_steps,
-                                float(loss.detach()) / len(cases))
+                    logger.info(
+                        "latent optimisation step %d/%d: loss %.5f",
+                        step + 1,
+                        self.num_steps,
+                        float(loss.detach()) / len(cases),
+                    )
             if monitor is not None and monitor_every:
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
@@ -276,7 +299,9 @@ class LatentOptimisationInferer(Inferer):
         return loss
 
     @staticmethod
-    def _masks(masks: torch.Tensor | Sequence[torch.Tensor | None] | None, cases: list[MetaTensor]) -> list[torch.Tensor | None]:
+    def _masks(
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None, cases: list[MetaTensor]
+    ) -> list[torch.Tensor | None]:
         """One boolean mask (or None) per case, checked against the case's grid."""
         if masks is None:
             return [None] * len(cases)
@@ -291,7 +316,9 @@ class LatentOptimisationInferer(Inferer):
                 continue
             mask = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
             if tuple(mask.shape[-3:]) != tuple(case.shape[2:]) or mask.numel() != case.shape[2:].numel():
-                raise ValueError(f"mask {b} has shape {tuple(mask.shape)}, its image {tuple(case.shape[1:])}; they must share the grid.")
+                raise ValueError(
+                    f"mask {b} has shape {tuple(mask.shape)}, its image {tuple(case.shape[1:])}; they must share the grid."
+                )
             mask = mask.reshape(case.shape[2:]) != 0
             if not bool(mask.any()):
                 raise ValueError(f"mask {b} keeps no voxel: nothing to fit the code to.")
@@ -321,14 +348,18 @@ class LatentOptimisationInferer(Inferer):
             return torch.arange(num_voxels)
         return torch.randint(num_voxels, (self.num_points,), generator=generator)
 
-    def _loss(self, network: nn.Module, latent: torch.Tensor, points: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    def _loss(
+        self, network: nn.Module, latent: torch.Tensor, points: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Sum over cases of each case's mean intensity BCE plus its L2 term: every code gets the gradient
         it would get alone."""
         penalty = self.latent_weight * latent.pow(2).mean(dim=1).sum()
         if len({p.shape[-1] for p in points}) == 1:
             stacked = torch.stack(points)
             _, logit = network.forward_heads(stacked, latent)
-            per_point = F.binary_cross_entropy_with_logits(logit[:, 0], torch.stack(targets)[:, 0].clamp(0.0, 1.0), reduction="none")
+            per_point = F.binary_cross_entropy_with_logits(
+                logit[:, 0], torch.stack(targets)[:, 0].clamp(0.0, 1.0), reduction="none"
+            )
             return (per_point * heart_weights(stacked, self.extent_mm, self.heart_sigma_mm)).mean(dim=1).sum() + penalty
         total = penalty
         for b, (p, t) in enumerate(zip(points, targets)):
@@ -342,7 +373,13 @@ class LatentOptimisationInferer(Inferer):
 
     @torch.no_grad()
     def sample(
-        self, network: nn.Module, latent: torch.Tensor, frame: CoordinateFrame, affine: Any, spatial_shape: Sequence[int], probabilities: bool = False
+        self,
+        network: nn.Module,
+        latent: torch.Tensor,
+        frame: CoordinateFrame,
+        affine: Any,
+        spatial_shape: Sequence[int],
+        probabilities: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate both heads on a grid in chunks of ``chunk_size`` points.
 
@@ -353,7 +390,9 @@ class LatentOptimisationInferer(Inferer):
         total = int(np.prod(shape))
         batch = latent.shape[0]
         num_classes = int(network.num_classes)
-        seg = torch.empty((batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8)
+        seg = torch.empty(
+            (batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8
+        )
         intensity = torch.empty((batch, 1, total), dtype=torch.float32)
         with flush_denormal():
             for start in range(0, total, self.chunk_size):
@@ -387,7 +426,11 @@ class LatentOptimisationInferer(Inferer):
             image = self._check_input(inputs)
             affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
             labels, recon = self.sample(network, latent, self.frame_of(image), affine, shape)
-            return {"pred": self._as_meta(labels, image, affine), "recon": self._as_meta(recon, image, affine), "latent": latent}
+            return {
+                "pred": self._as_meta(labels, image, affine),
+                "recon": self._as_meta(recon, image, affine),
+                "latent": latent,
+            }
         outputs = []
         for b, case in enumerate(self._cases(inputs)):
             affine, shape = target_grid(_grid_affine(case), case.shape[2:], self.target_spacing)

@@ -28,8 +28,14 @@ logger = logging.getLogger("nisf_monai")
 
 def localiser_network(num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128)) -> UNet:
     """The default localiser: a small MONAI 2D UNet (about 0.2 M parameters) on one-channel slices."""
-    return UNet(spatial_dims=2, in_channels=1, out_channels=num_classes, channels=channels,
-                strides=(2,) * (len(channels) - 1), num_res_units=1)
+    return UNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=num_classes,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
+    )
 
 
 class SliceLocaliser:
@@ -56,7 +62,9 @@ class SliceLocaliser:
             raise ValueError("SliceLocaliser needs in_plane_mm > 0, divisor >= 1 and slices_per_batch >= 1.")
         if weights is not None:
             if not Path(weights).is_file():
-                raise FileNotFoundError(f"localiser weights not found: {weights} (train them with train_localiser.json).")
+                raise FileNotFoundError(
+                    f"localiser weights not found: {weights} (train them with train_localiser.json)."
+                )
             network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.network = network.eval()
         self.in_plane_mm = float(in_plane_mm)
@@ -79,8 +87,9 @@ class SliceLocaliser:
         padded = DivisiblePad((self.divisor, self.divisor, 1), method="end")(resampled).as_tensor()
         slices = padded.permute(3, 0, 1, 2)  # (Z, 1, X'', Y'')
         device = next(self.network.parameters()).device
-        predictions = [self.network(chunk.to(device)).argmax(1).cpu()
-                       for chunk in torch.split(slices, self.slices_per_batch)]
+        predictions = [
+            self.network(chunk.to(device)).argmax(1).cpu() for chunk in torch.split(slices, self.slices_per_batch)
+        ]
         label = torch.cat(predictions).permute(1, 2, 0)[None, :x, :y]  # (1, X', Y', Z)
         if mask is not None:
             kept = MetaTensor(torch.as_tensor(mask).reshape(image.shape).float(), affine=image.affine)
@@ -94,11 +103,16 @@ class SliceLocaliser:
         return heart_pose(label.as_tensor(), label.affine)
 
 
-def load_localiser(weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu") -> SliceLocaliser | None:
+def load_localiser(
+    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu"
+) -> SliceLocaliser | None:
     """The bundle's localiser from ``weights`` (the default network), or None with a warning when the file is
     missing, so that a bundle trained without one still runs (its pose is then searched by reconstruction)."""
     if not Path(weights).is_file():
-        logger.warning("no heart localiser at %s: the heart is searched by reconstruction alone, which misses it in "
-                       "about half of ACDC's frames; train one with configs/train_localiser.json.", weights)
+        logger.warning(
+            "no heart localiser at %s: the heart is searched by reconstruction alone, which misses it in "
+            "about half of ACDC's frames; train one with configs/train_localiser.json.",
+            weights,
+        )
         return None
     return SliceLocaliser(localiser_network(num_classes).to(device), weights)

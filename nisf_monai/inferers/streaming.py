@@ -67,7 +67,9 @@ class NiftiSlabWriter:
             raise RuntimeError("NiftiSlabWriter.write must be called inside its `with` block.")
         array = slab.detach().cpu().numpy() if isinstance(slab, torch.Tensor) else np.asarray(slab)
         if array.ndim != 3 or array.shape[:2] != self.shape[:2] or self.written + array.shape[2] > self.shape[2]:
-            raise ValueError(f"slab of shape {array.shape} does not continue a volume of shape {self.shape} at plane {self.written}.")
+            raise ValueError(
+                f"slab of shape {array.shape} does not continue a volume of shape {self.shape} at plane {self.written}."
+            )
         self._file.write(array.astype(self.dtype, copy=False).tobytes(order="F"))
         self.written += array.shape[2]
 
@@ -80,7 +82,9 @@ class NiftiSlabWriter:
             return
         self._temporary.unlink(missing_ok=True)
         if exc_type is None:
-            raise RuntimeError(f"{self.path}: only {self.written} of {self.shape[2]} planes were written; the file was not created.")
+            raise RuntimeError(
+                f"{self.path}: only {self.written} of {self.shape[2]} planes were written; the file was not created."
+            )
 
 
 def slab_bounds(shape: Sequence[int], max_points: int) -> list[tuple[int, int]]:
@@ -134,7 +138,9 @@ def stream_sampled_grid(
         for _, writer in writers:
             entered.append(writer.__enter__())
         for start, stop in slab_bounds(shape, slab_points or inferer.chunk_size):
-            labels, recon = inferer.sample(network, latent, frame, _shifted(affine, start), [shape[0], shape[1], stop - start])
+            labels, recon = inferer.sample(
+                network, latent, frame, _shifted(affine, start), [shape[0], shape[1], stop - start]
+            )
             for (kind, writer), _ in zip(writers, entered):
                 writer.write((labels if kind == "seg" else recon)[0, 0])
     except BaseException as error:

@@ -101,7 +101,13 @@ def _activation_eager(z: torch.Tensor, bias: torch.Tensor | None, residual: torc
     return out, dy_da, dy_db
 
 
-def _first_plain(points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch.Tensor, residual: torch.Tensor | None, need_grad: bool):
+def _first_plain(
+    points: torch.Tensor,
+    weight_t: torch.Tensor,
+    frame_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    need_grad: bool,
+):
     # the coordinate product has only coord_dim (3) terms: written out, it fuses into the activation loop
     # and the (B, N, 2H) pre-activation is never stored
     z = frame_bias
@@ -110,7 +116,13 @@ def _first_plain(points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch
     return _activation_plain(z, None, residual, need_grad)
 
 
-def _first_eager(points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch.Tensor, residual: torch.Tensor | None, need_grad: bool):
+def _first_eager(
+    points: torch.Tensor,
+    weight_t: torch.Tensor,
+    frame_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    need_grad: bool,
+):
     z = torch.baddbmm(frame_bias, points, weight_t.expand(points.shape[0], -1, -1))
     return _activation_eager(z, None, residual, need_grad)
 
@@ -179,17 +191,28 @@ def _run(name: str, plain: Callable, eager: Callable, compiled: bool, *args: Any
                 _failed.add(device_type)
                 logger.warning(
                     "torch.compile of the Gabor kernels failed on %s (%s: %s); using eager kernels instead.",
-                    device_type, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                    device_type,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
                 )
     return eager(*args)
 
 
-def _activation(compiled: bool, z: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, need_grad: bool):
+def _activation(
+    compiled: bool, z: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, need_grad: bool
+):
     name = "activation_grad" if need_grad else "activation"
     return _run(name, _activation_plain, _activation_eager, compiled, z, bias, residual, need_grad)
 
 
-def _first(compiled: bool, points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch.Tensor, residual: torch.Tensor | None, need_grad: bool):
+def _first(
+    compiled: bool,
+    points: torch.Tensor,
+    weight_t: torch.Tensor,
+    frame_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    need_grad: bool,
+):
     name = "first_grad" if need_grad else "first"
     return _run(name, _first_plain, _first_eager, compiled, points, weight_t, frame_bias, residual, need_grad)
 
@@ -275,7 +298,9 @@ def _chunks(batch: int, num_points: int, max_rows: int) -> list[tuple[int, int, 
     """``(b0, b1, n0, n1)`` blocks of at most ``max_rows`` points, each contiguous in ``(B * N)`` order:
     whole frames together when frames are short, else pieces of one frame."""
     if num_points >= max_rows:
-        return [(b, b + 1, n, min(n + max_rows, num_points)) for b in range(batch) for n in range(0, num_points, max_rows)]
+        return [
+            (b, b + 1, n, min(n + max_rows, num_points)) for b in range(batch) for n in range(0, num_points, max_rows)
+        ]
     frames = max(1, max_rows // max(num_points, 1))
     return [(b, min(b + frames, batch), 0, num_points) for b in range(0, batch, frames)]
 
@@ -294,9 +319,17 @@ class _GaborNetwork(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch.Tensor,
-                residual: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
-        logits, saved, chunks, compiled = _network_forward(points, weight_t, frame_bias, residual, params, need_grad=True)
+    def forward(
+        ctx: Any,
+        points: torch.Tensor,
+        weight_t: torch.Tensor,
+        frame_bias: torch.Tensor,
+        residual: torch.Tensor | None,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        logits, saved, chunks, compiled = _network_forward(
+            points, weight_t, frame_bias, residual, params, need_grad=True
+        )
         ctx.chunks, ctx.compiled, ctx.has_residual = chunks, compiled, residual is not None
         ctx.save_for_backward(points, weight_t, *params, *saved)
         return logits
@@ -373,8 +406,14 @@ def _rows(flat: torch.Tensor, batch: int, num_points: int, b0: int, b1: int, n0:
     return flat[b0 * num_points + n0 : (b1 - 1) * num_points + n1]
 
 
-def _network_forward(points: torch.Tensor, weight_t: torch.Tensor, frame_bias: torch.Tensor,
-                     residual: torch.Tensor | None, params: tuple[torch.Tensor, ...] | list[torch.Tensor], need_grad: bool):
+def _network_forward(
+    points: torch.Tensor,
+    weight_t: torch.Tensor,
+    frame_bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    params: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    need_grad: bool,
+):
     """Logits ``(B * N, K)``, the tensors the backward pass needs, the chunks and whether compiled."""
     batch, num_points, _ = points.shape
     hidden_params, head_w, head_b = params[:-2], params[-2], params[-1]

@@ -128,7 +128,9 @@ class LatentTable(nn.Module):
             logger.info(
                 "latent table: restored %d codes by subject ID, %d new subjects start fresh, "
                 "%d checkpoint subjects not in the datalist were dropped",
-                len(common), new, dropped,
+                len(common),
+                new,
+                dropped,
             )
 
     def same_subjects(self, state_dict: dict[str, Any]) -> bool:

@@ -68,7 +68,9 @@ class NISFNet(nn.Module):
         self.latent_seeds_residual = latent_dim == hidden_dim
         self.layers = nn.ModuleList(
             [
-                make_layer(activation, coord_dim + latent_dim if i == 0 else hidden_dim, hidden_dim, omega0, sigma0, i == 0)
+                make_layer(
+                    activation, coord_dim + latent_dim if i == 0 else hidden_dim, hidden_dim, omega0, sigma0, i == 0
+                )
                 for i in range(num_layers)
             ]
         )
@@ -102,16 +104,12 @@ class NISFNet(nn.Module):
 
     def _check(self, coords: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
         if coords.dim() < 3 or coords.shape[1] != self.coord_dim:
-            raise ValueError(
-                f"coordinates must be (B, {self.coord_dim}, *spatial), got shape {coords.shape}."
-            )
+            raise ValueError(f"coordinates must be (B, {self.coord_dim}, *spatial), got shape {coords.shape}.")
         if latent is None:
             # the zero code is the centre of the latent prior: a population-average prediction
             return coords.new_zeros((coords.shape[0], self.latent_dim))
         if latent.dim() != 2 or latent.shape[0] != coords.shape[0] or latent.shape[1] != self.latent_dim:
-            raise ValueError(
-                f"latent must be (B={coords.shape[0]}, {self.latent_dim}), got shape {latent.shape}."
-            )
+            raise ValueError(f"latent must be (B={coords.shape[0]}, {self.latent_dim}), got shape {latent.shape}.")
         return latent
 
     def forward_heads(
@@ -143,7 +141,9 @@ class NISFNet(nn.Module):
         """Channel-last logits of both heads through ``fused.gabor_network``: the whole network as one
         autograd node (first layer's code product once per frame, one product per layer, hand-written
         backward, chunked over the points on CPU)."""
-        logits = gabor_network(self.layers, [self.seg_head, self.intensity_head], points, latent, self.latent_seeds_residual)
+        logits = gabor_network(
+            self.layers, [self.seg_head, self.intensity_head], points, latent, self.latent_seeds_residual
+        )
         return logits[..., : self.num_classes], logits[..., self.num_classes :]
 
     def forward(self, coords: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:

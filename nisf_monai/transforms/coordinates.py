@@ -78,7 +78,9 @@ class CoordinateFrame:
         if pose is not None:
             self.pose = torch.as_tensor(np.asarray(pose, dtype=np.float64))
             if self.pose.shape != (4, 4):
-                raise ValueError(f"expected a 4 x 4 pose (world mm -> heart frame mm), got shape {tuple(self.pose.shape)}.")
+                raise ValueError(
+                    f"expected a 4 x 4 pose (world mm -> heart frame mm), got shape {tuple(self.pose.shape)}."
+                )
 
     def index_to_world(self, index: torch.Tensor) -> torch.Tensor:
         """World millimetres ``(N, 3)`` of continuous voxel indices ``(N, 3)`` of the reference scan."""
@@ -100,7 +102,9 @@ class CoordinateFrame:
             return ((world @ self.pose[:3, :3].T + self.pose[:3, 3]) / self.extent_mm).float()
         return ((world - self.centre) / self.extent_mm).float()
 
-    def grid(self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def grid(
+        self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
         """Network coordinates ``(N, 3)`` of the voxel centres of a grid (any affine, any shape), for the
         flat voxel range ``[start, stop)`` in C order, so large grids can be visited in chunks."""
         shape = [int(s) for s in spatial_shape]
@@ -133,7 +137,12 @@ class CoordinateGridd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, coords_key: str = "coords", extent_mm: float = 400.0, mode: str = "world", allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        coords_key: str = "coords",
+        extent_mm: float = 400.0,
+        mode: str = "world",
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.coords_key = coords_key

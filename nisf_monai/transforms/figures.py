@@ -35,7 +35,14 @@ class OverlayFigured(Transform):
         image_key, label_key, pred_key: keys of the image ``(1, X, Y, Z)`` and label maps.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, max_figures: int = 4, image_key: str = "image", label_key: str = "label", pred_key: str = "pred") -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        max_figures: int = 4,
+        image_key: str = "image",
+        label_key: str = "label",
+        pred_key: str = "pred",
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.max_figures = max_figures
         self.image_key, self.label_key, self.pred_key = image_key, label_key, pred_key

@@ -111,8 +111,10 @@ class HeartPosed(MapTransform):
             raise TypeError("the heart frame needs the label's affine: load it as a MetaTensor (MONAI LoadImaged).")
         pose = heart_pose(label.as_tensor(), label.affine, self.lv_classes, self.rv_classes, self.rotate)
         if pose is None:
-            logger.warning("%s has no left ventricle: its coordinates stay relative to the volume centre.",
-                           label.meta.get("filename_or_obj", "a case"))
+            logger.warning(
+                "%s has no left ventricle: its coordinates stay relative to the volume centre.",
+                label.meta.get("filename_or_obj", "a case"),
+            )
             return d
         for key in self.key_iterator(d):
             if isinstance(d[key], MetaTensor):

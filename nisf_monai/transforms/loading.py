@@ -64,7 +64,9 @@ class LoadCase(LoadImage):
     :class:`MissingFileError`, an unreadable, truncated or corrupt one :class:`InvalidCaseError`, each with
     a one-line message. Arguments as for ``LoadImage``."""
 
-    def __call__(self, filename: Sequence[str | os.PathLike] | str | os.PathLike, reader: ImageReader | None = None) -> Any:
+    def __call__(
+        self, filename: Sequence[str | os.PathLike] | str | os.PathLike, reader: ImageReader | None = None
+    ) -> Any:
         try:
             return super().__call__(filename, reader)
         except InputDataError:
@@ -104,12 +106,33 @@ class LoadCased(LoadImaged):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            keys, reader, dtype, meta_keys, meta_key_postfix, overwriting, image_only, ensure_channel_first, simple_keys,
-            prune_meta_pattern, prune_meta_sep, allow_missing_keys, expanduser, *args, **kwargs,
+            keys,
+            reader,
+            dtype,
+            meta_keys,
+            meta_key_postfix,
+            overwriting,
+            image_only,
+            ensure_channel_first,
+            simple_keys,
+            prune_meta_pattern,
+            prune_meta_sep,
+            allow_missing_keys,
+            expanduser,
+            *args,
+            **kwargs,
         )
         self._loader = LoadCase(
-            reader, image_only, dtype, ensure_channel_first, simple_keys, prune_meta_pattern, prune_meta_sep, expanduser,
-            *args, **kwargs,
+            reader,
+            image_only,
+            dtype,
+            ensure_channel_first,
+            simple_keys,
+            prune_meta_pattern,
+            prune_meta_sep,
+            expanduser,
+            *args,
+            **kwargs,
         )
 
 

@@ -24,7 +24,14 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 from nisf_monai.errors import InvalidCaseError
 from nisf_monai.transforms.validation import source_of
 
-__all__ = ["MASK_KEY", "MaskedScaleIntensityRangePercentilesd", "RandPointMaskd", "SliceMaskd", "kept_slices", "slice_selection"]
+__all__ = [
+    "MASK_KEY",
+    "MaskedScaleIntensityRangePercentilesd",
+    "RandPointMaskd",
+    "SliceMaskd",
+    "kept_slices",
+    "slice_selection",
+]
 
 MASK_KEY = "mask"
 
@@ -47,9 +54,13 @@ def slice_selection(num_slices: int, keep: str | float | Sequence[int] = "every_
             if offset not in (0, 1):
                 raise ValueError(f"offset for keep='every_other' must be 0 or 1, got {offset}.")
             return np.arange(offset, num_slices, 2)
-        raise ValueError(f"keep must be 'all', 'every_other', a fraction in (0, 1] or a list of slice indices, got {keep!r}.")
+        raise ValueError(
+            f"keep must be 'all', 'every_other', a fraction in (0, 1] or a list of slice indices, got {keep!r}."
+        )
     if isinstance(keep, (bool, int, np.integer)):
-        raise ValueError(f"keep={keep!r} is ambiguous: give a fraction in (0, 1] (e.g. 1.0) or a list of slice indices (e.g. [{keep}]).")
+        raise ValueError(
+            f"keep={keep!r} is ambiguous: give a fraction in (0, 1] (e.g. 1.0) or a list of slice indices (e.g. [{keep}])."
+        )
     if isinstance(keep, (float, np.floating)):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"the fraction of slices kept must be in (0, 1], got {keep}.")
@@ -58,7 +69,9 @@ def slice_selection(num_slices: int, keep: str | float | Sequence[int] = "every_
         return np.unique(np.floor(centres + 0.5).astype(int))
     indices = np.asarray([int(i) for i in keep], dtype=int)
     if indices.size == 0 or np.any((indices < -num_slices) | (indices >= num_slices)):
-        raise ValueError(f"slice indices to keep must be a non-empty list within a stack of {num_slices} slices, got {list(keep)}.")
+        raise ValueError(
+            f"slice indices to keep must be a non-empty list within a stack of {num_slices} slices, got {list(keep)}."
+        )
     return np.unique(np.where(indices < 0, indices + num_slices, indices))
 
 
@@ -70,20 +83,34 @@ def kept_slices(mask: torch.Tensor | np.ndarray, axis: int = -1) -> np.ndarray:
     return array.any(axis=other)
 
 
-def _current_mask(data: Mapping[Hashable, Any], image_key: str, mask_key: str, affine_atol: float = 1e-3) -> torch.Tensor | None:
+def _current_mask(
+    data: Mapping[Hashable, Any], image_key: str, mask_key: str, affine_atol: float = 1e-3
+) -> torch.Tensor | None:
     """The mask already in ``data`` as a boolean ``(1, X, Y, Z)`` tensor, checked against the image's grid."""
     if mask_key not in data or data[mask_key] is None:
         return None
     img, mask = data[image_key], data[mask_key]
     name = source_of(mask, str(mask_key)) if isinstance(mask, torch.Tensor) else str(mask_key)
-    mask_t = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    mask_t = (
+        mask.as_tensor()
+        if isinstance(mask, MetaTensor)
+        else torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    )
     spatial = tuple(img.shape[1:])
     if tuple(mask_t.shape[-3:]) != spatial or mask_t.numel() != int(np.prod(spatial)):
-        raise InvalidCaseError(f"{name}: mask shape {tuple(mask_t.shape)} differs from image shape {tuple(img.shape)}; the mask must be on the image grid.")
+        raise InvalidCaseError(
+            f"{name}: mask shape {tuple(mask_t.shape)} differs from image shape {tuple(img.shape)}; the mask must be on the image grid."
+        )
     if isinstance(mask, MetaTensor) and isinstance(img, MetaTensor):
-        gap = float((torch.as_tensor(mask.affine, dtype=torch.float64) - torch.as_tensor(img.affine, dtype=torch.float64)).abs().max())
+        gap = float(
+            (torch.as_tensor(mask.affine, dtype=torch.float64) - torch.as_tensor(img.affine, dtype=torch.float64))
+            .abs()
+            .max()
+        )
         if gap > affine_atol:
-            raise InvalidCaseError(f"{name}: mask affine differs from the image's by up to {gap:.3g} mm; resample the mask onto the image grid.")
+            raise InvalidCaseError(
+                f"{name}: mask affine differs from the image's by up to {gap:.3g} mm; resample the mask onto the image grid."
+            )
     kept = mask_t.reshape(1, *spatial) != 0
     if not bool(kept.any()):
         raise InvalidCaseError(f"{name}: the mask keeps no voxel; there is nothing to fit the code to.")
@@ -104,12 +131,23 @@ class SliceMaskd(MapTransform):
     """
 
     def __init__(
-        self, image_key: str = "image", keep: str | float | Sequence[int] = "every_other", offset: int = 0, axis: int = -1, mask_key: str = MASK_KEY
+        self,
+        image_key: str = "image",
+        keep: str | float | Sequence[int] = "every_other",
+        offset: int = 0,
+        axis: int = -1,
+        mask_key: str = MASK_KEY,
     ) -> None:
         super().__init__(image_key)
         if isinstance(keep, (str, float, int)):
             slice_selection(3, keep, offset)  # bad names, fractions and offsets fail here rather than per case
-        self.image_key, self.keep, self.offset, self.axis, self.mask_key = image_key, keep, int(offset), int(axis), mask_key
+        self.image_key, self.keep, self.offset, self.axis, self.mask_key = (
+            image_key,
+            keep,
+            int(offset),
+            int(axis),
+            mask_key,
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -142,7 +180,9 @@ class RandPointMaskd(Randomizable, MapTransform):
         seed: seeds the draws.
     """
 
-    def __init__(self, image_key: str = "image", fraction: float = 1.0, mask_key: str = MASK_KEY, seed: int | None = 0) -> None:
+    def __init__(
+        self, image_key: str = "image", fraction: float = 1.0, mask_key: str = MASK_KEY, seed: int | None = 0
+    ) -> None:
         MapTransform.__init__(self, image_key)
         if not 0.0 < float(fraction) <= 1.0:
             raise ValueError(f"the fraction of points kept must be in (0, 1], got {fraction}.")
@@ -190,7 +230,14 @@ class MaskedScaleIntensityRangePercentilesd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= lower <= upper <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= lower <= upper <= 100, got {lower}, {upper}.")
-        self.lower, self.upper, self.b_min, self.b_max, self.clip, self.mask_key = lower, upper, b_min, b_max, clip, mask_key
+        self.lower, self.upper, self.b_min, self.b_max, self.clip, self.mask_key = (
+            lower,
+            upper,
+            b_min,
+            b_max,
+            clip,
+            mask_key,
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -37,7 +37,9 @@ class ValidateCased(MapTransform):
         affine_atol: tolerance in millimetres between the image's and the label's affines.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str | None = "label", num_classes: int = 4, affine_atol: float = 1e-3) -> None:
+    def __init__(
+        self, image_key: str = "image", label_key: str | None = "label", num_classes: int = 4, affine_atol: float = 1e-3
+    ) -> None:
         keys = [image_key] + ([label_key] if label_key else [])
         super().__init__(keys, allow_missing_keys=True)
         self.image_key = image_key
