@@ -139,7 +139,8 @@ def main() -> None:
     (work / "acdc_interpolation.json").write_text(json.dumps(result, indent=2))
     print(table(record["summary"], record["classes"]))
     print(
-        f"{record['num_cases']} cases, {record['num_scored_slices']} hidden slices scored, {elapsed:.0f} s; results in {work}"
+        f"{record['num_cases']} cases, {record['num_scored_slices']} hidden slices scored, {elapsed:.0f} s; "
+        f"results in {work}"
     )
 
 

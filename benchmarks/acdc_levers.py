@@ -126,8 +126,8 @@ def train(args: argparse.Namespace) -> None:
         if engine.state.iteration % 50 == 0:
             out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
             print(
-                f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, dice loss {float(out['dice']):.3f}, "
-                f"intensity bce {float(out['bce_intensity']):.4f}",
+                f"{args.name}: iteration {record['iterations']}, {cpu_now() / 60:.1f} CPU-min, "
+                f"dice loss {float(out['dice']):.3f}, intensity bce {float(out['bce_intensity']):.4f}",
                 flush=True,
             )
         taken = {s["cpu_minutes"] for s in record["snapshots"]}
@@ -196,7 +196,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if result.get("pose_errors"):
         errors = result["pose_errors"]
         print(
-            f"  estimated pose vs labels: origin {errors['median_origin_mm']:.1f} mm (median; max {max(errors['origin_mm']):.1f}), "
+            f"  estimated pose vs labels: origin {errors['median_origin_mm']:.1f} mm "
+            f"(median; max {max(errors['origin_mm']):.1f}), "
             f"angle {errors['median_angle_deg']:.1f} deg (median; max {max(errors['angle_deg']):.1f})"
         )
     print(f"written {out}")
@@ -271,7 +272,8 @@ def report(args: argparse.Namespace) -> None:
             changes = ", ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items())
             objective = "" if result["objective"] == "intensity" else f" [{result['objective']} fit]"
             rows.append(
-                f"| {label}{objective} | {changes} | {result['train_cpu_minutes']:.0f} | {result['train_iterations']} | "
+                f"| {label}{objective} | {changes} | "
+                f"{result['train_cpu_minutes']:.0f} | {result['train_iterations']} | "
                 f"{result['mean_dice'][0]:.3f} | {result['steps'][best]} | **{result['mean_dice'][best]:.3f}** "
                 f"({' / '.join(f'{d:.2f}' for d in result['class_dice'][best])}) |"
             )

@@ -155,14 +155,18 @@ affine, out_shape = target_grid(frame.affine, shape, spacing)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with tempfile.TemporaryDirectory() as folder:
     if mode == "streamed":
-        stream_sampled_grid(inferer, network, latent, frame, affine, out_shape, folder + "/case_seg.nii", folder + "/case_recon.nii")
+        stream_sampled_grid(
+            inferer, network, latent, frame, affine, out_shape, folder + "/case_seg.nii", folder + "/case_recon.nii"
+        )
     else:
         labels, recon = inferer.sample(network, latent, frame, affine, out_shape)
         meta = {"affine": torch.as_tensor(affine), "filename_or_obj": "case"}
-        SaveImage(output_dir=folder, output_postfix="seg", output_ext=".nii", separate_folder=False, resample=False, print_log=False)(MetaTensor(labels[0], meta=meta))
-        SaveImage(output_dir=folder, output_postfix="recon", output_ext=".nii", separate_folder=False, resample=False, print_log=False)(MetaTensor(recon[0], meta=meta))
+        save = dict(output_dir=folder, output_ext=".nii", separate_folder=False, resample=False, print_log=False)
+        SaveImage(output_postfix="seg", **save)(MetaTensor(labels[0], meta=meta))
+        SaveImage(output_postfix="recon", **save)(MetaTensor(recon[0], meta=meta))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"voxels": int(torch.tensor(out_shape).prod()), "shape": out_shape, "peak_above_baseline_mb": (peak - baseline) / 1024}))
+voxels = int(torch.tensor(out_shape).prod())
+print(json.dumps({"voxels": voxels, "shape": out_shape, "peak_above_baseline_mb": (peak - baseline) / 1024}))
 """
 
 
@@ -235,15 +239,17 @@ def report(result: dict) -> None:
     if "volume" in result:
         v = result["volume"]
         print(
-            f"one frame ({v['voxels']:,} voxels), {v['steps']} latent steps x {v['num_points']} points: fit {v['fit_seconds']:.1f} s + "
-            f"sample {v['sample_seconds']:.1f} s = {v['total_seconds']:.1f} s; per step {v['seconds_per_step']['package'] * 1e3:.0f} ms "
+            f"one frame ({v['voxels']:,} voxels), {v['steps']} latent steps x {v['num_points']} points: "
+            f"fit {v['fit_seconds']:.1f} s + sample {v['sample_seconds']:.1f} s = {v['total_seconds']:.1f} s; "
+            f"per step {v['seconds_per_step']['package'] * 1e3:.0f} ms "
             f"(eager {v['seconds_per_step']['eager'] * 1e3:.0f} ms, {v['step_speedup_over_eager']:.2f}x); "
             f"672 steps (paper): {v['projected_seconds_for_672_steps']:.0f} s projected"
         )
     if "batched" in result:
         b = result["batched"]
         print(
-            f"{b['cases']} frames x {b['steps']} steps: one at a time {b['one_at_a_time_seconds']:.1f} s, batched {b['batched_seconds']:.1f} s "
+            f"{b['cases']} frames x {b['steps']} steps: one at a time {b['one_at_a_time_seconds']:.1f} s, "
+            f"batched {b['batched_seconds']:.1f} s "
             f"-> {b['batched_speedup']:.2f}x cases/s"
         )
     if "memory" in result:

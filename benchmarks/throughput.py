@@ -440,12 +440,14 @@ def print_report(args: argparse.Namespace, result: dict) -> None:
             name = f"{task}/{variant}"
             vs_eager = med[f"{task}/eager"] / med[name]
             print(
-                f"{task:<8}{variant:<10}{pts[name]:>12,.0f}{med[name] * 1e3:>11.1f}{vs_eager:>9.2f}x{pts[name] / limit:>9.0%}"
+                f"{task:<8}{variant:<10}{pts[name]:>12,.0f}{med[name] * 1e3:>11.1f}{vs_eager:>9.2f}x"
+                f"{pts[name] / limit:>9.0%}"
             )
         print(f"{task:<8}{'limit':<10}{limit:>12,.0f}")
     print(
         f"paired ratios (median over repeats): train {r['train_package_over_eager_paired']:.2f}x eager, "
-        f"latent {r['latent_package_over_eager_paired']:.2f}x eager, train {r['train_package_over_limit_paired']:.0%} of limit"
+        f"latent {r['latent_package_over_eager_paired']:.2f}x eager, "
+        f"train {r['train_package_over_limit_paired']:.0%} of limit"
     )
     for task in ("train", "latent"):
         print(

@@ -68,7 +68,8 @@ def test_datalist_builder_on_unnumbered_folders_is_reproducible(tmp_path: Path) 
     first = json.loads(Path(build_datalist(str(tmp_path), label_mapping=None)).read_text())
     second = json.loads(Path(build_datalist(str(tmp_path), label_mapping=None)).read_text())
     assert first == second and first["label_mapping"] == {}
-    # subjects without numbers split by their sorted rank: alpha 0, bravo 1, charlie 2 (validation), delta 3, echo 4 (test)
+    # subjects without numbers split by their sorted rank:
+    # alpha 0, bravo 1, charlie 2 (validation), delta 3, echo 4 (test)
     assert [e["case"] for e in first["validation"]] == ["charlie"]
     assert [e["case"] for e in first["test"]] == ["echo"]
 

@@ -72,7 +72,8 @@ def test_report_failed_cases_raises_when_nothing_was_done(caplog: pytest.LogCapt
         report_failed_cases(failed, 3, "L")
         report_failed_cases([], 3, None)  # nothing failed: nothing to say
     assert [r.getMessage() for r in caplog.records] == [
-        "7 case(s) were skipped and 3 done (listed in L): /d/c0.nii.gz, /d/c1.nii.gz, /d/c2.nii.gz, /d/c3.nii.gz, /d/c4.nii.gz, ..."
+        "7 case(s) were skipped and 3 done (listed in L): "
+        "/d/c0.nii.gz, /d/c1.nii.gz, /d/c2.nii.gz, /d/c3.nii.gz, /d/c4.nii.gz, ..."
     ]
 
 

@@ -168,7 +168,8 @@ def test_interpolating_config_runs_and_writes_its_outputs(tmp_path: Path) -> Non
             str(tmp_path / "synth"), num_subjects=2, shape=(24, 24, 6), spacing=(5.0, 5.0, 10.0), num_validation=1
         )
     )
-    # a mask in the datalist for the first case: only its first 12 rows may be used (relative path, like image and label)
+    # a mask in the datalist for the first case: only its first 12 rows may be used
+    # (relative path, like image and label)
     content = json.loads(datalist.read_text())
     first = content["validation"][0]
     reference = nib.load(str(datalist.parent / first["image"]))

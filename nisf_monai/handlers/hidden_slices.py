@@ -121,7 +121,8 @@ class HiddenSliceReport:
         name = frame_case_name(image, f"case{len(self.cases)}")
         if pred.shape != label.shape:
             raise ValueError(
-                f"{name}: prediction {pred.shape} is not on the label grid {label.shape}; score hidden slices with target_spacing null."
+                f"{name}: prediction {pred.shape} is not on the label grid {label.shape}; "
+                "score hidden slices with target_spacing null."
             )
         mask = item.get("mask")
         num_slices = label.shape[self.axis]

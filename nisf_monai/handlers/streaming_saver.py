@@ -86,7 +86,8 @@ class StreamingSegmentationSaver:
             image = output[Keys.IMAGE]
             if not isinstance(image, MetaTensor):
                 raise TypeError(
-                    "StreamingSegmentationSaver needs the evaluator's `image` as a MetaTensor (its affine places the output)."
+                    "StreamingSegmentationSaver needs the evaluator's `image` as a MetaTensor "
+                    "(its affine places the output)."
                 )
             case = image[None] if image.dim() == 4 else image
             frame = self.inferer.frame_of(case)

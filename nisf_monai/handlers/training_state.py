@@ -95,13 +95,14 @@ class TrainingStateHandler:
       both optimisers and the trainer's epoch and iteration, to resume after an interruption.
 
     Both are written at the end of every ``save_interval``-th epoch and of training, each atomically, so an
-    interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename`` continues from it:
-    codes are restored by subject ID (new subjects start fresh); the latent optimiser's row-wise moments
-    are restored only when the subject set is unchanged. A state that already reached ``max_epochs`` (a
-    finished run) restores weights, codes and optimisers but not the epoch, so the new run trains
-    ``max_epochs`` epochs from there rather than ending at once (MONAI Label sends every training request
-    with the same ``max_epochs``; raise ``max_epochs`` to instead continue an unfinished count). Files hold tensors and plain types only, so they
-    load with ``torch.load(weights_only=True)`` (and are read that way: a checkpoint cannot run code).
+    interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename``
+    continues from it: codes are restored by subject ID (new subjects start fresh); the latent optimiser's
+    row-wise moments are restored only when the subject set is unchanged. A state that already reached
+    ``max_epochs`` (a finished run) restores weights, codes and optimisers but not the epoch, so the new run
+    trains ``max_epochs`` epochs from there rather than ending at once (MONAI Label sends every training
+    request with the same ``max_epochs``; raise ``max_epochs`` to instead continue an unfinished count).
+    Files hold tensors and plain types only, so they load with ``torch.load(weights_only=True)`` (and are
+    read that way: a checkpoint cannot run code).
 
     A state saved with another ``latent_dim``, class count, network size or (with
     ``LatentTable.strict_subjects``) subject set raises :class:`CheckpointError` naming the setting, e.g.

@@ -11,8 +11,8 @@ With a ``localiser`` (:class:`~nisf_monai.inferers.SliceLocaliser`), the pose of
 grid search as the single start (the grid search remains the fallback when it finds no left ventricle).
 
 2. **Refinement**: the ``num_starts`` best candidates each get a code and a pose correction (a shift along
-   the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for ``refine_steps`` on the same weighted loss; the start with the lowest
-   final loss wins.
+   the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for
+   ``refine_steps`` on the same weighted loss; the start with the lowest final loss wins.
 
 All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame. The search
 runs through a :func:`frozen_view` of the network and leaves the network object itself untouched.

@@ -317,7 +317,8 @@ class LatentOptimisationInferer(Inferer):
             mask = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
             if tuple(mask.shape[-3:]) != tuple(case.shape[2:]) or mask.numel() != case.shape[2:].numel():
                 raise ValueError(
-                    f"mask {b} has shape {tuple(mask.shape)}, its image {tuple(case.shape[1:])}; they must share the grid."
+                    f"mask {b} has shape {tuple(mask.shape)}, its image {tuple(case.shape[1:])}; "
+                    "they must share the grid."
                 )
             mask = mask.reshape(case.shape[2:]) != 0
             if not bool(mask.any()):

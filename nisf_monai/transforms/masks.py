@@ -59,7 +59,8 @@ def slice_selection(num_slices: int, keep: str | float | Sequence[int] = "every_
         )
     if isinstance(keep, (bool, int, np.integer)):
         raise ValueError(
-            f"keep={keep!r} is ambiguous: give a fraction in (0, 1] (e.g. 1.0) or a list of slice indices (e.g. [{keep}])."
+            f"keep={keep!r} is ambiguous: give a fraction in (0, 1] (e.g. 1.0) "
+            f"or a list of slice indices (e.g. [{keep}])."
         )
     if isinstance(keep, (float, np.floating)):
         if not 0.0 < keep <= 1.0:
@@ -99,7 +100,8 @@ def _current_mask(
     spatial = tuple(img.shape[1:])
     if tuple(mask_t.shape[-3:]) != spatial or mask_t.numel() != int(np.prod(spatial)):
         raise InvalidCaseError(
-            f"{name}: mask shape {tuple(mask_t.shape)} differs from image shape {tuple(img.shape)}; the mask must be on the image grid."
+            f"{name}: mask shape {tuple(mask_t.shape)} differs from image shape {tuple(img.shape)}; "
+            "the mask must be on the image grid."
         )
     if isinstance(mask, MetaTensor) and isinstance(img, MetaTensor):
         gap = float(
@@ -109,7 +111,8 @@ def _current_mask(
         )
         if gap > affine_atol:
             raise InvalidCaseError(
-                f"{name}: mask affine differs from the image's by up to {gap:.3g} mm; resample the mask onto the image grid."
+                f"{name}: mask affine differs from the image's by up to {gap:.3g} mm; "
+                "resample the mask onto the image grid."
             )
     kept = mask_t.reshape(1, *spatial) != 0
     if not bool(kept.any()):
