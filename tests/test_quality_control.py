@@ -157,8 +157,11 @@ def test_synthetic_model_on_a_real_frame_warns(tmp_path):
 
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
 def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
-    """A test-split frame on which the heart is found (patient019 ED: pose within 9 mm, Dice 0.68 in the benchmark)."""
-    settings = {"heart_frame": True, "extent_mm": 100.0}
+    """A test-split frame, its pose found as inference.json finds it (the shipped localiser, then refinement)."""
+    from nisf_monai.inferers import HeartLocator, load_localiser
+
+    locator = HeartLocator(localiser=load_localiser(BUNDLE / "models" / "localiser.pt"), refine_steps=50)
+    settings = {"heart_frame": True, "extent_mm": 100.0, "heart_locator": locator}
     steps = json.loads((BUNDLE / "models" / "inference_steps.json").read_text())["inference_steps"]
     quality = qc_of(
         BUNDLE / "models" / "model.pt",
