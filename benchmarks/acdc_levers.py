@@ -72,7 +72,6 @@ def locator_override(args: argparse.Namespace) -> dict:
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
             "refine_steps": args.refine_steps,
-            "localiser_angles": args.localiser_angles,
             "localiser": {
                 "_target_": "nisf_monai.inferers.SliceLocaliser",
                 "network": "$nisf_monai.inferers.localiser_network()",
@@ -317,7 +316,6 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)"
     )
-    parser.add_argument("--localiser-angles", action="store_true", help="keep the localiser's origin, search the angle")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

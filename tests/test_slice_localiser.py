@@ -120,22 +120,3 @@ def test_missing_weights_warn_and_give_no_localiser(tmp_path, caplog: pytest.Log
     assert isinstance(load_localiser(tmp_path / "localiser.pt"), SliceLocaliser)
     with pytest.raises(FileNotFoundError, match="train_localiser.json"):
         SliceLocaliser(localiser_network(), tmp_path / "other.pt")
-
-
-def test_localiser_angles_keep_the_origin_and_choose_the_best_scored_angle() -> None:
-    image, _ = heart_scan()
-    localiser = SliceLocaliser(IntensityClasses())
-    found = localiser.pose(image)
-    origin = -found[:3, :3].T @ found[:3, 3]
-    locator = HeartLocator(localiser=localiser, localiser_angles=True, num_angles=6, refine_steps=0, score_points=512)
-    pose = locator.locate(image, tiny_heart_net(), extent_mm=100.0)
-    torch.testing.assert_close(-pose[:3, :3].T @ pose[:3, 3], origin)  # the localiser's origin, whatever the angle
-    turned = locator.candidates(image, centre=origin, radius_mm=0.0)
-    rotations = torch.cat([found[None, :3, :3], turned[1]])
-    assert turned[0].shape[0] == 6
-    # the chosen axes are the candidate with the lowest zero-code score (same voxels as the locator drew)
-    network = tiny_heart_net()
-    world, target = locator._voxels(image, torch.Generator().manual_seed(locator.seed), None)
-    coords = locator._coords(world, origin[None].expand(7, 3), rotations, 100.0)
-    best = int(torch.argmin(locator._scores(network, coords, target, 100.0, group=7)))
-    torch.testing.assert_close(pose[:3, :3], rotations[best])

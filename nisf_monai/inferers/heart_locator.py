@@ -101,9 +101,6 @@ class HeartLocator:
             step and the shift at about ``4 * learning_rate * step_mm`` millimetres (whatever the coordinate scale).
         seed: seeds the voxel draws and initial codes.
         localiser: a coarse segmentation network whose labels' pose is the start, instead of the grid search.
-        localiser_angles: keep only the localiser's origin and choose the in-plane angle by the score, among its own
-            and ``num_angles`` evenly spread ones (for a localiser whose right ventricle is less reliable than its
-            left).
     """
 
     def __init__(
@@ -118,23 +115,20 @@ class HeartLocator:
         learning_rate: float = 1e-2,
         seed: int = 0,
         localiser: SliceLocaliser | None = None,
-        localiser_angles: bool = False,
     ) -> None:
         if step_mm <= 0 or radius_mm < 0 or num_angles < 1 or num_starts < 1 or score_points < 1:
             raise ValueError("HeartLocator needs step_mm > 0, radius_mm >= 0, and at least one angle, start and point.")
         self.radius_mm, self.step_mm, self.num_angles = float(radius_mm), float(step_mm), int(num_angles)
         self.sigma_mm, self.score_points, self.num_starts = float(sigma_mm), int(score_points), int(num_starts)
         self.refine_steps, self.learning_rate, self.seed = int(refine_steps), float(learning_rate), int(seed)
-        self.localiser, self.localiser_angles = localiser, bool(localiser_angles)
+        self.localiser = localiser
 
-    def candidates(
-        self, image: MetaTensor, centre: torch.Tensor | None = None, radius_mm: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes), around the
-        volume centre (or ``centre``, world mm) within ``radius_mm`` (default: the locator's)."""
+    def candidates(self, image: MetaTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes) around the
+        volume centre."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
-        centre = CoordinateFrame(affine, image.shape[-3:]).centre if centre is None else centre
-        radius_mm = self.radius_mm if radius_mm is None else radius_mm
+        centre = CoordinateFrame(affine, image.shape[-3:]).centre
+        radius_mm = self.radius_mm
         e1, e2, normal = _in_plane_axes(affine)
         n = int(radius_mm // self.step_mm)
         offsets = [
@@ -199,11 +193,6 @@ class HeartLocator:
         found = self.localiser.pose(image, mask) if self.localiser is not None else None
         if found is not None:
             origins, rotations = (-found[:3, :3].T @ found[:3, 3])[None], found[None, :3, :3]
-            if self.localiser_angles:
-                turned = self.candidates(image, centre=origins[0], radius_mm=0.0)
-                origins, rotations = torch.cat([origins, turned[0]]), torch.cat([rotations, turned[1]])
-                best = self._best(network, image, origins, rotations, extent_mm, generator, device, kept)[:1]
-                origins, rotations = origins[best], rotations[best]
             if self.refine_steps == 0:
                 return pose_matrix(origins[0].numpy(), rotations[0].numpy())
             return self._refine(network, image, origins, rotations, extent_mm, generator, device, kept)
