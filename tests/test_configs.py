@@ -34,6 +34,7 @@ SHARED = [
     "heart_frame",
     "extent_mm",
     "heart_sigma_mm",
+    "localiser_in_plane_mm",
     "network_def",
     "network",
     "allow_missing_inputs",

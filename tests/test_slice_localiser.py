@@ -118,5 +118,8 @@ def test_missing_weights_warn_and_give_no_localiser(tmp_path, caplog: pytest.Log
     assert "train_localiser.json" in caplog.text
     torch.save(localiser_network().state_dict(), tmp_path / "localiser.pt")
     assert isinstance(load_localiser(tmp_path / "localiser.pt"), SliceLocaliser)
+    assert (
+        load_localiser(tmp_path / "localiser.pt", in_plane_mm=3.0).in_plane_mm == 3.0
+    )  # the spacing it was trained at
     with pytest.raises(FileNotFoundError, match="train_localiser.json"):
         SliceLocaliser(localiser_network(), tmp_path / "other.pt")

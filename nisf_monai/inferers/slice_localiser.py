@@ -104,10 +104,11 @@ class SliceLocaliser:
 
 
 def load_localiser(
-    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu"
+    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu", in_plane_mm: float = 4.0
 ) -> SliceLocaliser | None:
-    """The bundle's localiser from ``weights`` (the default network), or None with a warning when the file is
-    missing, so that a bundle trained without one still runs (its pose is then searched by reconstruction)."""
+    """The bundle's localiser from ``weights`` (the default network, trained at ``in_plane_mm``), or None with a
+    warning when the file is missing, so that a bundle trained without one still runs (its pose is then searched
+    by reconstruction)."""
     if not Path(weights).is_file():
         logger.warning(
             "no heart localiser at %s: the heart is searched by reconstruction alone, which misses it in "
@@ -115,4 +116,4 @@ def load_localiser(
             weights,
         )
         return None
-    return SliceLocaliser(localiser_network(num_classes).to(device), weights)
+    return SliceLocaliser(localiser_network(num_classes).to(device), weights, in_plane_mm=in_plane_mm)
