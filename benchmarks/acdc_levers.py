@@ -76,6 +76,7 @@ def locator_override(args: argparse.Namespace) -> dict:
                 "_target_": "nisf_monai.inferers.SliceLocaliser",
                 "network": "$nisf_monai.inferers.localiser_network()",
                 "weights": str(Path(args.localiser).resolve()),
+                "in_plane_mm": args.localiser_mm,
             },
         }
     }
@@ -316,6 +317,7 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)"
     )
+    parser.add_argument("--localiser-mm", type=float, default=4.0, help="in-plane spacing the localiser was trained at")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -337,8 +339,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument(
         "--objective",
         default="intensity",
-        choices=("intensity", "segmentation", "trained"),
-        help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes",
+        choices=("intensity", "segmentation", "trained", "localiser"),
+        help="segmentation: fit codes to the labels (the latent space's ceiling); trained: the training codes; "
+        "localiser: the --localiser network's own labels",
     )
     e.add_argument(
         "--pose",

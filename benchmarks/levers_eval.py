@@ -5,7 +5,9 @@ every voxel at several latent steps, for three objectives.
 - ``segmentation``: codes fitted to the labels themselves (cross-entropy + Dice on random voxels), the
   ceiling of what the latent space can express for these cases;
 - ``trained``: the training codes the latent table holds (training frames only), the Dice the training
-  reached; compared with ``intensity`` on the same frames it says whether intensity finds those codes.
+  reached; compared with ``intensity`` on the same frames it says whether intensity finds those codes;
+- ``localiser``: the heart locator's localiser alone (its coarse probabilities brought back to the image grid,
+  argmax), the Dice of the CNN that seeds the pose and may guide the fit (``localiser_weight``).
 """
 
 from __future__ import annotations
@@ -120,9 +122,18 @@ def evaluate_cases(
             recorder.steps = {0}
             recorder(0, table(names))
         steps = [0]
+    elif objective == "localiser":
+        localiser = getattr(inferer.heart_locator, "localiser", None)
+        if localiser is None:
+            raise ValueError("the localiser objective needs --localiser weights.")
+        recorder.steps, steps = {0}, [0]
+        recorder.dice[0] = [
+            dice_of(localiser.probabilities(image).argmax(0), label[0]) for image, label in zip(images, labels)
+        ]
     else:
         raise ValueError(f"unknown objective {objective!r}")
-    pose_errors = _pose_errors(images, labels) if heart_frame and pose == "estimate" else None
+    located = heart_frame and pose == "estimate" and objective != "localiser"
+    pose_errors = _pose_errors(images, labels) if located else None
     dice = {s: np.asarray(recorder.dice[s], dtype=float) for s in steps}
     with np.errstate(invalid="ignore"):
         return {

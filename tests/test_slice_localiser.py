@@ -123,3 +123,53 @@ def test_missing_weights_warn_and_give_no_localiser(tmp_path, caplog: pytest.Log
     )  # the spacing it was trained at
     with pytest.raises(FileNotFoundError, match="train_localiser.json"):
         SliceLocaliser(localiser_network(), tmp_path / "other.pt")
+
+
+def test_probabilities_come_back_on_the_image_grid_slice_by_slice() -> None:
+    image, label = heart_scan()
+    probs = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image)
+    assert probs.shape == (4, *SHAPE)
+    torch.testing.assert_close(probs.sum(0), torch.ones(SHAPE))
+    found = probs.argmax(0).numpy()
+    assert (found == label).mean() > 0.95  # only boundary voxels may blur at 3 mm
+    assert (found[..., [0, 5]] == 0).all()  # heartless slices stay heartless: slices are never mixed
+
+
+def fitted_agreement(localiser_weight: float) -> float:
+    """Fraction of voxels where a fitted code's segmentation agrees with the localiser's labels."""
+    from nisf_monai.inferers import LatentOptimisationInferer
+
+    image, _ = heart_scan()
+    localiser = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0)
+    inferer = LatentOptimisationInferer(
+        num_steps=40,
+        learning_rate=0.05,
+        num_points=2048,
+        extent_mm=100.0,
+        heart_frame=True,
+        heart_locator=HeartLocator(localiser=localiser, refine_steps=0),
+        localiser_weight=localiser_weight,
+        log_every=0,
+    )
+    net = tiny_heart_net()
+    case = image[None]
+    seg = inferer.fit_and_sample(case, net)["pred"][0, 0]
+    return float((seg == localiser.probabilities(image).argmax(0)).float().mean())
+
+
+def test_localiser_term_pulls_the_segmentation_toward_the_localiser() -> None:
+    assert fitted_agreement(5.0) > fitted_agreement(0.0) + 0.1
+
+
+def test_localiser_weight_without_a_localiser_warns_and_fits_intensity_alone(caplog: pytest.LogCaptureFixture) -> None:
+    from nisf_monai.inferers import LatentOptimisationInferer
+
+    image, _ = heart_scan()
+    net = tiny_heart_net()
+    codes = []
+    for weight in (0.0, 1.0):
+        inferer = LatentOptimisationInferer(num_steps=5, num_points=512, extent_mm=100.0, localiser_weight=weight)
+        with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+            codes.append(inferer.fit(image[None], net))
+    assert "no localiser" in caplog.text
+    torch.testing.assert_close(codes[0], codes[1])

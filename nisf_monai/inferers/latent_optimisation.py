@@ -16,7 +16,6 @@ from torch import nn
 
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
-from nisf_monai.losses import intensity_loss
 from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateFrame, pose_of
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
@@ -91,6 +90,12 @@ class LatentOptimisationInferer(Inferer):
         heart_sigma_mm: weight the intensity loss by a Gaussian of this width (mm) around the heart's origin in
             the slice plane, so the code is spent on the heart rather than on the rest of the field of view;
             None weights every voxel alike. Needs ``heart_frame``.
+        localiser_weight: weight of a second fit term, the cross-entropy of the segmentation head against the
+            heart locator's localiser (its coarse class probabilities on the image grid, kept voxels only). Intensity
+            alone leaves the code's shape loosely pinned (on ACDC validation its fit reached 0.61 Dice where codes
+            fitted to the labels reach 0.85); the localiser's coarse labels pull it toward this heart's shape while
+            the network's prior keeps it a plausible heart that can be sampled anywhere. 0 (default): intensity
+            alone, the paper's objective; without a localiser it is intensity alone, with a warning.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class LatentOptimisationInferer(Inferer):
         heart_frame: bool = False,
         heart_locator: HeartLocator | None = None,
         heart_sigma_mm: float | None = None,
+        localiser_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if num_steps < 0:
@@ -131,6 +137,9 @@ class LatentOptimisationInferer(Inferer):
         if heart_sigma_mm is not None and not self.heart_frame:
             raise ValueError("heart_sigma_mm weights the loss around the heart frame's origin: set heart_frame too.")
         self.heart_sigma_mm = heart_sigma_mm
+        if localiser_weight < 0:
+            raise ValueError(f"localiser_weight must be >= 0, got {localiser_weight}.")
+        self.localiser_weight = float(localiser_weight)
 
     def frame_of(self, image: MetaTensor) -> CoordinateFrame:
         """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation and the heart
@@ -259,16 +268,30 @@ class LatentOptimisationInferer(Inferer):
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
 
+    def _guide(self):
+        """The localiser whose probabilities join the fit (``localiser_weight``), or None."""
+        if self.localiser_weight <= 0:
+            return None
+        localiser = getattr(self.heart_locator, "localiser", None)
+        if localiser is None:
+            logger.warning("localiser_weight is set but there is no localiser: the code is fitted to intensity alone.")
+        return localiser
+
     def _fit_points(
         self, cases: list[MetaTensor], case_masks: list[torch.Tensor | None], device: torch.device
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per case, the network coordinates ``(3, P)`` of the voxels a code is fitted to (those its mask keeps)
-        and their intensities ``(1, P)``, on ``device``."""
+        and their targets on ``device``: intensity ``(1, P)``, followed by the localiser's class probabilities
+        ``(1 + M, P)`` when it guides the fit."""
         coords, targets = [], []
+        guide = self._guide()
         for case, mask in zip(cases, case_masks):
             frame = self.frame_of(case)
             points = frame.grid(frame.affine, case.shape[2:]).T  # (3, P)
-            values = case.as_tensor().reshape(1, -1)  # (1, P)
+            values = case.as_tensor().reshape(1, -1).float()  # (1, P)
+            if guide is not None:
+                probs = guide.probabilities(case[0]).reshape(-1, values.shape[-1])
+                values = torch.cat([values, probs.to(values)])
             if mask is not None:
                 kept = mask.reshape(-1).nonzero().squeeze(1)
                 points, values = points[:, kept.to(points.device)], values[:, kept.to(values.device)]
@@ -352,25 +375,30 @@ class LatentOptimisationInferer(Inferer):
     def _loss(
         self, network: nn.Module, latent: torch.Tensor, points: list[torch.Tensor], targets: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Sum over cases of each case's mean intensity BCE plus its L2 term: every code gets the gradient
+        """Sum over cases of each case's weighted mean point loss plus its L2 term: every code gets the gradient
         it would get alone."""
         penalty = self.latent_weight * latent.pow(2).mean(dim=1).sum()
         if len({p.shape[-1] for p in points}) == 1:
             stacked = torch.stack(points)
-            _, logit = network.forward_heads(stacked, latent)
-            per_point = F.binary_cross_entropy_with_logits(
-                logit[:, 0], torch.stack(targets)[:, 0].clamp(0.0, 1.0), reduction="none"
-            )
+            per_point = self._point_loss(network, latent, stacked, torch.stack(targets))
             return (per_point * heart_weights(stacked, self.extent_mm, self.heart_sigma_mm)).mean(dim=1).sum() + penalty
         total = penalty
         for b, (p, t) in enumerate(zip(points, targets)):
-            _, logit = network.forward_heads(p[None], latent[b : b + 1])
-            if self.heart_sigma_mm is None:
-                total = total + intensity_loss(logit, t[None])
-            else:
-                per_point = F.binary_cross_entropy_with_logits(logit[0, 0], t[0].clamp(0.0, 1.0), reduction="none")
-                total = total + (per_point * heart_weights(p, self.extent_mm, self.heart_sigma_mm)).mean()
+            per_point = self._point_loss(network, latent[b : b + 1], p[None], t[None])
+            total = total + (per_point * heart_weights(p[None], self.extent_mm, self.heart_sigma_mm)).mean()
         return total
+
+    def _point_loss(
+        self, network: nn.Module, latent: torch.Tensor, points: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss per point ``(B, N)``: intensity BCE, plus ``localiser_weight`` times the cross-entropy of the
+        segmentation head against the localiser's probabilities when the targets carry them."""
+        seg_logits, logit = network.forward_heads(points, latent)
+        loss = F.binary_cross_entropy_with_logits(logit[:, 0], targets[:, 0].clamp(0.0, 1.0), reduction="none")
+        if targets.shape[1] > 1:
+            guide = targets[:, 1:]
+            loss = loss - self.localiser_weight * (guide * torch.log_softmax(seg_logits.float(), dim=1)).sum(dim=1)
+        return loss
 
     @torch.no_grad()
     def sample(

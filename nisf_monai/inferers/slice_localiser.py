@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from monai.data import MetaTensor
 from monai.networks.nets import UNet
-from monai.transforms import DivisiblePad, Spacing
+from monai.transforms import DivisiblePad, Spacing, SpatialResample
 from torch import nn
 
 from nisf_monai.transforms.heart_frame import heart_pose
@@ -75,26 +75,50 @@ class SliceLocaliser:
         """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing, slice spacing unchanged (-1 keeps it)."""
         return Spacing(pixdim=(self.in_plane_mm, self.in_plane_mm, -1.0), mode=mode)(volume)
 
-    @torch.no_grad()
-    def labels(self, image: MetaTensor, mask: torch.Tensor | None = None) -> MetaTensor:
-        """Coarse label map ``(1, X', Y', Z)`` of one image ``(1, X, Y, Z)`` (or ``(1, 1, X, Y, Z)``) scaled to
-        [0, 1], with its own affine; where a boolean ``mask`` of the image's grid is False the label is 0."""
+    @staticmethod
+    def _one_image(image: MetaTensor) -> MetaTensor:
         image = image[0] if image.dim() == 5 else image
         if not isinstance(image, MetaTensor) or image.dim() != 4:
             raise ValueError("SliceLocaliser needs one image (1, X, Y, Z) as a MetaTensor with its affine.")
+        return image
+
+    @torch.no_grad()
+    def logits(self, image: MetaTensor) -> MetaTensor:
+        """Class logits ``(M, X', Y', Z)`` of one image ``(1, X, Y, Z)`` scaled to [0, 1], predicted slice by slice at
+        the localiser's in-plane spacing, with that grid's affine."""
+        image = self._one_image(image)
         resampled = self.resample(image.float())
         x, y = resampled.shape[1:3]
         padded = DivisiblePad((self.divisor, self.divisor, 1), method="end")(resampled).as_tensor()
         slices = padded.permute(3, 0, 1, 2)  # (Z, 1, X'', Y'')
         device = next(self.network.parameters()).device
         predictions = [
-            self.network(chunk.to(device)).argmax(1).cpu() for chunk in torch.split(slices, self.slices_per_batch)
+            self.network(chunk.to(device)).float().cpu() for chunk in torch.split(slices, self.slices_per_batch)
         ]
-        label = torch.cat(predictions).permute(1, 2, 0)[None, :x, :y]  # (1, X', Y', Z)
+        logits = torch.cat(predictions).permute(1, 2, 3, 0)[:, :x, :y]  # (M, X', Y', Z)
+        return MetaTensor(logits, affine=resampled.affine)
+
+    def labels(self, image: MetaTensor, mask: torch.Tensor | None = None) -> MetaTensor:
+        """Coarse label map ``(1, X', Y', Z)`` of one image ``(1, X, Y, Z)`` (or ``(1, 1, X, Y, Z)``) scaled to
+        [0, 1], with its own affine; where a boolean ``mask`` of the image's grid is False the label is 0."""
+        image = self._one_image(image)
+        logits = self.logits(image)
+        label = logits.as_tensor().argmax(0, keepdim=True)
         if mask is not None:
             kept = MetaTensor(torch.as_tensor(mask).reshape(image.shape).float(), affine=image.affine)
             label = label * (self.resample(kept, mode="nearest").as_tensor() > 0.5)
-        return MetaTensor(label.to(torch.uint8), affine=resampled.affine)
+        return MetaTensor(label.to(torch.uint8), affine=logits.affine)
+
+    def probabilities(self, image: MetaTensor) -> torch.Tensor:
+        """Class probabilities ``(M, X, Y, Z)`` on the image's own grid: the coarse softmax resampled back
+        (bilinearly in-plane; slices map onto themselves, so each slice's values come from that slice alone)."""
+        image = self._one_image(image)
+        probs = torch.softmax(self.logits(image), dim=0)
+        back = SpatialResample(mode="bilinear", padding_mode="border")(
+            probs, dst_affine=torch.as_tensor(image.affine, dtype=torch.float64), spatial_size=image.shape[1:]
+        )
+        back = back.as_tensor() if isinstance(back, MetaTensor) else back
+        return back / back.sum(0, keepdim=True).clamp_min(1e-6)
 
     def pose(self, image: MetaTensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """The heart-frame pose (4 x 4, world mm -> heart mm) of the predicted labels, or None when no left
