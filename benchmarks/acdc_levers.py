@@ -205,8 +205,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def quality_reference(args: argparse.Namespace) -> None:
-    """``qc_reference.json`` for a run's final model: its training codes, and the reconstruction errors and code
-    distances of ``--frames`` of its training frames refitted from zero as inference fits them."""
+    """``qc_reference.json`` for a run's final model (or ``--snapshot``): its training codes, and the reconstruction
+    errors and code distances of ``--frames`` of its training frames refitted from zero as inference fits them."""
     from levers_eval import CONFIGS as configs  # beside this script
 
     from nisf_monai.data import case_ids
@@ -227,7 +227,7 @@ def quality_reference(args: argparse.Namespace) -> None:
         **locator_override(args),
     }.items():
         parser[f"validate#inferer#{key}"] = value
-    saved = torch.load(root / "snapshots" / "final.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(root / "snapshots" / (args.snapshot or "final.pt"), map_location="cpu", weights_only=False)
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(saved["network"])
     network.eval()
@@ -317,7 +317,9 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=50, help="pose refinement steps after the localiser (0: as is)"
     )
-    parser.add_argument("--localiser-mm", type=float, default=4.0, help="in-plane spacing the localiser was trained at")
+    parser.add_argument(
+        "--localiser-mm", type=float, default=2.0, help="in-plane spacing the localiser was trained at (v2: 4)"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     q.add_argument("--steps", type=int, default=100)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--output", default=str(REPO / "bundle" / "models" / "qc_reference.json"))
+    q.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
     add_localiser_arguments(q)
     r = sub.add_parser("report")

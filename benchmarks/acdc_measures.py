@@ -36,7 +36,7 @@ SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef
 logger = logging.getLogger("acdc_measures")
 
 
-def test_datalist(data: Path, out: Path, limit: int) -> str:
+def test_datalist(data: Path, out: Path, limit: int, offset: int = 0) -> str:
     """A MONAI datalist of the test patients with ED / ES phases (from the data's own ``datalist.json``,
     where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s split and the
     measuring run's own rule (largest / smallest manual LV blood pool) give the same pairing."""
@@ -58,7 +58,7 @@ def test_datalist(data: Path, out: Path, limit: int) -> str:
         datalist = {"label_mapping": {str(k): v for k, v in ACDC_LABEL_MAPPING.items()}, "test": entries}
     else:
         datalist = json.loads(Path(build_datalist(str(data), str(out))).read_text())
-    patients = sorted({e["subject"] for e in datalist["test"]})
+    patients = sorted({e["subject"] for e in datalist["test"]})[offset:]
     if limit:
         patients = patients[:limit]
     datalist["test"] = sorted((e for e in datalist["test"] if e["subject"] in patients), key=lambda e: e["case"])
@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
     ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
     ap.add_argument(
+        "--offset", type=int, default=0, help="skip the first N test patients (to split them over processes)"
+    )
+    ap.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -103,7 +106,7 @@ def main() -> None:
     if args.source == "nisf" and not model.is_file():
         sys.exit(f"no model at {model}")
     work = Path(args.work_dir) / args.source
-    datalist = test_datalist(data, work / "datalist.json", args.limit)
+    datalist = test_datalist(data, work / "datalist.json", args.limit, args.offset)
 
     overrides = {
         "bundle_root": str(REPO / "bundle"),

@@ -157,11 +157,18 @@ def test_synthetic_model_on_a_real_frame_warns(tmp_path):
 
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
 def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
-    """A test-split frame, its pose found as inference.json finds it (the shipped localiser, then refinement)."""
+    """A test-split frame, fitted as inference.json fits it (the shipped localiser's pose, refined; its guided fit)."""
     from nisf_monai.inferers import HeartLocator, load_localiser
 
-    locator = HeartLocator(localiser=load_localiser(BUNDLE / "models" / "localiser.pt"), refine_steps=50)
-    settings = {"heart_frame": True, "extent_mm": 100.0, "heart_locator": locator}
+    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    localiser = load_localiser(BUNDLE / "models" / "localiser.pt", in_plane_mm=config["localiser_in_plane_mm"])
+    locator = HeartLocator(localiser=localiser, refine_steps=config["localiser_refine_steps"])
+    settings = {
+        "heart_frame": True,
+        "extent_mm": config["extent_mm"],
+        "heart_locator": locator,
+        "localiser_weight": config["localiser_weight"],
+    }
     steps = json.loads((BUNDLE / "models" / "inference_steps.json").read_text())["inference_steps"]
     quality = qc_of(
         BUNDLE / "models" / "model.pt",

@@ -4,8 +4,9 @@ Searching the pose by reconstruction alone (:class:`~nisf_monai.inferers.HeartLo
 heart in about half of the ACDC test frames: a population-average image matches many places of a field of
 view. A small slice-wise network trained on the same labels finds the ventricles directly; the centroids of
 its coarse labels give the pose the same way the labels do in training (:func:`heart_pose`). It works at a
-fixed, coarse in-plane spacing (4 mm by default), so it is cheap to train and run, and any scan resolution
-looks alike to it.
+fixed in-plane spacing (2 mm by default), so it is cheap to train and run, and any scan resolution
+looks alike to it. Its class probabilities, brought back to the image grid, can also guide the latent fit
+(``LatentOptimisationInferer(localiser_weight=...)``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SliceLocaliser:
         self,
         network: nn.Module,
         weights: str | Path | None = None,
-        in_plane_mm: float = 4.0,
+        in_plane_mm: float = 2.0,
         divisor: int = 8,
         slices_per_batch: int = 32,
     ) -> None:
@@ -128,7 +129,7 @@ class SliceLocaliser:
 
 
 def load_localiser(
-    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu", in_plane_mm: float = 4.0
+    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu", in_plane_mm: float = 2.0
 ) -> SliceLocaliser | None:
     """The bundle's localiser from ``weights`` (the default network, trained at ``in_plane_mm``), or None with a
     warning when the file is missing, so that a bundle trained without one still runs (its pose is then searched
