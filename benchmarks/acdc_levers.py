@@ -305,9 +305,9 @@ def report(args: argparse.Namespace) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.set_title(f"ACDC learning curve: {name}")
+        ax.set_title(f"ACDC learning curve: {name}{args.curve_tag}")
         fig.tight_layout()
-        out = REPO / "benchmarks" / f"learning_curve_{name}.png"
+        out = REPO / "benchmarks" / f"learning_curve_{name}{args.curve_tag.replace('.', 'p')}.png"
         fig.savefig(out, dpi=110)
         print(f"learning curve: {out}")
 
