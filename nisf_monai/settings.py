@@ -134,8 +134,10 @@ def check_fraction(name: str, value: Any, include_zero: bool = True) -> float:
 
 
 def check_non_negative(name: str, value: Any, unit: str = "mm", none_means: str | None = None) -> float | None:
-    """A finite number >= 0; ``none_means`` says what None does, if it is allowed."""
-    accepted = f"give a number of {unit}, 0 or more" + (f", or None {none_means}" if none_means else "")
+    """A finite number >= 0 (of ``unit``, or a plain number for ""); ``none_means`` says what None does, if it is
+    allowed."""
+    quantity = f"a number of {unit}" if unit else "a number"
+    accepted = f"give {quantity}, 0 or more" + (f", or None {none_means}" if none_means else "")
     if value is None and none_means:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -262,6 +264,8 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "score_extrapolated": check_flag,
     # measuring
     "roi_margin_mm": partial(check_non_negative, none_means="to read the whole slab"),
+    # latent fit
+    "localiser_weight": partial(check_non_negative, unit=""),
     "volume_mode": partial(check_choice, choices=("label", "probability")),
     "measure_source": partial(check_choice, choices=("nisf", "labels")),
     "mesh_format": partial(check_choice, choices=("vtk", "stl", "obj"), none_means="for no meshes"),

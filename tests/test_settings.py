@@ -113,6 +113,7 @@ BAD = [
         -5,
         "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab",
     ),
+    ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
     (
         "volume_mode",
         "soft",
@@ -163,6 +164,8 @@ GOOD = [
     ("save_images", np.bool_(True)),
     ("roi_margin_mm", None),
     ("roi_margin_mm", 0),
+    ("localiser_weight", 0),
+    ("localiser_weight", 3.0),
     ("volume_mode", "probability"),
     ("measure_source", "labels"),
     ("mesh_format", None),

@@ -173,3 +173,5 @@ def test_localiser_weight_without_a_localiser_warns_and_fits_intensity_alone(cap
             codes.append(inferer.fit(image[None], net))
     assert "no localiser" in caplog.text
     torch.testing.assert_close(codes[0], codes[1])
+    with pytest.raises(ValueError, match="localiser_weight"):
+        LatentOptimisationInferer(localiser_weight=-1.0)

@@ -16,6 +16,7 @@ from torch import nn
 
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
+from nisf_monai.inferers.slice_localiser import SliceLocaliser
 from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateFrame, pose_of
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
@@ -268,7 +269,7 @@ class LatentOptimisationInferer(Inferer):
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
 
-    def _guide(self):
+    def _guide(self) -> SliceLocaliser | None:
         """The localiser whose probabilities join the fit (``localiser_weight``), or None."""
         if self.localiser_weight <= 0:
             return None
