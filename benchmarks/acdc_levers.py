@@ -32,6 +32,7 @@ from monai.bundle import ConfigParser
 
 from nisf_monai.data import build_datalist, load_datalist
 from nisf_monai.denormals import flush_denormal
+from nisf_monai.inferers import localiser_stride
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -68,15 +69,17 @@ def locator_override(args: argparse.Namespace) -> dict:
     labels), as ``inference.json`` builds it; nothing without ``--localiser``."""
     if not getattr(args, "localiser", ""):
         return {}
+    channels = [int(c) for c in args.localiser_channels.split(",")]
     return {
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
             "refine_steps": args.refine_steps,
             "localiser": {
                 "_target_": "nisf_monai.inferers.SliceLocaliser",
-                "network": "$nisf_monai.inferers.localiser_network()",
+                "network": f"$nisf_monai.inferers.localiser_network(4, {channels}, {args.localiser_res_units})",
                 "weights": str(Path(args.localiser).resolve()),
                 "in_plane_mm": args.localiser_mm,
+                "divisor": localiser_stride(channels),
             },
         }
     }
@@ -319,6 +322,12 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--localiser-mm", type=float, default=2.0, help="in-plane spacing the localiser was trained at (v2: 4)"
+    )
+    parser.add_argument(
+        "--localiser-channels", default="16,32,64,128", help="the localiser UNet's channels per level (v5: 16,...,256)"
+    )
+    parser.add_argument(
+        "--localiser-res-units", type=int, default=1, help="the localiser UNet's residual units (v5: 2)"
     )
 
 

@@ -58,7 +58,7 @@ def _fit_to_labels(inferer, network, images, labels, steps, recorder, num_points
         truth = label.reshape(1, -1).long()
         generator = torch.Generator().manual_seed(inferer.seed)
         code = (torch.randn(1, network.latent_dim, generator=generator) * inferer.init_std).requires_grad_(True)
-        optimiser = torch.optim.Adam([code], lr=inferer.learning_rate)
+        optimizer = torch.optim.Adam([code], lr=inferer.learning_rate)
         for step in range(max(steps) + 1):
             if step in steps:
                 with torch.no_grad():
@@ -70,9 +70,9 @@ def _fit_to_labels(inferer, network, images, labels, steps, recorder, num_points
             seg, _ = network.forward_heads(points[None, :, index], code)
             target = truth[None, :, index]
             loss = F.cross_entropy(seg, target[:, 0]) + dice_loss(seg, target)
-            optimiser.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            optimiser.step()
+            optimizer.step()
 
 
 def evaluate_cases(

@@ -214,27 +214,27 @@ def make_step_fns(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
     def trainer(model: nn.Module) -> Callable[[], None]:
         codes = nn.Parameter(init_codes.clone())
-        optimiser = torch.optim.Adam([*model.parameters(), codes], lr=1e-5)
+        optimizer = torch.optim.Adam([*model.parameters(), codes], lr=1e-5)
 
         def step() -> None:
-            optimiser.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             seg, intensity = model.forward_heads(coords, codes)
             loss_of(seg, intensity, codes).backward()
-            optimiser.step()
+            optimizer.step()
 
         return step
 
     def latent_fitter(model: nn.Module) -> Callable[[], None]:
         model.requires_grad_(False)  # frozen network, as in inference
         codes = init_codes.clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([codes], lr=1e-3)
+        optimizer = torch.optim.Adam([codes], lr=1e-3)
 
         def step() -> None:
             _, intensity = model.forward_heads(coords, codes)
             loss = F.binary_cross_entropy_with_logits(intensity, target) + 1e-4 * codes.square().mean()
             (grad,) = torch.autograd.grad(loss, [codes])
             codes.grad = grad
-            optimiser.step()
+            optimizer.step()
 
         return step
 

@@ -79,7 +79,7 @@ class NISFHeads(nn.Module):
 def data_parallel(network: NISFNet, device: str | torch.device | None = None, **kwargs) -> DistributedDataParallel:
     """``DistributedDataParallel`` over :class:`NISFHeads` of ``network``, for :class:`NISFTrainer`.
 
-    ``network`` itself stays unwrapped for the optimiser, the evaluator and the checkpoints (its parameters
+    ``network`` itself stays unwrapped for the optimizer, the evaluator and the checkpoints (its parameters
     are the ones DDP broadcasts from rank 0 and keeps in step). ``kwargs`` go to DDP."""
     device = torch.device(device) if device is not None else next(network.parameters()).device
     device_ids = [device] if device.type == "cuda" else None
@@ -101,7 +101,7 @@ def sync_latent_gradients(table: LatentTable) -> None:
     gradient of one process with the ``R * B`` frames. A sparse gradient becomes sparse again over the rows
     touched on any rank (a row touched only with a zero gradient still counts, as in one process, so
     ``SparseAdam`` moves exactly the rows it would move there); every rank then steps identically and the
-    table and its optimiser state stay the same on all ranks. Communication: one all-reduce of the row
+    table and its optimizer state stay the same on all ranks. Communication: one all-reduce of the row
     count plus one of the touched rows (at most ``R * B`` x ``latent_dim``). No-op in a single process.
     """
     if not is_distributed():

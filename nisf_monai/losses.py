@@ -21,7 +21,7 @@ class NISFLoss(nn.Module):
     - ``dice``: MONAI ``DiceLoss`` on the softmax, background included, averaged over classes.
     - ``bce(seg)``: per-class binary cross-entropy of the softmax probabilities against the one-hot label.
     - ``bce(intensity)``: binary cross-entropy of the reconstructed intensity (alpha = 10 in the paper).
-    - L2 on the batch's latent codes. The L2 on network weights is the optimiser's ``weight_decay``.
+    - L2 on the batch's latent codes. The L2 on network weights is the optimizer's ``weight_decay``.
 
     ``dice_weight`` and ``bce_weight`` scale the two segmentation terms (1 in the paper).
 

@@ -58,7 +58,7 @@ def frames() -> list[dict[str, Any]]:
 
 
 def build(seed: int, save_dir: Path, resume: bool = False) -> tuple[Any, ...]:
-    """Network, table, both optimisers and a TrainingStateHandler, initialised from ``seed``."""
+    """Network, table, both optimizers and a TrainingStateHandler, initialised from ``seed``."""
     torch.manual_seed(seed)
     network = NISFNet(latent_dim=LATENT, hidden_dim=16, num_layers=2)
     table = LatentTable([f["case"] for f in frames()], latent_dim=LATENT)

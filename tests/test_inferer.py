@@ -50,13 +50,13 @@ def train_on_volumes(seed: int = 1, steps: int = 150) -> dict:
     targets = torch.as_tensor(np.stack([disc, ramp])).reshape(2, 1, -1)
     net = tiny_net(seed)
     codes = torch.nn.Parameter(torch.randn(2, LATENT) * 0.01)
-    optimiser = torch.optim.Adam([*net.parameters(), codes], lr=5e-3)
+    optimizer = torch.optim.Adam([*net.parameters(), codes], lr=5e-3)
     for _ in range(steps):
         _, logit = net.forward_heads(points, codes)
         loss = intensity_loss(logit, targets)
-        optimiser.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        optimiser.step()
+        optimizer.step()
     net.zero_grad(set_to_none=True)
     return {"net": net.eval(), "codes": codes.detach(), "disc": disc, "ramp": ramp, "frame": frame}
 

@@ -84,10 +84,10 @@ def test_sparse_gradient_moves_only_looked_up_row() -> None:
     torch.manual_seed(0)
     table = LatentTable(["c", "a", "b"], latent_dim=4, sparse=True)
     before = table.weight.detach().clone()
-    optimiser = torch.optim.SparseAdam(table.parameters(), lr=0.1)
+    optimizer = torch.optim.SparseAdam(table.parameters(), lr=0.1)
     table(["a"]).sum().backward()
     assert table.weight.grad.is_sparse
-    optimiser.step()
+    optimizer.step()
     after = table.weight.detach()
     row_a = table.rows(["a"]).item()
     assert not torch.allclose(after[row_a], before[row_a])
@@ -268,9 +268,9 @@ def engine_at(epoch: int, iteration: int) -> Engine:
     return engine
 
 
-def test_training_state_resumes_network_codes_optimisers_and_epoch(tmp_path) -> None:
+def test_training_state_resumes_network_codes_optimizers_and_epoch(tmp_path) -> None:
     """save() then load() on fresh objects (subjects in another order) restores the network, each code by
-    ID, both optimisers and the epoch/iteration; both files load with weights_only=True."""
+    ID, both optimizers and the epoch/iteration; both files load with weights_only=True."""
     net, table, opt, lat_opt = make_state(IDS, seed=0)
     one_step(net, table, opt, lat_opt, ["patient001", "patient010"])
     TrainingStateHandler(tmp_path, net, table, opt, lat_opt).save(engine_at(3, 42))
@@ -285,11 +285,11 @@ def test_training_state_resumes_network_codes_optimisers_and_epoch(tmp_path) -> 
     for s in IDS:
         torch.testing.assert_close(table2([s]), table([s]), rtol=0, atol=0)
     assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
-    assert len(lat_opt2.state_dict()["state"]) == 1  # the latent optimiser's moments came back too
+    assert len(lat_opt2.state_dict()["state"]) == 1  # the latent optimizer's moments came back too
 
 
-def test_training_state_changed_subjects_restart_latent_optimiser(tmp_path) -> None:
-    """With a different subject set, codes are restored by ID but the row-wise latent optimiser state is not."""
+def test_training_state_changed_subjects_restart_latent_optimizer(tmp_path) -> None:
+    """With a different subject set, codes are restored by ID but the row-wise latent optimizer state is not."""
     net, table, opt, lat_opt = make_state(IDS, seed=0)
     one_step(net, table, opt, lat_opt, IDS)
     TrainingStateHandler(tmp_path, net, table, opt, lat_opt).save(engine_at(2, 8))

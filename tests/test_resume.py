@@ -84,8 +84,8 @@ def temporaries(models: Path) -> list[Path]:
 
 def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     """SIGKILL a real training run after epoch 2: both files still load (no partial file under the final
-    name); a rerun of the finished epoch count trains a new round from the saved state (optimiser step counts
-    continue); a rerun with more epochs continues the counters and the optimisers' step counts."""
+    name); a rerun of the finished epoch count trains a new round from the saved state (optimizer step counts
+    continue); a rerun with more epochs continues the counters and the optimizers' step counts."""
     root, data = tmp_path / "bundle", tmp_path / "data"
     root.mkdir()
     datalist = generate_cohort(str(data), num_subjects=3, shape=(24, 24, 4), spacing=(4.0, 4.0, 10.0), num_validation=1)
@@ -120,7 +120,7 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     (models / ".training_state.pt.stale.tmp").write_bytes(b"partial")
     assert temporaries(models)
 
-    # 3. rerun of the finished count: a new round of `epoch` epochs from the saved weights, codes and optimiser
+    # 3. rerun of the finished count: a new round of `epoch` epochs from the saved weights, codes and optimizer
     #    moments (what MONAI Label's repeated training requests with one max_epochs need), not a silent no-op
     out = run_training(root, datalist, epoch)
     log = out.stdout + out.stderr
@@ -282,7 +282,7 @@ def test_other_subjects_strict_fails_naming_them(saved: Path) -> None:
 
 def test_other_subjects_mapped_when_not_strict(saved: Path) -> None:
     """Without strict_subjects the codes in common are restored by ID, new subjects keep fresh codes,
-    the network and epoch are restored and the row-wise latent optimiser restarts."""
+    the network and epoch are restored and the row-wise latent optimizer restarts."""
     state = torch.load(saved / "training_state.pt", weights_only=True)
     p = parts(ids=["s3", "s1", "s9"], seed=1)
     fresh = p["latent_table"](["s9"]).detach().clone()

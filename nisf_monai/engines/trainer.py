@@ -25,7 +25,7 @@ __all__ = ["NISFTrainer"]
 
 class NISFTrainer(SupervisedTrainer):
     """MONAI ``SupervisedTrainer`` for NISF: each batch holds point sets of several frames; their codes
-    come from ``latent_table`` by subject ID, and one iteration steps both the network's optimiser and the
+    come from ``latent_table`` by subject ID, and one iteration steps both the network's optimizer and the
     table's own (``SparseAdam`` by default, so only the batch's codes move).
 
     Batch keys (from ``CoordinateGridd`` + ``RandPointSampled``): ``coords (B, 3, N)``, ``image (B, 1, N)``
@@ -37,14 +37,14 @@ class NISFTrainer(SupervisedTrainer):
     ``DistributedSampler`` moves subjects between ranks from epoch to epoch), and after each backward its
     gradient is averaged over the ranks by :func:`~nisf_monai.distributed.sync_latent_gradients`, the way
     DDP averages the network's. ``R`` ranks with batch ``B`` then step as one process with batch ``R * B``,
-    and the table and its optimiser state stay identical on every rank. At the start of a run rank 0's
+    and the table and its optimizer state stay identical on every rank. At the start of a run rank 0's
     codes are broadcast (after any resume).
 
     Args:
         device, max_epochs, train_data_loader, optimizer: as for ``SupervisedTrainer``.
         network: the :class:`NISFNet`, or under ``torch.distributed`` its :func:`data_parallel` wrapper.
         latent_table: the codes of the training subjects.
-        latent_optimizer: optimiser over ``latent_table.parameters()``.
+        latent_optimizer: optimizer over ``latent_table.parameters()``.
         loss_function: a :class:`NISFLoss`.
         latent_key: batch key of the subject IDs that index the table.
         coords_key, image_key, label_key: batch keys of the point sets.

@@ -1,4 +1,4 @@
-"""Saving and resuming NISF training: network, latent table, optimisers and epoch, written atomically."""
+"""Saving and resuming NISF training: network, latent table, optimizers and epoch, written atomically."""
 
 from __future__ import annotations
 
@@ -92,13 +92,13 @@ class TrainingStateHandler:
     - ``model_filename`` (``model.pt``): the network's plain ``state_dict``, what MONAI Model Zoo tools,
       TorchScript export and MONAI Label load.
     - ``state_filename`` (``training_state.pt``): network, latent table (codes with their subject IDs),
-      both optimisers and the trainer's epoch and iteration, to resume after an interruption.
+      both optimizers and the trainer's epoch and iteration, to resume after an interruption.
 
     Both are written at the end of every ``save_interval``-th epoch and of training, each atomically, so an
     interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename``
-    continues from it: codes are restored by subject ID (new subjects start fresh); the latent optimiser's
+    continues from it: codes are restored by subject ID (new subjects start fresh); the latent optimizer's
     row-wise moments are restored only when the subject set is unchanged. A state that already reached
-    ``max_epochs`` (a finished run) restores weights, codes and optimisers but not the epoch, so the new run
+    ``max_epochs`` (a finished run) restores weights, codes and optimizers but not the epoch, so the new run
     trains ``max_epochs`` epochs from there rather than ending at once (MONAI Label sends every training
     request with the same ``max_epochs``; raise ``max_epochs`` to instead continue an unfinished count).
     Files hold tensors and plain types only, so they load with ``torch.load(weights_only=True)`` (and are
@@ -118,8 +118,8 @@ class TrainingStateHandler:
         save_dir: folder of both files (the bundle's ``models``).
         network: the NISF network (or a DDP wrapper of it).
         latent_table: the training subjects' codes.
-        optimizer: the network's optimiser.
-        latent_optimizer: the table's optimiser.
+        optimizer: the network's optimizer.
+        latent_optimizer: the table's optimizer.
         save_interval: epochs between saves.
         resume: continue from an existing ``state_filename``.
     """
@@ -250,7 +250,7 @@ class TrainingStateHandler:
         state = self._read()
         self.check(state)
         self._restore_weights(state)
-        self._restore_optimisers(state)
+        self._restore_optimizers(state)
         self._restore_position(engine, state["trainer"])
 
     def _restore_weights(self, state: dict[str, Any]) -> None:
@@ -261,16 +261,16 @@ class TrainingStateHandler:
         except (RuntimeError, KeyError) as err:
             raise self._fail(str(err).replace("\n", " ").replace("\t", "")) from err
 
-    def _restore_optimisers(self, state: dict[str, Any]) -> None:
-        """The network's optimiser, and the latent optimiser's row-wise moments if the subject set is unchanged."""
+    def _restore_optimizers(self, state: dict[str, Any]) -> None:
+        """The network's optimizer, and the latent optimizer's row-wise moments if the subject set is unchanged."""
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.latent_table.same_subjects(state["latent_table"]):
                 self.latent_optimizer.load_state_dict(state["latent_optimizer"])
             else:
-                logger.info("subject set changed since %s: the latent optimiser starts afresh", self.state_path)
+                logger.info("subject set changed since %s: the latent optimizer starts afresh", self.state_path)
         except (ValueError, KeyError) as err:
-            raise self._fail(f"the optimiser state does not fit ({err})") from err
+            raise self._fail(f"the optimizer state does not fit ({err})") from err
 
     def _restore_position(self, engine: Engine, trainer: dict[str, Any]) -> None:
         """The trainer's epoch and iteration, unless the saved run had finished (see the class docstring)."""

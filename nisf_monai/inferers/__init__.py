@@ -1,6 +1,6 @@
 from nisf_monai.inferers.heart_locator import HeartLocator
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, target_grid
-from nisf_monai.inferers.slice_localiser import SliceLocaliser, load_localiser, localiser_network
+from nisf_monai.inferers.slice_localiser import SliceLocaliser, load_localiser, localiser_network, localiser_stride
 
 __all__ = [
     "HeartLocator",
@@ -8,5 +8,6 @@ __all__ = [
     "SliceLocaliser",
     "load_localiser",
     "localiser_network",
+    "localiser_stride",
     "target_grid",
 ]

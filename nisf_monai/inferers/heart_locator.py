@@ -58,7 +58,7 @@ def frozen_view(network: nn.Module) -> nn.Module:
     run them: a third of a step's work; the fused Gabor path drops them when no weight requires grad) without
     switching ``requires_grad`` off on the network, which other threads may be using at the same time
     (concurrent fits, a training loop). Costs a copy of the modules (about 2 ms for the default network), not
-    of the weights, so weights changed in place (an optimiser step elsewhere) show through. A TorchScript
+    of the weights, so weights changed in place (an optimizer step elsewhere) show through. A TorchScript
     module copies its weights when deep-copied: it becomes a frozen copy instead (right, but not shared)."""
     if isinstance(network, (DataParallel, DistributedDataParallel)):
         raise TypeError(
@@ -220,7 +220,7 @@ class HeartLocator:
         )
         shift = torch.zeros(starts, 3, device=device, requires_grad=True)  # along the heart axes, in units of step_mm
         angle = torch.zeros(starts, device=device, requires_grad=True)  # radians about heart z
-        optimiser = torch.optim.Adam(
+        optimizer = torch.optim.Adam(
             [
                 {"params": [latent], "lr": self.learning_rate},
                 {"params": [shift], "lr": 4 * self.learning_rate},
@@ -241,9 +241,9 @@ class HeartLocator:
                 losses = per_start.detach().cpu()
                 break
             loss = per_start.sum() + 1e-4 * latent.pow(2).mean(dim=1).sum()
-            optimiser.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            optimiser.step()
+            optimizer.step()
         b = int(torch.argmin(losses))
         return _corrected_pose(
             origins[b], rotations[b], shift[b].detach().cpu().double() * self.step_mm, float(angle[b].detach())

@@ -65,7 +65,7 @@ class LatentOptimisationInferer(Inferer):
     (``torch.autograd.grad``) and no weight gradient is computed or stored. So one network can serve many
     cases from several threads at once, each getting the codes it would get alone, and a training loop that
     shares it keeps its flags and ``.grad``. What it cannot isolate: weights changed in place while a fit
-    runs (an optimiser step elsewhere) are seen by that fit, and train/eval mode is the caller's. Grad is
+    runs (an optimizer step elsewhere) are seen by that fit, and train/eval mode is the caller's. Grad is
     re-enabled locally because MONAI's evaluators and MONAI Label call inferers under ``torch.no_grad()``.
 
     Input images are channel-first MetaTensors ``(B, 1, X, Y, Z)`` whose intensities are already scaled to
@@ -252,12 +252,12 @@ class LatentOptimisationInferer(Inferer):
             generators = [torch.Generator().manual_seed(self.seed) for _ in cases]  # as for each case alone
             initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
             latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
-            optimiser = torch.optim.Adam([latent], lr=self.learning_rate)
+            optimizer = torch.optim.Adam([latent], lr=self.learning_rate)
             for step in range(self.num_steps):
                 if monitor is not None and monitor_every and step % monitor_every == 0:
                     monitor(step, latent.detach())
                 loss = self._gradient(frozen, latent, coords, targets, generators)
-                optimiser.step()
+                optimizer.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
                     logger.info(
                         "latent optimisation step %d/%d: loss %.5f",
@@ -309,7 +309,7 @@ class LatentOptimisationInferer(Inferer):
         generators: list[torch.Generator],
     ) -> torch.Tensor:
         """One step's loss of all cases on freshly drawn points; its gradient with respect to the codes is left in
-        ``latent.grad`` (for the optimiser's step)."""
+        ``latent.grad`` (for the optimizer's step)."""
         device = latent.device
         index = [self._draw(c.shape[-1], g).to(device) for c, g in zip(coords, generators)]
         points, values = [c[:, i] for c, i in zip(coords, index)], [t[:, i] for t, i in zip(targets, index)]

@@ -22,21 +22,28 @@ from torch import nn
 
 from nisf_monai.transforms.heart_frame import heart_pose
 
-__all__ = ["SliceLocaliser", "load_localiser", "localiser_network"]
+__all__ = ["SliceLocaliser", "load_localiser", "localiser_network", "localiser_stride"]
 
 logger = logging.getLogger("nisf_monai")
 
 
-def localiser_network(num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128)) -> UNet:
-    """The default localiser: a small MONAI 2D UNet (about 0.2 M parameters) on one-channel slices."""
+def localiser_network(
+    num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128), num_res_units: int = 1
+) -> UNet:
+    """The localiser: a MONAI 2D UNet on one-channel slices, ``len(channels)`` levels of stride 2."""
     return UNet(
         spatial_dims=2,
         in_channels=1,
         out_channels=num_classes,
-        channels=channels,
+        channels=tuple(channels),
         strides=(2,) * (len(channels) - 1),
-        num_res_units=1,
+        num_res_units=num_res_units,
     )
+
+
+def localiser_stride(channels: tuple[int, ...]) -> int:
+    """The total stride of :func:`localiser_network` with ``channels``: slices are padded to a multiple of it."""
+    return 2 ** (len(channels) - 1)
 
 
 class SliceLocaliser:
@@ -66,7 +73,14 @@ class SliceLocaliser:
                 raise FileNotFoundError(
                     f"localiser weights not found: {weights} (train them with train_localiser.json)."
                 )
-            network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"localiser weights {weights} do not fit the localiser network built by the config "
+                    "(check localiser_channels and localiser_res_units against the ones it was trained with)."
+                ) from error
         self.network = network.eval()
         self.in_plane_mm = float(in_plane_mm)
         self.divisor = int(divisor)
@@ -129,11 +143,16 @@ class SliceLocaliser:
 
 
 def load_localiser(
-    weights: str | Path, num_classes: int = 4, device: str | torch.device = "cpu", in_plane_mm: float = 2.0
+    weights: str | Path,
+    num_classes: int = 4,
+    device: str | torch.device = "cpu",
+    in_plane_mm: float = 2.0,
+    channels: tuple[int, ...] = (16, 32, 64, 128),
+    num_res_units: int = 1,
 ) -> SliceLocaliser | None:
-    """The bundle's localiser from ``weights`` (the default network, trained at ``in_plane_mm``), or None with a
-    warning when the file is missing, so that a bundle trained without one still runs (its pose is then searched
-    by reconstruction)."""
+    """The bundle's localiser from ``weights`` (:func:`localiser_network` with ``channels`` and ``num_res_units``,
+    trained at ``in_plane_mm``), or None with a warning when the file is missing, so that a bundle trained
+    without one still runs (its pose is then searched by reconstruction)."""
     if not Path(weights).is_file():
         logger.warning(
             "no heart localiser at %s: the heart is searched by reconstruction alone, which misses it in "
@@ -141,4 +160,5 @@ def load_localiser(
             weights,
         )
         return None
-    return SliceLocaliser(localiser_network(num_classes).to(device), weights, in_plane_mm=in_plane_mm)
+    network = localiser_network(num_classes, channels, num_res_units).to(device)
+    return SliceLocaliser(network, weights, in_plane_mm=in_plane_mm, divisor=localiser_stride(channels))

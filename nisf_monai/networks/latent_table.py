@@ -20,7 +20,7 @@ class LatentTable(nn.Module):
 
     Rows are held in sorted ID order and the IDs travel in the module's state, so a checkpoint restores
     each code onto its own subject whatever order the datalist comes in. Lookups produce sparse
-    gradients by default: with ``torch.optim.SparseAdam`` each code then keeps its own optimiser moments
+    gradients by default: with ``torch.optim.SparseAdam`` each code then keeps its own optimizer moments
     and moves only on the steps where its subject is in the batch.
 
     Args:
@@ -134,6 +134,6 @@ class LatentTable(nn.Module):
             )
 
     def same_subjects(self, state_dict: dict[str, Any]) -> bool:
-        """Whether a saved table state holds exactly this table's subjects (then row-wise optimiser
+        """Whether a saved table state holds exactly this table's subjects (then row-wise optimizer
         state can be restored as well)."""
         return list(state_dict.get("_extra_state", {}).get("subject_ids", [])) == self.subject_ids
