@@ -1,7 +1,7 @@
 """Multi-GPU / multi-node training with ``torch.distributed`` (``bundle/configs/multi_gpu_train.json``).
 
 The network is synchronised by ``DistributedDataParallel``; the latent table is not wrapped in DDP but
-held whole on every rank and its gradient combined here, because a ``DistributedSampler`` moves a subject
+held whole on every rank and its gradient combined here, because a ``DistributedSampler`` moves a case
 from rank to rank between epochs and the table's gradients are sparse (one row per frame of the batch).
 Everything here is a no-op in a single process, so the same trainer and handlers serve both cases.
 """
@@ -146,11 +146,11 @@ def broadcast_latent_table(table: LatentTable, src: int = 0) -> None:
     ranks start from one table even if their random seeds differ. No-op in a single process."""
     if not is_distributed():
         return
-    ids = [list(table.subject_ids)]
+    ids = [list(table.case_ids)]
     dist.broadcast_object_list(ids, src=src, device=_collective_device())
-    if ids[0] != table.subject_ids:
+    if ids[0] != table.case_ids:
         raise ValueError(
-            f"the latent table of rank {dist.get_rank()} holds other subjects than rank {src} "
+            f"the latent table of rank {dist.get_rank()} holds other cases than rank {src} "
             f"({len(table)} vs {len(ids[0])}): every rank must build it from the same datalist."
         )
     codes = table.weight.detach().clone()

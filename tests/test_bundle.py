@@ -54,7 +54,7 @@ def test_training_writes_model_and_state(trained_bundle: tuple[Path, Path]) -> N
     assert "seg_head.weight" in model and model["seg_head.weight"].shape == (4, 16)
     assert state["trainer"]["epoch"] == 3
     items = json.loads(datalist.read_text())["training"]
-    assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(i["case"] for i in items)
+    assert sorted(state["latent_table"]["_extra_state"]["case_ids"]) == sorted(i["case"] for i in items)
     assert state["latent_table"]["weight"].shape == (len(items), 16)
 
 
@@ -210,7 +210,7 @@ def test_training_without_data_generates_the_default_cohort(tmp_path: Path) -> N
     assert (tmp_path / "models" / "model.pt").is_file()
     state = torch.load(tmp_path / "models" / "training_state.pt", weights_only=True)
     cases = [item["case"] for item in json.loads(datalist.read_text())["training"]]
-    assert sorted(state["latent_table"]["_extra_state"]["subject_ids"]) == sorted(cases)
+    assert sorted(state["latent_table"]["_extra_state"]["case_ids"]) == sorted(cases)
 
 
 def test_inference_skips_a_bad_case_and_writes_the_others(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:

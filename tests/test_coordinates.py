@@ -1,9 +1,10 @@
-"""Unit tests of physical coordinates (CoordinateFrame, CoordinateGridd), point sampling (RandPointSampled)
+"""Unit tests of physical coordinates (CoordinateMapping, CoordinateGridd), point sampling (RandPointSampled)
 and output grids (target_grid)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged, Spacing
 
 from nisf_monai.inferers import target_grid
-from nisf_monai.transforms import CoordinateFrame, CoordinateGridd, RandPointSampled
+from nisf_monai.transforms import CoordinateFrame, CoordinateGridd, CoordinateMapping, RandPointSampled, coordinates
 
 
 def make_affine(linear: np.ndarray, origin) -> np.ndarray:
@@ -37,12 +38,12 @@ AFFINES = {
 }
 
 
-def grid_of(frame: CoordinateFrame, affine, shape) -> np.ndarray:
+def grid_of(mapping: CoordinateMapping, affine, shape) -> np.ndarray:
     """Network coordinates of every voxel as an (X, Y, Z, 3) array."""
-    return frame.grid(affine, shape).numpy().reshape(*shape, 3)
+    return mapping.grid(affine, shape).numpy().reshape(*shape, 3)
 
 
-# ---------------------------------------------------------------------------------------------- CoordinateFrame
+# ---------------------------------------------------------------------------------------------- CoordinateMapping
 
 
 @pytest.mark.parametrize(
@@ -64,37 +65,37 @@ def grid_of(frame: CoordinateFrame, affine, shape) -> np.ndarray:
 )
 def test_index_to_world_by_hand(name: str, index, expected) -> None:
     """index_to_world lands where the hand-computed affine product says, for several kinds of affine."""
-    frame = CoordinateFrame(AFFINES[name], (8, 8, 8))
-    world = frame.index_to_world(torch.tensor([index]))
+    mapping = CoordinateMapping(AFFINES[name], (8, 8, 8))
+    world = mapping.index_to_world(torch.tensor([index]))
     np.testing.assert_allclose(world.numpy()[0], expected, atol=1e-9)
-    np.testing.assert_allclose(frame.world_to_index(world).numpy()[0], index, atol=1e-9)
+    np.testing.assert_allclose(mapping.world_to_index(world).numpy()[0], index, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
 def test_world_to_index_inverts_index_to_world(name: str) -> None:
     """world_to_index(index_to_world(i)) == i for random continuous indices, and the other way round."""
-    frame = CoordinateFrame(AFFINES[name], (8, 8, 8))
+    mapping = CoordinateMapping(AFFINES[name], (8, 8, 8))
     index = torch.rand(20, 3, dtype=torch.float64) * 8
-    torch.testing.assert_close(frame.world_to_index(frame.index_to_world(index)), index)
+    torch.testing.assert_close(mapping.world_to_index(mapping.index_to_world(index)), index)
     world = torch.randn(20, 3, dtype=torch.float64) * 50
-    torch.testing.assert_close(frame.index_to_world(frame.world_to_index(world)), world)
+    torch.testing.assert_close(mapping.index_to_world(mapping.world_to_index(world)), world)
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
 def test_centre_voxel_is_origin(name: str) -> None:
     """In 'world' mode the central voxel of an odd-sized volume has network coordinate (0, 0, 0)."""
     shape = (5, 7, 3)
-    frame = CoordinateFrame(AFFINES[name], shape)
-    coords = grid_of(frame, AFFINES[name], shape)
+    mapping = CoordinateMapping(AFFINES[name], shape)
+    coords = grid_of(mapping, AFFINES[name], shape)
     np.testing.assert_allclose(coords[2, 3, 1], 0.0, atol=1e-6)
-    np.testing.assert_allclose(frame.from_world(frame.centre[None]).numpy(), 0.0, atol=1e-7)
+    np.testing.assert_allclose(mapping.from_world(mapping.centre[None]).numpy(), 0.0, atol=1e-7)
 
 
 def test_centre_of_even_volume_is_between_voxels() -> None:
     """For an even-sized axis the centre is half-way between the two middle voxels: they map to -+ half a
     voxel / extent."""
-    frame = CoordinateFrame(np.diag([2.0, 1.0, 1.0, 1.0]), (4, 3, 3), extent_mm=100.0)
-    coords = grid_of(frame, frame.affine, (4, 3, 3))
+    mapping = CoordinateMapping(np.diag([2.0, 1.0, 1.0, 1.0]), (4, 3, 3), extent_mm=100.0)
+    coords = grid_of(mapping, mapping.affine, (4, 3, 3))
     np.testing.assert_allclose(coords[1, 1, 1], [-1.0 / 100, 0, 0], atol=1e-7)
     np.testing.assert_allclose(coords[2, 1, 1], [1.0 / 100, 0, 0], atol=1e-7)
 
@@ -104,8 +105,8 @@ def test_world_mode_scales_by_extent(extent_mm: float, expected: float) -> None:
     """A voxel 200 mm from the centre along x maps to 200 / extent_mm on x and 0 on y, z."""
     shape = (41, 3, 3)  # 10 mm voxels: index 20 is the centre, index 40 is 200 mm away
     affine = make_affine(np.diag([10.0, 1.0, 1.0]), [-37.0, 12.0, 4.0])
-    frame = CoordinateFrame(affine, shape, extent_mm=extent_mm)
-    coords = grid_of(frame, affine, shape)
+    mapping = CoordinateMapping(affine, shape, extent_mm=extent_mm)
+    coords = grid_of(mapping, affine, shape)
     np.testing.assert_allclose(coords[40, 1, 1], [expected, 0.0, 0.0], atol=1e-6)
     np.testing.assert_allclose(coords[0, 1, 1], [-expected, 0.0, 0.0], atol=1e-6)
 
@@ -113,8 +114,8 @@ def test_world_mode_scales_by_extent(extent_mm: float, expected: float) -> None:
 def test_world_mode_oblique_axis_direction() -> None:
     """Along an oblique axis a step of one voxel moves by the affine's column / extent in all world axes."""
     shape = (5, 5, 3)
-    frame = CoordinateFrame(OBLIQUE, shape, extent_mm=10.0)
-    coords = grid_of(frame, OBLIQUE, shape)
+    mapping = CoordinateMapping(OBLIQUE, shape, extent_mm=10.0)
+    coords = grid_of(mapping, OBLIQUE, shape)
     step = coords[3, 2, 1] - coords[2, 2, 1]
     np.testing.assert_allclose(step, [2 * math.cos(math.pi / 6) / 10, 2 * 0.5 / 10, 0.0], atol=1e-6)
 
@@ -123,8 +124,8 @@ def test_world_mode_oblique_axis_direction() -> None:
 def test_voxel_mode_is_index_over_shape(name: str) -> None:
     """'voxel' mode gives index / axis length, ignoring spacing and orientation."""
     shape = (4, 5, 2)
-    frame = CoordinateFrame(AFFINES[name], shape, mode="voxel")
-    coords = grid_of(frame, AFFINES[name], shape)
+    mapping = CoordinateMapping(AFFINES[name], shape, mode="voxel")
+    coords = grid_of(mapping, AFFINES[name], shape)
     i, j, k = np.meshgrid(np.arange(4), np.arange(5), np.arange(2), indexing="ij")
     expected = np.stack([i / 4, j / 5, k / 2], axis=-1)
     np.testing.assert_allclose(coords, expected, atol=1e-6)
@@ -140,32 +141,32 @@ def test_flipped_copy_gets_same_coordinates(axis: int) -> None:
     flip[axis, axis] = -1.0
     flip[axis, 3] = shape[axis] - 1  # new index i' = n - 1 - i
     flipped_affine = affine @ flip
-    original = grid_of(CoordinateFrame(affine, shape), affine, shape)
-    flipped = grid_of(CoordinateFrame(flipped_affine, shape), flipped_affine, shape)
+    original = grid_of(CoordinateMapping(affine, shape), affine, shape)
+    flipped = grid_of(CoordinateMapping(flipped_affine, shape), flipped_affine, shape)
     np.testing.assert_allclose(flipped, np.flip(original, axis=axis), atol=1e-6)
     # sanity: the flip does move voxels, so the comparison is not trivially true
     assert np.abs(flipped - original).max() > 1e-3
 
 
-def test_finer_grid_in_reference_frame() -> None:
-    """frame.grid(other_affine) places another grid in the reference frame: voxel 2i of a grid at half the
-    spacing (same origin) has the coordinates of voxel i of the reference grid."""
+def test_finer_grid_in_reference_coordinates() -> None:
+    """mapping.grid(other_affine) places another grid in the reference scan's coordinates: voxel 2i of a grid at
+    half the spacing (same origin) has the coordinates of voxel i of the reference grid."""
     shape = (4, 4, 3)
-    frame = CoordinateFrame(OBLIQUE, shape)
+    mapping = CoordinateMapping(OBLIQUE, shape)
     fine_affine = OBLIQUE.copy()
     fine_affine[:3, :3] /= 2.0
     fine_shape = (7, 7, 5)
-    coarse = grid_of(frame, OBLIQUE, shape)
-    fine = grid_of(frame, fine_affine, fine_shape)
+    coarse = grid_of(mapping, OBLIQUE, shape)
+    fine = grid_of(mapping, fine_affine, fine_shape)
     np.testing.assert_allclose(fine[::2, ::2, ::2], coarse, atol=1e-6)
 
 
 def test_grid_chunks_concatenate_to_full_grid() -> None:
     """Chunks [start, stop) in C order concatenate to the full grid; stop beyond the end is clipped."""
     shape = (3, 4, 5)
-    frame = CoordinateFrame(OBLIQUE, shape)
-    full = frame.grid(OBLIQUE, shape)
-    parts = [frame.grid(OBLIQUE, shape, s, s + 7) for s in range(0, 60, 7)]
+    mapping = CoordinateMapping(OBLIQUE, shape)
+    full = mapping.grid(OBLIQUE, shape)
+    parts = [mapping.grid(OBLIQUE, shape, s, s + 7) for s in range(0, 60, 7)]
     torch.testing.assert_close(torch.cat(parts), full, rtol=0, atol=0)
     assert full.shape == (60, 3) and full.dtype == torch.float32
 
@@ -173,11 +174,26 @@ def test_grid_chunks_concatenate_to_full_grid() -> None:
 @pytest.mark.parametrize(
     "kwargs,match", [({"mode": "index"}, "mode"), ({"extent_mm": 0.0}, "extent_mm"), ({"affine": np.eye(3)}, "4 x 4")]
 )
-def test_frame_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+def test_mapping_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     """Unknown mode, non-positive extent or a non 4 x 4 affine raise ValueError."""
     args = {"affine": np.eye(4), "spatial_shape": (2, 2, 2), **kwargs}
     with pytest.raises(ValueError, match=match):
-        CoordinateFrame(**args)
+        CoordinateMapping(**args)
+
+
+def test_former_name_still_works_with_a_warning() -> None:
+    """``CoordinateFrame``, the name before issue 12, still builds the same mapping (an instance of
+    ``CoordinateMapping``) with a FutureWarning naming the new class; the new name warns about nothing."""
+    shape = (4, 3, 5)
+    with pytest.warns(FutureWarning, match="CoordinateMapping"):
+        old = CoordinateFrame(OBLIQUE, shape, extent_mm=50.0)
+    assert isinstance(old, CoordinateMapping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = CoordinateMapping(OBLIQUE, shape, extent_mm=50.0)
+    torch.testing.assert_close(old.grid(OBLIQUE, shape), new.grid(OBLIQUE, shape), rtol=0, atol=0)
+    torch.testing.assert_close(old.centre, new.centre, rtol=0, atol=0)
+    assert coordinates.CoordinateFrame is CoordinateFrame  # importable from the module as well
 
 
 # ---------------------------------------------------------------------------------------------- CoordinateGridd
@@ -185,14 +201,14 @@ def test_frame_rejects_bad_arguments(kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize("mode", ["world", "voxel"])
 def test_coordinate_gridd_on_metatensor(mode: str) -> None:
-    """CoordinateGridd adds channel-first (3, X, Y, Z) coordinates equal to the frame's, carrying the affine."""
+    """CoordinateGridd adds channel-first (3, X, Y, Z) coordinates equal to the mapping's, carrying the affine."""
     shape = (4, 3, 5)
     image = MetaTensor(torch.rand(1, *shape), affine=torch.as_tensor(OBLIQUE))
     out = CoordinateGridd("image", extent_mm=50.0, mode=mode)({"image": image})
     coords = out["coords"]
     assert coords.shape == (3, *shape) and coords.dtype == torch.float32
-    frame = CoordinateFrame(OBLIQUE, shape, extent_mm=50.0, mode=mode)
-    np.testing.assert_allclose(np.moveaxis(coords.numpy(), 0, -1), grid_of(frame, OBLIQUE, shape), atol=1e-7)
+    mapping = CoordinateMapping(OBLIQUE, shape, extent_mm=50.0, mode=mode)
+    np.testing.assert_allclose(np.moveaxis(coords.numpy(), 0, -1), grid_of(mapping, OBLIQUE, shape), atol=1e-7)
     np.testing.assert_allclose(np.asarray(coords.affine), OBLIQUE)
     assert out["image"] is image
 

@@ -2,7 +2,7 @@
 
 Two ranks with batch ``B`` must take the same steps as one process with batch ``2B`` over the same frames:
 the network through DDP, the latent table through ``sync_latent_gradients``. The frames come from a shuffled
-``DistributedSampler``, so a subject sits on different ranks from epoch to epoch and sometimes on both in
+``DistributedSampler``, so a case sits on different ranks from epoch to epoch and sometimes on both in
 one step. Only rank 0 writes checkpoints; every rank resumes from them.
 """
 
@@ -43,14 +43,14 @@ SEED = 7
 
 
 def frames() -> list[dict[str, Any]]:
-    """``FRAMES`` point sets of ``FRAMES // 2`` subjects (two frames each, sharing a code)."""
+    """``FRAMES`` point sets of ``FRAMES // 2`` cases (two frames each, sharing a case ID and so a code)."""
     g = torch.Generator().manual_seed(0)
     return [
         {
             "coords": torch.rand(3, POINTS, generator=g) - 0.5,
             "image": torch.rand(1, POINTS, generator=g),
             "label": torch.randint(0, 4, (1, POINTS), generator=g),
-            "case": f"subject{i // 2}",
+            "case": f"case{i // 2}",
             "index": i,
         }
         for i in range(FRAMES)
@@ -92,7 +92,7 @@ def train(network, table, optimizer, latent_optimizer, handler, loader: DataLoad
 def snapshot(network, table, latent_optimizer) -> dict[str, Any]:
     return {
         "network": {k: v.detach().clone() for k, v in network.state_dict().items()},
-        "ids": list(table.subject_ids),
+        "ids": list(table.case_ids),
         "codes": table.weight.detach().clone(),
         "moments": {k: torch.as_tensor(v).clone() for k, v in latent_optimizer.state[table.weight].items()},
     }
@@ -167,16 +167,16 @@ def single(ranks: tuple[list[dict[str, Any]], Path], tmp_path_factory: pytest.Te
 
 
 def test_frames_move_between_ranks(ranks: tuple[list[dict[str, Any]], Path]) -> None:
-    """The run exercises what can go wrong: a subject on both ranks in one step, a subject on another rank
-    from one epoch to the next, and steps where some subject is in no batch (its code must not move)."""
+    """The run exercises what can go wrong: a case on both ranks in one step, a case on another rank
+    from one epoch to the next, and steps where some case is in no batch (its code must not move)."""
     results, _ = ranks
     steps_per_epoch = FRAMES // (RANKS * BATCH)
-    subject = [[{i // 2 for i in r["seen"][t]} for t in range(len(r["seen"]))] for r in results]
-    both = [t for t in range(len(subject[0])) if subject[0][t] & subject[1][t]]
-    assert both, "no step had one subject on both ranks"
-    on_rank0 = [set().union(*subject[0][e * steps_per_epoch : (e + 1) * steps_per_epoch]) for e in range(EPOCHS)]
-    assert len({frozenset(s) for s in on_rank0}) > 1, "the sampler gave rank 0 the same subjects every epoch"
-    assert any(len(subject[0][t] | subject[1][t]) < FRAMES // 2 for t in range(len(subject[0])))
+    case = [[{i // 2 for i in r["seen"][t]} for t in range(len(r["seen"]))] for r in results]
+    both = [t for t in range(len(case[0])) if case[0][t] & case[1][t]]
+    assert both, "no step had one case on both ranks"
+    on_rank0 = [set().union(*case[0][e * steps_per_epoch : (e + 1) * steps_per_epoch]) for e in range(EPOCHS)]
+    assert len({frozenset(s) for s in on_rank0}) > 1, "the sampler gave rank 0 the same cases every epoch"
+    assert any(len(case[0][t] | case[1][t]) < FRAMES // 2 for t in range(len(case[0])))
     assert len(results[0]["seen"]) == EPOCHS * steps_per_epoch
 
 
@@ -313,7 +313,7 @@ def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
     state = torch.load(models / "training_state.pt", weights_only=True)
     assert state["trainer"]["epoch"] == 2
     training = json.loads(Path(datalist).read_text())["training"]
-    assert state["latent_table"]["_extra_state"]["subject_ids"] == sorted({item["case"] for item in training})
+    assert state["latent_table"]["_extra_state"]["case_ids"] == sorted({item["case"] for item in training})
     assert "seg_head.weight" in torch.load(models / "model.pt", weights_only=True)  # plain keys, no "module."
     assert (models / "model_best.pt").is_file() and (models / "inference_steps.json").is_file()
     # the step count is chosen over every rank's validation cases, not rank 0's share

@@ -54,7 +54,7 @@ def image_of(shape, affine) -> MetaTensor:
 
 class SyntheticHeartNet(nn.Module):
     """A 'network' whose segmentation is the synthetic generator's own continuous heart: network coordinates
-    are mapped back to world mm through the frame, labelled analytically, and returned as large logits."""
+    are mapped back to world mm through the coordinate mapping, labelled analytically, and returned as large logits."""
 
     num_classes = 4
     latent_dim = 1
@@ -62,10 +62,10 @@ class SyntheticHeartNet(nn.Module):
     def __init__(self, seed: int, phase: str) -> None:
         super().__init__()
         self.heart = synthetic._heart(synthetic._draw_parameters(seed), phase)
-        self.frame = None
+        self.mapping = None
 
     def forward_heads(self, points: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        world = points[0].T.double() * self.frame.extent_mm + self.frame.centre
+        world = points[0].T.double() * self.mapping.extent_mm + self.mapping.centre
         labels = torch.as_tensor(synthetic._label_points(world.numpy(), self.heart)).long()
         logits = 20.0 * torch.nn.functional.one_hot(labels, 4).T.float()[None]
         return logits, torch.zeros(1, 1, labels.numel())
@@ -123,8 +123,8 @@ def test_plane_through_a_volume_matches_it_where_they_coincide(axis: int) -> Non
     net = NISFNet(latent_dim=8, hidden_dim=16, num_layers=2, num_classes=4).eval()
     latent = torch.randn(1, 8)
     inf = inferer()
-    frame = inf.frame_of(image_of(shape, affine))
-    volume, volume_intensity = inf.sample(net, latent, frame, affine, shape, probabilities=True)
+    mapping = inf.frame_of(image_of(shape, affine))
+    volume, volume_intensity = inf.sample(net, latent, mapping, affine, shape, probabilities=True)
     k = 3
     index = np.zeros(3)
     index[axis] = k
@@ -138,7 +138,7 @@ def test_plane_through_a_volume_matches_it_where_they_coincide(axis: int) -> Non
         size=[shape[a] for a in in_plane],
         origin=origin,
     )
-    plane, plane_intensity = inf.sample(net, latent, frame, grid, grid_shape, probabilities=True)
+    plane, plane_intensity = inf.sample(net, latent, mapping, grid, grid_shape, probabilities=True)
     expected = volume[0].select(axis + 1, k)
     np.testing.assert_allclose(plane[0, :, :, :, 0], expected, atol=1e-5)
     np.testing.assert_allclose(plane_intensity[0, 0, :, :, 0], volume_intensity[0, 0].select(axis, k), atol=1e-5)
@@ -151,7 +151,7 @@ def test_plane_through_a_volume_matches_it_where_they_coincide(axis: int) -> Non
         size=[shape[a] for a in in_plane],
         origin=origin + 0.5 * affine[:3, axis],
     )
-    other, _ = inf.sample(net, latent, frame, shifted, grid_shape, probabilities=True)
+    other, _ = inf.sample(net, latent, mapping, shifted, grid_shape, probabilities=True)
     assert (other[0, :, :, :, 0] - expected).abs().max() > 1e-4
 
 
@@ -163,7 +163,7 @@ def test_plane_through_a_generated_heart_matches_its_label_map() -> None:
     net = SyntheticHeartNet(seed, "ED")
     inf = inferer(extent_mm=400.0, chunk_size=4096)
     field = NetworkField(net, inf, torch.zeros(1), inf.frame_of(image_of(label.shape, affine)))
-    net.frame = field.frame
+    net.mapping = field.frame
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
     for axis, k in ((2, 5), (0, 30), (1, 33)):
         in_plane = [a for a in range(3) if a != axis]

@@ -13,7 +13,7 @@ from helpers import oblique_affine
 from monai.data import MetaTensor
 
 from nisf_monai.inferers import LatentOptimisationInferer
-from nisf_monai.transforms import POSE_KEY, CoordinateFrame, CoordinateGridd, HeartPosed, heart_pose
+from nisf_monai.transforms import POSE_KEY, CoordinateGridd, CoordinateMapping, HeartPosed, heart_pose
 
 SHAPE = (24, 20, 6)
 
@@ -55,10 +55,10 @@ def test_pose_follows_the_heart_not_the_field_of_view():
     shifted = np.roll(label, (3, -2), axis=(0, 1))
     a, b = turned_affine(0.3), turned_affine(1.1)
     # a voxel of the LV in each scan, same place relative to the heart
-    heart_a = CoordinateFrame(a, SHAPE, 100.0, pose=heart_pose(label, a)).from_world(
+    heart_a = CoordinateMapping(a, SHAPE, 100.0, pose=heart_pose(label, a)).from_world(
         torch.as_tensor(to_world(a, [8, 10, 2]))[None]
     )
-    heart_b = CoordinateFrame(b, SHAPE, 100.0, pose=heart_pose(shifted, b)).from_world(
+    heart_b = CoordinateMapping(b, SHAPE, 100.0, pose=heart_pose(shifted, b)).from_world(
         torch.as_tensor(to_world(b, [11, 8, 2]))[None]
     )
     torch.testing.assert_close(heart_a, heart_b, atol=1e-6, rtol=0)
@@ -82,15 +82,15 @@ def test_transform_carries_the_pose_to_the_coordinates():
     posed = HeartPosed(["image", "label"])(data)
     pose = posed["image"].meta[POSE_KEY]
     coords = CoordinateGridd("image", extent_mm=100.0)(posed)["coords"]
-    expected = CoordinateFrame(affine, SHAPE, 100.0, pose=pose).grid(affine, SHAPE).T.reshape(3, *SHAPE)
+    expected = CoordinateMapping(affine, SHAPE, 100.0, pose=pose).grid(affine, SHAPE).T.reshape(3, *SHAPE)
     torch.testing.assert_close(coords.as_tensor(), expected)
     plain = CoordinateGridd("image", extent_mm=100.0)(
         data | {"image": MetaTensor(torch.rand(1, *SHAPE), affine=affine)}
     )["coords"]
     assert not torch.allclose(plain.as_tensor(), coords.as_tensor())
     # the inferer reads the same frame from the image's metadata
-    frame = LatentOptimisationInferer(extent_mm=100.0).frame_of(posed["image"][None])
-    torch.testing.assert_close(frame.grid(affine, SHAPE).T.reshape(3, *SHAPE), expected)
+    mapping = LatentOptimisationInferer(extent_mm=100.0).frame_of(posed["image"][None])
+    torch.testing.assert_close(mapping.grid(affine, SHAPE).T.reshape(3, *SHAPE), expected)
 
 
 def test_label_without_lv_warns_and_keeps_volume_centre(caplog):
@@ -125,8 +125,8 @@ class TwoBlobField(torch.nn.Module):
 
 
 def image_at_pose(field: TwoBlobField, affine: np.ndarray, shape, pose: torch.Tensor) -> MetaTensor:
-    frame = CoordinateFrame(affine, shape, field.extent_mm, pose=pose)
-    coords = frame.grid(affine, shape).T[None]
+    mapping = CoordinateMapping(affine, shape, field.extent_mm, pose=pose)
+    coords = mapping.grid(affine, shape).T[None]
     with torch.no_grad():
         _, logit = field.forward_heads(coords, torch.zeros(1, 4))
     return MetaTensor(torch.sigmoid(logit[0]).reshape(1, *shape), affine=torch.as_tensor(affine))
@@ -141,7 +141,7 @@ def test_locator_recovers_a_known_pose(extent):
     affine = turned_affine(0.4)
     affine[:3, :3] = affine[:3, :3] @ np.diag([2.0 / 1.5, 2.0 / 1.25, 1.0])  # 2 mm in-plane, 8 mm slices
     shape = (70, 70, 4)
-    centre = CoordinateFrame(affine, shape).centre.numpy()
+    centre = CoordinateMapping(affine, shape).centre.numpy()
     e1 = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
     e2 = np.cross(normal, e1)

@@ -14,7 +14,7 @@ from monai.data import MetaTensor, list_data_collate
 from nisf_monai.inferers import LatentOptimisationInferer, target_grid
 from nisf_monai.losses import intensity_loss
 from nisf_monai.networks import NISFNet
-from nisf_monai.transforms import CoordinateFrame
+from nisf_monai.transforms import CoordinateMapping
 
 SHAPE = (12, 12, 4)
 EXTENT = 24.0  # mm per network unit: the 22 x 22 x 24 mm volume spans about [-0.5, 0.5]
@@ -45,8 +45,8 @@ def volumes() -> tuple[np.ndarray, np.ndarray]:
 def train_on_volumes(seed: int = 1, steps: int = 150) -> dict:
     """A tiny network auto-decoded (network and two codes trained jointly) on the disc and the ramp."""
     disc, ramp = volumes()
-    frame = CoordinateFrame(AFFINE, SHAPE, EXTENT)
-    points = frame.grid(AFFINE, SHAPE).T.expand(2, -1, -1)
+    mapping = CoordinateMapping(AFFINE, SHAPE, EXTENT)
+    points = mapping.grid(AFFINE, SHAPE).T.expand(2, -1, -1)
     targets = torch.as_tensor(np.stack([disc, ramp])).reshape(2, 1, -1)
     net = tiny_net(seed)
     codes = torch.nn.Parameter(torch.randn(2, LATENT) * 0.01)
@@ -58,7 +58,7 @@ def train_on_volumes(seed: int = 1, steps: int = 150) -> dict:
         loss.backward()
         optimizer.step()
     net.zero_grad(set_to_none=True)
-    return {"net": net.eval(), "codes": codes.detach(), "disc": disc, "ramp": ramp, "frame": frame}
+    return {"net": net.eval(), "codes": codes.detach(), "disc": disc, "ramp": ramp, "mapping": mapping}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def trained() -> dict:
     return train_on_volumes()
 
 
-def reconstruction_loss(net: NISFNet, frame: CoordinateFrame, volume: np.ndarray, code: torch.Tensor) -> float:
+def reconstruction_loss(net: NISFNet, mapping: CoordinateMapping, volume: np.ndarray, code: torch.Tensor) -> float:
     with torch.no_grad():
-        _, logit = net.forward_heads(frame.grid(AFFINE, SHAPE).T[None], code)
+        _, logit = net.forward_heads(mapping.grid(AFFINE, SHAPE).T[None], code)
         return float(intensity_loss(logit, torch.as_tensor(volume).reshape(1, 1, -1)))
 
 
@@ -139,11 +139,11 @@ def test_latent_dim_override() -> None:
 def test_fitting_beats_zero_code_on_trained_network(trained: dict) -> None:
     """With a network that has learnt the disc, a fitted code reconstructs the disc better than the zero
     (population) code, reaching about the loss of the code learnt in training."""
-    net, frame, disc = trained["net"], trained["frame"], trained["disc"]
+    net, mapping, disc = trained["net"], trained["mapping"], trained["disc"]
     fitted = inferer(num_steps=60, learning_rate=2e-2, num_points=None).fit(as_image(disc), net)
-    fitted_loss = reconstruction_loss(net, frame, disc, fitted)
-    zero_loss = reconstruction_loss(net, frame, disc, torch.zeros(1, LATENT))
-    trained_loss = reconstruction_loss(net, frame, disc, trained["codes"][:1])
+    fitted_loss = reconstruction_loss(net, mapping, disc, fitted)
+    zero_loss = reconstruction_loss(net, mapping, disc, torch.zeros(1, LATENT))
+    trained_loss = reconstruction_loss(net, mapping, disc, trained["codes"][:1])
     # the BCE floor is the targets' own entropy; compare the excess over it
     floor = float(intensity_loss(torch.logit(torch.as_tensor(disc)), torch.as_tensor(disc)))
     assert fitted_loss - floor < 0.5 * (zero_loss - floor)
@@ -186,13 +186,13 @@ def test_fit_and_sample_outputs_on_target_grid(spacing, affine_name: str) -> Non
 
 def test_fit_and_sample_pred_is_argmax_of_network() -> None:
     """pred at each voxel is the argmax of the network's logits at that voxel's coordinate with the fitted
-    code, computed here directly from CoordinateFrame."""
+    code, computed here directly from CoordinateMapping."""
     net = tiny_net(2)
     image = as_image(volumes()[1], oblique())
     out = inferer(num_steps=3, seed=5).fit_and_sample(image, net)
-    frame = CoordinateFrame(oblique(), SHAPE, EXTENT)
+    mapping = CoordinateMapping(oblique(), SHAPE, EXTENT)
     with torch.no_grad():
-        seg, logit = net.forward_heads(frame.grid(oblique(), SHAPE).T[None], out["latent"])
+        seg, logit = net.forward_heads(mapping.grid(oblique(), SHAPE).T[None], out["latent"])
     torch.testing.assert_close(out["pred"].as_tensor().reshape(-1), seg.argmax(1).reshape(-1).to(torch.uint8))
     torch.testing.assert_close(out["recon"].as_tensor().reshape(-1), torch.sigmoid(logit).reshape(-1))
 

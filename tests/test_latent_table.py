@@ -1,14 +1,16 @@
-"""Unit tests of LatentTable (codes addressed by subject ID) and of the checkpoint files that carry it
+"""Unit tests of LatentTable (codes addressed by case ID) and of the checkpoint files that carry it
 (atomic_save, TrainingStateHandler)."""
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
 
 from nisf_monai.handlers import TrainingStateHandler, atomic_save, training_state
 from nisf_monai.networks import LatentTable, NISFNet
@@ -25,9 +27,9 @@ def saved_and_loaded(obj, path):
 
 
 def test_rows_sorted_and_repeats_merged() -> None:
-    """Subject IDs are held sorted, repeats share one row, and the weight has one row per unique ID."""
+    """Case IDs are held sorted, repeats share one row, and the weight has one row per unique ID."""
     table = LatentTable(["b", "a", "c", "a", "b"], latent_dim=5)
-    assert table.subject_ids == ["a", "b", "c"]
+    assert table.case_ids == ["a", "b", "c"]
     assert len(table) == 3
     assert table.weight.shape == (3, 5)
     torch.testing.assert_close(table(["a", "a"])[0], table(["a", "a"])[1])
@@ -36,12 +38,12 @@ def test_rows_sorted_and_repeats_merged() -> None:
 def test_ids_are_stringified() -> None:
     """Non-string IDs are stored and looked up as strings."""
     table = LatentTable([2, 1], latent_dim=3)
-    assert table.subject_ids == ["1", "2"]
+    assert table.case_ids == ["1", "2"]
     torch.testing.assert_close(table([2]), table(["2"]))
 
 
 def test_empty_table_raises() -> None:
-    """No subjects is an error that points at the datalist."""
+    """No cases is an error that points at the datalist."""
     with pytest.raises(ValueError, match="datalist"):
         LatentTable([], latent_dim=4)
 
@@ -109,7 +111,7 @@ def test_dense_gradient_option() -> None:
 
 def test_state_round_trip_restores_codes_by_id(tmp_path) -> None:
     """Saved with weights_only-safe types and loaded onto a table built from a shuffled ID list, each
-    subject gets back exactly its own code."""
+    case gets back exactly its own code."""
     torch.manual_seed(0)
     source = LatentTable(IDS, latent_dim=8)
     state = saved_and_loaded(source.state_dict(), tmp_path / "table.pt")
@@ -122,8 +124,8 @@ def test_state_round_trip_restores_codes_by_id(tmp_path) -> None:
         torch.testing.assert_close(target([s]), source([s]), rtol=0, atol=0)
 
 
-def test_state_onto_different_subject_set_keeps_fresh_codes(tmp_path) -> None:
-    """Loading onto a table with one subject dropped and one added restores the common subjects and
+def test_state_onto_different_case_set_keeps_fresh_codes(tmp_path) -> None:
+    """Loading onto a table with one case dropped and one added restores the common cases and
     leaves the new one's fresh code untouched."""
     torch.manual_seed(0)
     source = LatentTable(IDS, latent_dim=8)
@@ -136,36 +138,36 @@ def test_state_onto_different_subject_set_keeps_fresh_codes(tmp_path) -> None:
     for s in ["patient001", "patient002", "patient010"]:
         torch.testing.assert_close(target([s]), source([s]), rtol=0, atol=0)
     torch.testing.assert_close(target(["patient777"]), fresh, rtol=0, atol=0)
-    assert not target.same_subjects(state)
+    assert not target.same_cases(state)
 
 
 def test_state_rows_follow_saved_id_order() -> None:
     """Rows of a state are matched by the IDs stored with it, not by position: a hand-written state
-    listing IDs unsorted puts each row on its own subject."""
+    listing IDs unsorted puts each row on its own case."""
     weight = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-    state = {"weight": weight, "_extra_state": {"subject_ids": ["c", "a", "b"], "latent_dim": 2}}
+    state = {"weight": weight, "_extra_state": {"case_ids": ["c", "a", "b"], "latent_dim": 2}}
     table = LatentTable(["a", "b", "c"], latent_dim=2)
     table.load_state_dict(state)
     torch.testing.assert_close(table(["c", "a", "b"]), weight, rtol=0, atol=0)
 
 
-def test_strict_subjects_rejects_mismatch() -> None:
-    """strict_subjects=True refuses a state whose subject set differs, and leaves the codes unchanged."""
+def test_strict_cases_rejects_mismatch() -> None:
+    """strict_cases=True refuses a state whose case set differs, and leaves the codes unchanged."""
     source = LatentTable(IDS, latent_dim=8)
-    target = LatentTable(IDS[:3] + ["someone_else"], latent_dim=8, strict_subjects=True)
+    target = LatentTable(IDS[:3] + ["someone_else"], latent_dim=8, strict_cases=True)
     before = target.weight.detach().clone()
-    with pytest.raises(RuntimeError, match="subjects"):
+    with pytest.raises(RuntimeError, match="cases"):
         target.load_state_dict(source.state_dict())
     torch.testing.assert_close(target.weight.detach(), before, rtol=0, atol=0)
 
 
-def test_strict_subjects_accepts_same_set_in_other_order() -> None:
-    """strict_subjects=True accepts the same subjects listed in a different order."""
+def test_strict_cases_accepts_same_set_in_other_order() -> None:
+    """strict_cases=True accepts the same cases listed in a different order."""
     source = LatentTable(IDS, latent_dim=8)
-    target = LatentTable(list(reversed(IDS)), latent_dim=8, strict_subjects=True)
+    target = LatentTable(list(reversed(IDS)), latent_dim=8, strict_cases=True)
     target.load_state_dict(source.state_dict())
     torch.testing.assert_close(target.weight, source.weight, rtol=0, atol=0)
-    assert target.same_subjects(source.state_dict())
+    assert target.same_cases(source.state_dict())
 
 
 def test_latent_dim_mismatch_raises() -> None:
@@ -176,10 +178,10 @@ def test_latent_dim_mismatch_raises() -> None:
         target.load_state_dict(source.state_dict())
 
 
-def test_state_without_subject_ids_raises() -> None:
-    """A bare weight tensor (no subject IDs) is not accepted as a table state."""
+def test_state_without_case_ids_raises() -> None:
+    """A bare weight tensor (no case IDs) is not accepted as a table state."""
     target = LatentTable(IDS, latent_dim=8)
-    with pytest.raises(RuntimeError, match="subject IDs"):
+    with pytest.raises(RuntimeError, match="case IDs"):
         target.load_state_dict({"weight": torch.zeros(4, 8)})
 
 
@@ -191,6 +193,68 @@ def test_table_inside_parent_module_round_trip() -> None:
     other.load_state_dict(parent.state_dict())
     for s in IDS:
         torch.testing.assert_close(other["codes"]([s]), parent["codes"]([s]), rtol=0, atol=0)
+
+
+def test_state_saves_case_ids() -> None:
+    """The IDs travel in the state under ``case_ids``, beside the code size."""
+    table = LatentTable(["b", "a"], latent_dim=3)
+    assert table.state_dict()["_extra_state"] == {"case_ids": ["a", "b"], "latent_dim": 3}
+
+
+@pytest.mark.parametrize("prefix", ["", "codes."])
+def test_state_written_before_the_rename_loads_by_id(tmp_path, prefix: str) -> None:
+    """A table state saved by the versions that named the IDs ``subject_ids`` (issue 12 renamed them
+    ``case_ids``) still loads, by ID, on its own or nested in a parent (e.g. a benchmark snapshot), and counts
+    as the same case set (so the latent optimizer's moments are restored)."""
+    torch.manual_seed(0)
+    source = LatentTable(IDS, latent_dim=4)
+    state = {prefix + "weight": source.weight.detach().clone()}
+    state[prefix + "_extra_state"] = {"subject_ids": sorted(IDS), "latent_dim": 4}
+    state = saved_and_loaded(state, tmp_path / "old_table.pt")
+    torch.manual_seed(1)
+    target = LatentTable(list(reversed(IDS)), latent_dim=4, strict_cases=True)
+    if prefix:
+        torch.nn.ModuleDict({"codes": target}).load_state_dict(state)
+    else:
+        target.load_state_dict(state)
+        assert target.same_cases(state)
+    for s in IDS:
+        torch.testing.assert_close(target([s]), source([s]), rtol=0, atol=0)
+
+
+def test_renamed_keywords_still_work_with_a_warning() -> None:
+    """``subject_ids`` / ``strict_subjects`` (the names before issue 12) are passed on as ``case_ids`` /
+    ``strict_cases`` with a FutureWarning; the new names warn about nothing."""
+    with pytest.warns(FutureWarning, match="subject_ids"):
+        old = LatentTable(subject_ids=["b", "a", "b"], latent_dim=3)
+    assert old.case_ids == ["a", "b"] and not old.strict_cases
+    with pytest.warns(FutureWarning, match="strict_subjects"):
+        strict = LatentTable(["a"], latent_dim=3, strict_subjects=True)
+    assert strict.strict_cases
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = LatentTable(case_ids=["b", "a"], latent_dim=3, strict_cases=True)
+    assert new.case_ids == ["a", "b"] and new.strict_cases
+
+
+def test_config_with_the_old_keyword_still_builds() -> None:
+    """A bundle config that still passes ``subject_ids`` (as train.json did) builds the same table."""
+    config = {"table": {"_target_": "nisf_monai.networks.LatentTable", "subject_ids": ["b", "a"], "latent_dim": 2}}
+    with pytest.warns(FutureWarning, match="case_ids"):
+        table = ConfigParser(config).get_parsed_content("table")
+    assert table.case_ids == ["a", "b"] and table.weight.shape == (2, 2)
+
+
+def test_renamed_attributes_still_work_with_a_warning() -> None:
+    """``subject_ids``, ``strict_subjects`` and ``same_subjects`` read (and set) the renamed attributes."""
+    table = LatentTable(IDS, latent_dim=2)
+    with pytest.warns(FutureWarning, match="case_ids"):
+        assert table.subject_ids == sorted(IDS)
+    with pytest.warns(FutureWarning, match="strict_cases"):
+        table.strict_subjects = True
+    assert table.strict_cases
+    with pytest.warns(FutureWarning, match="same_cases"):
+        assert table.same_subjects(table.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- atomic_save
@@ -269,7 +333,7 @@ def engine_at(epoch: int, iteration: int) -> Engine:
 
 
 def test_training_state_resumes_network_codes_optimizers_and_epoch(tmp_path) -> None:
-    """save() then load() on fresh objects (subjects in another order) restores the network, each code by
+    """save() then load() on fresh objects (cases in another order) restores the network, each code by
     ID, both optimizers and the epoch/iteration; both files load with weights_only=True."""
     net, table, opt, lat_opt = make_state(IDS, seed=0)
     one_step(net, table, opt, lat_opt, ["patient001", "patient010"])
@@ -288,8 +352,8 @@ def test_training_state_resumes_network_codes_optimizers_and_epoch(tmp_path) -> 
     assert len(lat_opt2.state_dict()["state"]) == 1  # the latent optimizer's moments came back too
 
 
-def test_training_state_changed_subjects_restart_latent_optimizer(tmp_path) -> None:
-    """With a different subject set, codes are restored by ID but the row-wise latent optimizer state is not."""
+def test_training_state_changed_cases_restart_latent_optimizer(tmp_path) -> None:
+    """With a different case set, codes are restored by ID but the row-wise latent optimizer state is not."""
     net, table, opt, lat_opt = make_state(IDS, seed=0)
     one_step(net, table, opt, lat_opt, IDS)
     TrainingStateHandler(tmp_path, net, table, opt, lat_opt).save(engine_at(2, 8))

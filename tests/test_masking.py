@@ -16,7 +16,7 @@ from nisf_monai.engines import LatentOptimisationEvaluator
 from nisf_monai.errors import InvalidCaseError
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.transforms import (
-    CoordinateFrame,
+    CoordinateMapping,
     MaskedScaleIntensityRangePercentilesd,
     RandPointMaskd,
     SliceMaskd,
@@ -101,8 +101,8 @@ def test_the_network_only_ever_sees_kept_points(num_points) -> None:
     fit.fit(as_image(volume()), net, masks=slice_mask()[None])
     assert len(seen) == 20
     points = torch.cat(seen)
-    frame = CoordinateFrame(AFFINE, SHAPE, EXTENT)
-    grid = frame.grid(AFFINE, SHAPE).reshape(*SHAPE, 3)
+    mapping = CoordinateMapping(AFFINE, SHAPE, EXTENT)
+    grid = mapping.grid(AFFINE, SHAPE).reshape(*SHAPE, 3)
     kept, hidden = grid[..., [0, 2, 4], :].reshape(-1, 3), grid[..., HIDDEN, :].reshape(-1, 3)
     assert (
         torch.cdist(points, kept, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-6

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 class SyntheticHeartNet(nn.Module):
     """A 'network' whose segmentation is the generator's continuous heart (network coordinates -> world mm
-    through the frame -> the generator's own point labels), so measures can be checked against its
+    through the coordinate mapping -> the generator's own point labels), so measures can be checked against its
     closed-form volumes through the same sampling path as a real model."""
 
     num_classes = 4
@@ -50,10 +50,10 @@ class SyntheticHeartNet(nn.Module):
     def __init__(self, seed: int, phase: str) -> None:
         super().__init__()
         self.heart = synthetic._heart(synthetic._draw_parameters(seed), phase)
-        self.frame = None
+        self.mapping = None
 
     def forward_heads(self, points: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        world = points[0].T.double() * self.frame.extent_mm + self.frame.centre
+        world = points[0].T.double() * self.mapping.extent_mm + self.mapping.centre
         labels = torch.as_tensor(synthetic._label_points(world.numpy(), self.heart)).long()
         return 20.0 * torch.nn.functional.one_hot(labels, 4).T.float()[None], torch.zeros(1, 1, labels.numel())
 
@@ -63,7 +63,7 @@ def heart_field(seed: int, phase: str, affine: np.ndarray, shape) -> NetworkFiel
     inferer = LatentOptimisationInferer(num_steps=0, chunk_size=1 << 18, log_every=0)
     image = MetaTensor(torch.zeros(1, 1, *shape), affine=torch.as_tensor(affine))
     field = NetworkField(net, inferer, torch.zeros(1), inferer.frame_of(image))
-    net.frame = field.frame
+    net.mapping = field.frame
     return field
 
 

@@ -202,7 +202,7 @@ def test_bundle_train_task_sizes_the_latent_table_from_the_datastore(label_train
     loaded from the bundle; validation runs on MONAI Label's split."""
     models = label_training.bundle / "models"
     state = torch.load(models / "training_state.pt", weights_only=True)
-    ids = state["latent_table"]["_extra_state"]["subject_ids"]
+    ids = state["latent_table"]["_extra_state"]["case_ids"]
     assert len(ids) == 4 and set(ids) < set(label_training.names)  # 5 cases, one held out for validation
     assert state["latent_table"]["weight"].shape == (4, label_training.config["latent_dim"])
     assert state["trainer"]["epoch"] == 1
@@ -222,6 +222,6 @@ def test_a_second_train_request_trains_on_the_grown_datastore(label_training: ty
     before = torch.load(models / "model.pt", weights_only=True)
     label_training.task(_request(max_epochs=1, val_split=0.0), datastore)
     state = torch.load(models / "training_state.pt", weights_only=True)
-    assert state["latent_table"]["_extra_state"]["subject_ids"] == [*label_training.names, "study05"]
+    assert state["latent_table"]["_extra_state"]["case_ids"] == [*label_training.names, "study05"]
     after = torch.load(models / "model.pt", weights_only=True)
     assert any(not torch.equal(after[k], before[k]) for k in before), "the second request trained no epoch"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 
 from nisf_monai.inferers import target_grid
-from nisf_monai.transforms import CoordinateFrame, CoordinateGridd
+from nisf_monai.transforms import CoordinateGridd, CoordinateMapping
 
 SETTINGS = settings(max_examples=50, deadline=None, database=None)  # no example database written into the repository
 EXTENT = 400.0
@@ -73,13 +73,13 @@ def network_coords(array: np.ndarray, affine: np.ndarray, extent: float = EXTENT
 def test_index_world_round_trip(affine: np.ndarray, shape: tuple[int, ...], points: list) -> None:
     """index -> world -> index and world -> index -> world return their input (continuous indices, also
     outside the volume), and index_to_world is the affine."""
-    frame = CoordinateFrame(affine, shape)
+    mapping = CoordinateMapping(affine, shape)
     index = torch.as_tensor(points, dtype=torch.float64)
-    world = frame.index_to_world(index)
+    world = mapping.index_to_world(index)
     np.testing.assert_allclose(world.numpy(), index.numpy() @ affine[:3, :3].T + affine[:3, 3], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(frame.world_to_index(world).numpy(), index.numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(mapping.world_to_index(world).numpy(), index.numpy(), rtol=0, atol=1e-8)
     np.testing.assert_allclose(
-        frame.index_to_world(frame.world_to_index(world)).numpy(), world.numpy(), rtol=0, atol=1e-8
+        mapping.index_to_world(mapping.world_to_index(world)).numpy(), world.numpy(), rtol=0, atol=1e-8
     )
 
 
@@ -124,12 +124,12 @@ def test_target_grid_at_own_spacing_is_input_grid(affine: np.ndarray, shape: tup
 @SETTINGS
 @given(affine=affines(), shape=shapes, extent=st.floats(50.0, 1000.0))
 def test_grid_points_are_voxel_centres_in_c_order(affine: np.ndarray, shape: tuple[int, ...], extent: float) -> None:
-    """The i-th point of CoordinateFrame.grid is the world position affine @ index of the i-th voxel in
+    """The i-th point of CoordinateMapping.grid is the world position affine @ index of the i-th voxel in
     C order (mapped to network units), so an analytic field sampled at the grid points reshapes onto
     the voxel array: what a flattened label or intensity volume is compared with."""
-    frame = CoordinateFrame(affine, shape, extent_mm=extent)
-    coords = frame.grid(affine, shape).double()
-    world = coords.numpy() * extent + frame.centre.numpy()  # back from network units
+    mapping = CoordinateMapping(affine, shape, extent_mm=extent)
+    coords = mapping.grid(affine, shape).double()
+    world = coords.numpy() * extent + mapping.centre.numpy()  # back from network units
     index = c_order_indices(shape)
     expected = index @ affine[:3, :3].T + affine[:3, 3]
     np.testing.assert_allclose(world, expected, rtol=0, atol=1e-3)

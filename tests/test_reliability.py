@@ -28,7 +28,7 @@ from nisf_monai.data.datalist import expand_cine_datalist
 from nisf_monai.data.synthetic import generate_cohort
 from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError, find_input_error
 from nisf_monai.inferers import LatentOptimisationInferer
-from nisf_monai.transforms import CoordinateFrame, CoordinateGridd, LoadCased, SelectFramed, ValidateCased
+from nisf_monai.transforms import CoordinateGridd, CoordinateMapping, LoadCased, SelectFramed, ValidateCased
 
 AFFINE = np.diag([2.0, 2.0, 8.0, 1.0])
 SHAPE = (12, 10, 4)
@@ -308,8 +308,8 @@ def test_flipped_file_gives_same_world_coordinates(tmp_path: Path, axes: tuple[i
     torch.testing.assert_close(coords_f.flip(back), coords, rtol=0, atol=1e-6)
     torch.testing.assert_close(img_f.as_tensor().flip(back), img.as_tensor(), rtol=0, atol=0)
     # world positions of the flipped file's voxels: its own affine @ index, recovered from the coordinates
-    frame = CoordinateFrame(img_f.affine, SHAPE)
-    world = coords_f.reshape(3, -1).T.double() * 400.0 + frame.centre
+    mapping = CoordinateMapping(img_f.affine, SHAPE)
+    world = coords_f.reshape(3, -1).T.double() * 400.0 + mapping.centre
     index = np.stack(np.unravel_index(np.arange(np.prod(SHAPE)), SHAPE), -1)
     np.testing.assert_allclose(world.numpy(), index @ (affine @ flip)[:3, :3].T + (affine @ flip)[:3, 3], atol=1e-3)
     assert (coords_f - coords).abs().max() > 1e-3  # the files really differ
@@ -444,7 +444,7 @@ def test_cine_trains_through_bundle_config(cine: dict[str, Any], tmp_path: Path)
     transforms.insert(index + 1, {"_target_": "nisf_monai.transforms.SelectFramed", "keys": ["image", "label"]})
     parser.get_parsed_content("train#trainer").run()
     table = parser.get_parsed_content("train#latents")
-    assert table.subject_ids == ["cine2_t01", "cine_t00", "cine_t01", "cine_t02", "flat"]
+    assert table.case_ids == ["cine2_t01", "cine_t00", "cine_t01", "cine_t02", "flat"]
     assert torch.load(tmp_path / "bundle" / "models" / "training_state.pt", weights_only=True)["trainer"]["epoch"] == 1
 
 

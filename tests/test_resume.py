@@ -170,7 +170,7 @@ def parts(
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = NISFNet(latent_dim=latent_dim, num_classes=num_classes, hidden_dim=hidden_dim, num_layers=num_layers)
-    table = LatentTable(ids, latent_dim=latent_dim, strict_subjects=strict)
+    table = LatentTable(ids, latent_dim=latent_dim, strict_cases=strict)
     return {
         "network": net,
         "latent_table": table,
@@ -196,7 +196,7 @@ def engine_at(epoch: int = 0) -> Engine:
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    """A training state (latent_dim 4, 4 classes, hidden 8, 2 layers, subjects s1..s3) after one step."""
+    """A training state (latent_dim 4, 4 classes, hidden 8, 2 layers, cases s1..s3) after one step."""
     p = parts()
     train_step(p)
     TrainingStateHandler(tmp_path, **p).save(engine_at(5))
@@ -266,22 +266,22 @@ def test_mismatched_setting_is_named(saved: Path, change: dict, message: str) ->
 
 
 def test_describe_state_mismatch_none_when_compatible(saved: Path) -> None:
-    """Compatible shapes give no message (the subject set is the table's business)."""
+    """Compatible shapes give no message (the case set is the table's business)."""
     state = torch.load(saved / "training_state.pt", weights_only=True)
     p = parts(ids=["s1", "other"])
     assert describe_state_mismatch(state, p["network"], p["latent_table"]) is None
 
 
-def test_other_subjects_strict_fails_naming_them(saved: Path) -> None:
-    """With strict_subjects, another subject set fails and names subjects on either side."""
+def test_other_cases_strict_fails_naming_them(saved: Path) -> None:
+    """With strict_cases, another case set fails and names cases on either side."""
     handler = TrainingStateHandler(saved, **parts(ids=["s1", "s2", "s9"], strict=True))
-    with pytest.raises(CheckpointError, match="subjects differ") as err:
+    with pytest.raises(CheckpointError, match="cases differ") as err:
         handler.load(engine_at())
     assert "s9" in str(err.value) and "s3" in str(err.value)
 
 
-def test_other_subjects_mapped_when_not_strict(saved: Path) -> None:
-    """Without strict_subjects the codes in common are restored by ID, new subjects keep fresh codes,
+def test_other_cases_mapped_when_not_strict(saved: Path) -> None:
+    """Without strict_cases the codes in common are restored by ID, new cases keep fresh codes,
     the network and epoch are restored and the row-wise latent optimizer restarts."""
     state = torch.load(saved / "training_state.pt", weights_only=True)
     p = parts(ids=["s3", "s1", "s9"], seed=1)
@@ -295,6 +295,33 @@ def test_other_subjects_mapped_when_not_strict(saved: Path) -> None:
     assert engine.state.epoch == 5
     assert len(p["latent_optimizer"].state_dict()["state"]) == 0
     assert torch.equal(p["network"].state_dict()["seg_head.weight"], state["network"]["seg_head.weight"])
+
+
+def test_state_written_before_the_rename_resumes(saved: Path) -> None:
+    """A training_state.pt of the versions that saved the IDs as ``subject_ids`` (issue 12 renamed them
+    ``case_ids``) resumes in full: the strict case check passes, codes come back by ID, the latent optimizer's
+    moments and the epoch are restored; the next save writes ``case_ids``."""
+    state = torch.load(saved / "training_state.pt", weights_only=True)
+    extra = state["latent_table"]["_extra_state"]
+    state["latent_table"]["_extra_state"] = {"subject_ids": extra.pop("case_ids"), **extra}
+    torch.save(state, saved / "training_state.pt")  # as the old code wrote it
+    assert set(torch.load(saved / "training_state.pt", weights_only=True)["latent_table"]["_extra_state"]) == {
+        "subject_ids",
+        "latent_dim",
+    }
+    p = parts(ids=list(reversed(IDS)), strict=True, seed=1)
+    handler = TrainingStateHandler(saved, **p)
+    engine = engine_at()
+    handler.load(engine)
+    old = LatentTable(IDS, latent_dim=4)
+    old.load_state_dict(state["latent_table"])
+    torch.testing.assert_close(p["latent_table"](IDS), old(IDS), rtol=0, atol=0)
+    torch.testing.assert_close(p["latent_table"](IDS), state["latent_table"]["weight"], rtol=0, atol=0)
+    assert engine.state.epoch == 5
+    assert len(p["latent_optimizer"].state_dict()["state"]) == 1
+    handler.save(engine)
+    resaved = torch.load(saved / "training_state.pt", weights_only=True)["latent_table"]["_extra_state"]
+    assert resaved == {"case_ids": sorted(IDS), "latent_dim": 4}
 
 
 def test_stale_temporaries_removed_at_start(saved: Path) -> None:

@@ -34,11 +34,11 @@ def test_streamed_files_equal_whole_grid_sampling(tmp_path, network, suffix, sla
     inferer = LatentOptimisationInferer(num_steps=0, chunk_size=64)
     latent = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
     affine, shape = target_grid(image.affine, image.shape[2:], (0.9, 1.1, 2.5))
-    frame = inferer.frame_of(image)
-    labels, recon = inferer.sample(network, latent, frame, affine, shape)
+    mapping = inferer.frame_of(image)
+    labels, recon = inferer.sample(network, latent, mapping, affine, shape)
     seg_path, recon_path = tmp_path / f"case_seg{suffix}", tmp_path / f"case_recon{suffix}"
 
-    stream_sampled_grid(inferer, network, latent, frame, affine, shape, seg_path, recon_path, slab_points=slab_points)
+    stream_sampled_grid(inferer, network, latent, mapping, affine, shape, seg_path, recon_path, slab_points=slab_points)
 
     seg_file, recon_file = nib.load(seg_path), nib.load(recon_path)
     assert seg_file.shape == tuple(shape) and seg_file.get_data_dtype() == np.uint8

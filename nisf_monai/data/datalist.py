@@ -65,8 +65,8 @@ def load_datalist(
     """Entries of one section of a MONAI datalist with paths resolved against the datalist's folder.
 
     Fails with one message naming the datalist and the entry when a file is missing or an image is
-    listed twice; fills ``case`` (the image's file name) and ``subject`` (defaults to ``case``) when an
-    entry lacks them, since latent codes are looked up by these IDs.
+    listed twice; fills ``case`` (the image's file name) and ``subject`` (the patient, defaults to ``case``)
+    when an entry lacks them: latent codes are looked up by case ID, and measures group cases by patient.
     """
     path = Path(datalist)
     if not path.is_file():

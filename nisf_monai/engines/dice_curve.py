@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.coordinates import CoordinateMapping
 
 __all__ = ["DiceCurveRecorder", "dice_per_class"]
 
@@ -36,7 +36,7 @@ class DiceCurveRecorder:
         network: the frozen network.
         images: the cases' images ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` MetaTensors (for their grids).
         labels: their label arrays, same shapes.
-        frames: each case's :class:`CoordinateFrame`.
+        frames: each case's :class:`CoordinateMapping` (``inferer.frame_of(image)``).
         num_classes: classes including background.
         num_points: voxels per case (all voxels when the case has fewer).
         seed: seeds the subset.
@@ -47,7 +47,7 @@ class DiceCurveRecorder:
         network: nn.Module,
         images: Sequence[MetaTensor],
         labels: Sequence[torch.Tensor],
-        frames: Sequence[CoordinateFrame],
+        frames: Sequence[CoordinateMapping],
         num_classes: int,
         num_points: int = 32768,
         seed: int = 0,
@@ -56,13 +56,13 @@ class DiceCurveRecorder:
         self.num_classes = num_classes
         generator = torch.Generator().manual_seed(seed)
         self.points, self.truth = [], []
-        for image, label, frame in zip(images, labels, frames):
+        for image, label, mapping in zip(images, labels, frames):
             shape = image.shape[-3:]
             total = int(np.prod(shape))
             index = torch.randperm(total, generator=generator)[: min(num_points, total)]
             index = torch.sort(index).values
             world_index = torch.stack(torch.unravel_index(index, tuple(shape)), dim=-1).to(torch.float64)
-            self.points.append(frame.from_world(frame.index_to_world(world_index)).T.to(image.device))
+            self.points.append(mapping.from_world(mapping.index_to_world(world_index)).T.to(image.device))
             self.truth.append(torch.as_tensor(label).reshape(-1)[index].long().cpu())
         self.steps: list[int] = []
         self.curves: list[list[torch.Tensor]] = [[] for _ in self.points]

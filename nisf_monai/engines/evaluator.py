@@ -149,12 +149,12 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         engine.inferer.locate(images, engine.network, kept)  # heart-frame networks: poses first, for every frame below
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
-            frames = [engine.inferer.frame_of(image[None]) for image in images]
+            mappings = [engine.inferer.frame_of(image[None]) for image in images]
             recorder = DiceCurveRecorder(
                 engine.network,
                 images,
                 [case[Keys.LABEL] for case in cases],
-                frames,
+                mappings,
                 int(engine.network.num_classes),
                 self.monitor_points,
                 seed=engine.inferer.seed,

@@ -1,4 +1,4 @@
-"""Auto-decoder training: the network and the per-subject latent codes are optimised together."""
+"""Auto-decoder training: the network and the per-case latent codes are optimised together."""
 
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ __all__ = ["NISFTrainer"]
 
 class NISFTrainer(SupervisedTrainer):
     """MONAI ``SupervisedTrainer`` for NISF: each batch holds point sets of several frames; their codes
-    come from ``latent_table`` by subject ID, and one iteration steps both the network's optimizer and the
+    come from ``latent_table`` by case ID, and one iteration steps both the network's optimizer and the
     table's own (``SparseAdam`` by default, so only the batch's codes move).
 
     Batch keys (from ``CoordinateGridd`` + ``RandPointSampled``): ``coords (B, 3, N)``, ``image (B, 1, N)``
-    intensities in [0, 1], ``label (B, 1, N)`` class indices and ``latent_key`` (subject IDs). The engine's
+    intensities in [0, 1], ``label (B, 1, N)`` class indices and ``latent_key`` (case IDs). The engine's
     output holds ``pred`` (segmentation logits), ``label``, ``loss`` and the loss terms.
 
     Under ``torch.distributed`` (``multi_gpu_train.json``) ``network`` is the DDP wrapper of
     :func:`nisf_monai.distributed.data_parallel`. The table is not wrapped: every rank holds all of it (a
-    ``DistributedSampler`` moves subjects between ranks from epoch to epoch), and after each backward its
+    ``DistributedSampler`` moves cases between ranks from epoch to epoch), and after each backward its
     gradient is averaged over the ranks by :func:`~nisf_monai.distributed.sync_latent_gradients`, the way
     DDP averages the network's. ``R`` ranks with batch ``B`` then step as one process with batch ``R * B``,
     and the table and its optimizer state stay identical on every rank. At the start of a run rank 0's
@@ -43,10 +43,10 @@ class NISFTrainer(SupervisedTrainer):
     Args:
         device, max_epochs, train_data_loader, optimizer: as for ``SupervisedTrainer``.
         network: the :class:`NISFNet`, or under ``torch.distributed`` its :func:`data_parallel` wrapper.
-        latent_table: the codes of the training subjects.
+        latent_table: the codes of the training cases.
         latent_optimizer: optimizer over ``latent_table.parameters()``.
         loss_function: a :class:`NISFLoss`.
-        latent_key: batch key of the subject IDs that index the table.
+        latent_key: batch key of the case IDs that index the table.
         coords_key, image_key, label_key: batch keys of the point sets.
         kwargs: passed to ``SupervisedTrainer`` (handlers, amp, postprocessing, ...).
     """
@@ -123,14 +123,14 @@ class NISFTrainer(SupervisedTrainer):
         coords = torch.as_tensor(batchdata[self.coords_key]).to(device, non_blocking=non_blocking)
         intensity = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking)
         label = torch.as_tensor(batchdata[self.label_key]).to(device, non_blocking=non_blocking)
-        subjects = _as_list(batchdata[self.latent_key])
+        case_ids = _as_list(batchdata[self.latent_key])
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         self.latent_optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast(device_type=torch.device(device).type, enabled=bool(engine.amp), **engine.amp_kwargs)
         with autocast:
-            latents = self.latent_table(subjects)
+            latents = self.latent_table(case_ids)
             seg_logits, intensity_logit = self._heads(engine.network)(coords, latents)
             engine.state.output = {Keys.IMAGE: coords, Keys.LABEL: label, Keys.PRED: seg_logits}
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)

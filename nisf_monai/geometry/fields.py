@@ -21,7 +21,7 @@ from nisf_monai.geometry.grids import footprint_grid, roi_slices, sub_grid
 from nisf_monai.geometry.measures import STRUCTURES, class_volumes
 from nisf_monai.geometry.meshes import Mesh, marching_tetrahedra
 from nisf_monai.spatial import voxel_sizes, voxel_volume_ml
-from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.coordinates import CoordinateMapping
 
 __all__ = ["Field", "NetworkField", "LabelField", "FrameMeasurement", "measure_frame", "structure_meshes"]
 
@@ -39,10 +39,11 @@ class NetworkField:
         network: the trained network (frozen).
         inferer: the :class:`~nisf_monai.inferers.LatentOptimisationInferer` that fitted the code.
         latent: the code, ``(latent_dim,)`` or ``(1, latent_dim)``.
-        frame: coordinate frame of the image the code was fitted to (``inferer.frame_of(image)``).
+        frame: the :class:`~nisf_monai.transforms.CoordinateMapping` of the image the code was fitted to
+            (``inferer.frame_of(image)``).
     """
 
-    def __init__(self, network: nn.Module, inferer: Any, latent: torch.Tensor, frame: CoordinateFrame) -> None:
+    def __init__(self, network: nn.Module, inferer: Any, latent: torch.Tensor, frame: CoordinateMapping) -> None:
         self.network = network
         self.inferer = inferer
         self.latent = latent.reshape(1, -1)

@@ -2,7 +2,7 @@
 
 A grid is an affine (voxel index -> world mm, RAS as MONAI and NIfTI use) and a shape. NISF reads its
 segmentation on any such grid (``LatentOptimisationInferer.sample(network, latent, frame, affine, shape)``,
-with ``frame`` the coordinate frame of the image the code was fitted to), so a long-axis view of a
+with ``frame`` the ``CoordinateMapping`` of the image the code was fitted to), so a long-axis view of a
 short-axis stack is just another grid: taken from a long-axis NIfTI's header, or built from a point, two
 in-plane directions, a spacing and a size. The grid's affine is what the written NIfTI carries, so the
 result overlays the source images in any viewer.

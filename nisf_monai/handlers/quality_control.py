@@ -53,11 +53,11 @@ def case_quality(
     mean absolute reconstruction error, the code's norm and distance to the nearest training code, and the
     volume of each structure in ml."""
     case = image[None] if image.dim() == 4 else image
-    frame = inferer.frame_of(case)
+    mapping = inferer.frame_of(case)
     device = next(network.parameters()).device
-    labels, recon = inferer.sample(network, latent.reshape(1, -1).to(device), frame, frame.affine, case.shape[2:])
+    labels, recon = inferer.sample(network, latent.reshape(1, -1).to(device), mapping, mapping.affine, case.shape[2:])
     error = float((recon[0, 0] - case.as_tensor()[0, 0].float().cpu().clamp(0, 1)).abs().mean())
-    voxel_ml = voxel_volume_ml(frame.affine)
+    voxel_ml = voxel_volume_ml(mapping.affine)
     counts = torch.bincount(labels.reshape(-1).long(), minlength=len(label_names))
     pose = pose_of(case)
     heart = None

@@ -90,13 +90,13 @@ class StreamingSegmentationSaver:
                     "(its affine places the output)."
                 )
             case = image[None] if image.dim() == 4 else image
-            frame = self.inferer.frame_of(case)
-            affine, shape = target_grid(frame.affine, case.shape[2:], self.target_spacing)
+            mapping = self.inferer.frame_of(case)
+            affine, shape = target_grid(mapping.affine, case.shape[2:], self.target_spacing)
             meta = dict(image.meta)
             seg_path, recon_path = self._path(meta, self.seg_postfix), self._path(meta, self.recon_postfix)
             latent = output["latent"].reshape(1, -1).to(next(self.network.parameters()).device)
             stream_sampled_grid(
-                self.inferer, self.network, latent, frame, affine, shape, seg_path, recon_path, self.slab_points
+                self.inferer, self.network, latent, mapping, affine, shape, seg_path, recon_path, self.slab_points
             )
             logger.info(
                 "wrote %s (%s voxels at %s mm)",

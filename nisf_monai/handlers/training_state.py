@@ -18,6 +18,7 @@ from nisf_monai.distributed import all_ranks_agree, is_distributed, is_rank_zero
 from nisf_monai.errors import InputDataError
 from nisf_monai.io import atomic_open, temporary_files
 from nisf_monai.networks import LatentTable
+from nisf_monai.networks.latent_table import saved_case_ids
 
 __all__ = ["CheckpointError", "TrainingStateHandler", "atomic_save", "describe_state_mismatch"]
 
@@ -26,7 +27,7 @@ logger = logging.getLogger("nisf_monai")
 
 class CheckpointError(InputDataError, RuntimeError):
     """A training state that cannot be resumed with this config (unreadable, or saved with another
-    ``latent_dim``, class count, network size or subject set); the message says which setting differs.
+    ``latent_dim``, class count, network size or case set); the message says which setting differs.
     A ``RuntimeError`` as before, and an ``InputDataError`` so the bundle prints it as one line."""
 
 
@@ -51,8 +52,8 @@ def describe_state_mismatch(state: dict[str, Any], network: nn.Module, latent_ta
 
     Checked in the order that explains the most: the code size (it also changes the network's input
     layer), the class count (rows of ``seg_head``), the hidden width, the layer count, then any other
-    parameter whose shape or presence differs. The subject set is left to the latent table, which maps
-    codes by ID unless ``strict_subjects`` is set."""
+    parameter whose shape or presence differs. The case set is left to the latent table, which maps
+    codes by ID unless ``strict_cases`` is set."""
     saved_table = state.get("latent_table", {})
     saved_codes = saved_table.get("weight") if isinstance(saved_table, dict) else None
     if (
@@ -91,13 +92,14 @@ class TrainingStateHandler:
 
     - ``model_filename`` (``model.pt``): the network's plain ``state_dict``, what MONAI Model Zoo tools,
       TorchScript export and MONAI Label load.
-    - ``state_filename`` (``training_state.pt``): network, latent table (codes with their subject IDs),
+    - ``state_filename`` (``training_state.pt``): network, latent table (codes with their case IDs),
       both optimizers and the trainer's epoch and iteration, to resume after an interruption.
 
     Both are written at the end of every ``save_interval``-th epoch and of training, each atomically, so an
     interruption loses at most the epoch under way. With ``resume=True`` a run that finds ``state_filename``
-    continues from it: codes are restored by subject ID (new subjects start fresh); the latent optimizer's
-    row-wise moments are restored only when the subject set is unchanged. A state that already reached
+    continues from it: codes are restored by case ID (new cases start fresh); the latent optimizer's
+    row-wise moments are restored only when the case set is unchanged. States written before the rename of
+    subject to case (IDs saved as ``subject_ids``) resume as well. A state that already reached
     ``max_epochs`` (a finished run) restores weights, codes and optimizers but not the epoch, so the new run
     trains ``max_epochs`` epochs from there rather than ending at once (MONAI Label sends every training
     request with the same ``max_epochs``; raise ``max_epochs`` to instead continue an unfinished count).
@@ -105,7 +107,7 @@ class TrainingStateHandler:
     read that way: a checkpoint cannot run code).
 
     A state saved with another ``latent_dim``, class count, network size or (with
-    ``LatentTable.strict_subjects``) subject set raises :class:`CheckpointError` naming the setting, e.g.
+    ``LatentTable.strict_cases``) case set raises :class:`CheckpointError` naming the setting, e.g.
     ``latent_dim 16 in checkpoint vs 32 in config``, already when the handler is attached (while the
     bundle builds the trainer). Temporary files of a save that was killed are removed when training starts.
 
@@ -117,7 +119,7 @@ class TrainingStateHandler:
     Args:
         save_dir: folder of both files (the bundle's ``models``).
         network: the NISF network (or a DDP wrapper of it).
-        latent_table: the training subjects' codes.
+        latent_table: the training cases' codes.
         optimizer: the network's optimizer.
         latent_optimizer: the table's optimizer.
         save_interval: epochs between saves.
@@ -212,15 +214,15 @@ class TrainingStateHandler:
         mismatch = describe_state_mismatch(state, self.network, self.latent_table)
         if mismatch:
             raise self._fail(mismatch)
-        self._check_subjects(state["latent_table"])
+        self._check_cases(state["latent_table"])
 
-    def _check_subjects(self, saved_table: dict[str, Any]) -> None:
-        """With ``strict_subjects``, the saved codes must be of the datalist's subjects exactly."""
-        if self.latent_table.strict_subjects and not self.latent_table.same_subjects(saved_table):
-            saved = set(saved_table.get("_extra_state", {}).get("subject_ids", []))
-            current = set(self.latent_table.subject_ids)
+    def _check_cases(self, saved_table: dict[str, Any]) -> None:
+        """With ``strict_cases``, the saved codes must be of the datalist's cases exactly."""
+        if self.latent_table.strict_cases and not self.latent_table.same_cases(saved_table):
+            saved = set(saved_case_ids(saved_table))
+            current = set(self.latent_table.case_ids)
             raise self._fail(
-                f"subjects differ with strict_subjects set: {len(current - saved)} in the datalist only "
+                f"cases differ with strict_cases set: {len(current - saved)} in the datalist only "
                 f"(e.g. {sorted(current - saved)[:3]}), {len(saved - current)} in the checkpoint only "
                 f"(e.g. {sorted(saved - current)[:3]})"
             )
@@ -254,7 +256,7 @@ class TrainingStateHandler:
         self._restore_position(engine, state["trainer"])
 
     def _restore_weights(self, state: dict[str, Any]) -> None:
-        """The network's weights and the latent table's codes (by subject ID)."""
+        """The network's weights and the latent table's codes (by case ID)."""
         try:
             self.network.load_state_dict(state["network"])
             self.latent_table.load_state_dict(state["latent_table"])
@@ -262,13 +264,13 @@ class TrainingStateHandler:
             raise self._fail(str(err).replace("\n", " ").replace("\t", "")) from err
 
     def _restore_optimizers(self, state: dict[str, Any]) -> None:
-        """The network's optimizer, and the latent optimizer's row-wise moments if the subject set is unchanged."""
+        """The network's optimizer, and the latent optimizer's row-wise moments if the case set is unchanged."""
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-            if self.latent_table.same_subjects(state["latent_table"]):
+            if self.latent_table.same_cases(state["latent_table"]):
                 self.latent_optimizer.load_state_dict(state["latent_optimizer"])
             else:
-                logger.info("subject set changed since %s: the latent optimizer starts afresh", self.state_path)
+                logger.info("case set changed since %s: the latent optimizer starts afresh", self.state_path)
         except (ValueError, KeyError) as err:
             raise self._fail(f"the optimizer state does not fit ({err})") from err
 

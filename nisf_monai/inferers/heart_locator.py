@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.coordinates import CoordinateMapping
 from nisf_monai.transforms.heart_frame import pose_matrix
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
@@ -127,7 +127,7 @@ class HeartLocator:
         """Candidate poses: ``(K, 3)`` world origins and ``(K, 3, 3)`` rotations (rows: heart axes) around the
         volume centre."""
         affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)[0]
-        centre = CoordinateFrame(affine, image.shape[-3:]).centre
+        centre = CoordinateMapping(affine, image.shape[-3:]).centre
         radius_mm = self.radius_mm
         e1, e2, normal = _in_plane_axes(affine)
         n = int(radius_mm // self.step_mm)

@@ -17,7 +17,7 @@ from torch import nn
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateFrame, pose_of
+from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateMapping, pose_of
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
 
@@ -78,7 +78,7 @@ class LatentOptimisationInferer(Inferer):
         init_std: standard deviation of the initial code.
         latent_weight: weight of the L2 penalty on the code.
         latent_dim: size of the code; defaults to ``network.latent_dim``.
-        extent_mm: coordinate normalisation, as in training (see ``CoordinateFrame``).
+        extent_mm: coordinate normalisation, as in training (see ``CoordinateMapping``).
         coordinate_mode: 'world' or 'voxel', as in training.
         target_spacing: output spacing in mm for ``fit_and_sample``; None keeps the input grid.
         chunk_size: points per forward pass when sampling a grid (bounds memory).
@@ -142,10 +142,11 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError(f"localiser_weight must be >= 0, got {localiser_weight}.")
         self.localiser_weight = float(localiser_weight)
 
-    def frame_of(self, image: MetaTensor) -> CoordinateFrame:
-        """The coordinate frame of an image (B, 1, X, Y, Z), with this inferer's normalisation and the heart
-        pose its metadata carries (``POSE_KEY``), if any."""
-        return CoordinateFrame(
+    def frame_of(self, image: MetaTensor) -> CoordinateMapping:
+        """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation and the
+        heart pose its metadata carries (``POSE_KEY``), if any. (The name predates the mapping's rename; kept
+        for existing callers.)"""
+        return CoordinateMapping(
             _grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose_of(image)
         )
 
@@ -287,8 +288,8 @@ class LatentOptimisationInferer(Inferer):
         coords, targets = [], []
         guide = self._guide()
         for case, mask in zip(cases, case_masks):
-            frame = self.frame_of(case)
-            points = frame.grid(frame.affine, case.shape[2:]).T  # (3, P)
+            mapping = self.frame_of(case)
+            points = mapping.grid(mapping.affine, case.shape[2:]).T  # (3, P)
             values = case.as_tensor().reshape(1, -1).float()  # (1, P)
             if guide is not None:
                 probs = guide.probabilities(case[0]).reshape(-1, values.shape[-1])
@@ -406,12 +407,13 @@ class LatentOptimisationInferer(Inferer):
         self,
         network: nn.Module,
         latent: torch.Tensor,
-        frame: CoordinateFrame,
+        frame: CoordinateMapping,
         affine: Any,
         spatial_shape: Sequence[int],
         probabilities: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluate both heads on a grid in chunks of ``chunk_size`` points.
+        """Evaluate both heads on a grid in chunks of ``chunk_size`` points; ``frame`` is the
+        :class:`CoordinateMapping` of the image the code was fitted to (:meth:`frame_of`).
 
         Returns ``(seg, intensity)`` of shapes ``(B, 1, *shape)`` uint8 labels (argmax) and
         ``(B, 1, *shape)`` intensity in [0, 1]; with ``probabilities=True`` ``seg`` is ``(B, M, *shape)``
@@ -479,9 +481,9 @@ class LatentOptimisationInferer(Inferer):
         MONAI's evaluators and MONAI Label use; ``masks=`` (keyword) as in :meth:`fit`."""
         image = self._check_input(inputs)
         latent = self.fit(image, network, masks=kwargs.get("masks"))
-        frame = self.frame_of(image)
-        probs, _ = self.sample(network, latent, frame, frame.affine, image.shape[2:], probabilities=True)
-        return self._as_meta(probs, image, frame.affine)
+        mapping = self.frame_of(image)
+        probs, _ = self.sample(network, latent, mapping, mapping.affine, image.shape[2:], probabilities=True)
+        return self._as_meta(probs, image, mapping.affine)
 
     @staticmethod
     def _as_meta(data: torch.Tensor, image: MetaTensor, affine: Any) -> MetaTensor:

@@ -19,7 +19,7 @@ import torch
 from nibabel.openers import Opener
 from torch import nn
 
-from nisf_monai.transforms.coordinates import CoordinateFrame
+from nisf_monai.transforms.coordinates import CoordinateMapping
 
 __all__ = ["NiftiSlabWriter", "slab_bounds", "stream_sampled_grid"]
 
@@ -107,7 +107,7 @@ def stream_sampled_grid(
     inferer: Any,
     network: nn.Module,
     latent: torch.Tensor,
-    frame: CoordinateFrame,
+    frame: CoordinateMapping,
     affine: Any,
     spatial_shape: Sequence[int],
     seg_path: str | os.PathLike | None,
@@ -119,8 +119,8 @@ def stream_sampled_grid(
 
     ``inferer`` is a :class:`~nisf_monai.inferers.LatentOptimisationInferer` (its ``sample`` evaluates each slab
     in chunks of ``inferer.chunk_size`` points), ``latent`` the case's fitted code ``(1, L)`` and ``frame`` the
-    coordinate frame of the image it was fitted to. Slabs hold ``slab_points`` voxels (default: the inferer's
-    chunk size), so peak memory does not grow with the output grid.
+    :class:`~nisf_monai.transforms.CoordinateMapping` of the image it was fitted to. Slabs hold ``slab_points``
+    voxels (default: the inferer's chunk size), so peak memory does not grow with the output grid.
     """
     if seg_path is None and recon_path is None:
         raise ValueError("nothing to write: give seg_path and/or recon_path.")

@@ -1,77 +1,109 @@
-"""Per-subject latent codes of an auto-decoder, addressed by subject ID."""
+"""Per-case latent codes of an auto-decoder, addressed by case ID.
+
+A case is one entry of the training datalist (one image, or one frame of a cine series); several cases of one
+patient may share an ID, and so a code. The saved state holds the IDs under ``case_ids``; states written before
+the rename (issue 12) hold them under ``subject_ids`` and load all the same.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.utils import deprecated
 from torch import nn
 
-__all__ = ["LatentTable"]
+from nisf_monai import __version__
+from nisf_monai.deprecation import RENAMED_REMOVED, RENAMED_SINCE, renamed_arg, renamed_attribute
+
+__all__ = ["LatentTable", "saved_case_ids"]
 
 logger = logging.getLogger("nisf_monai")
 
+IDS_KEY = "case_ids"  # key of the IDs in the table's saved extra state
+OLD_IDS_KEY = "subject_ids"  # the same key in files written before the rename; still read
+
+
+def saved_case_ids(state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The case IDs of a saved table state (``[]`` if it holds none), under either key, so that training states
+    and snapshots written before the rename still resume."""
+    extra = state_dict.get(prefix + "_extra_state", {})
+    if not isinstance(extra, Mapping):
+        return []
+    return list(extra.get(IDS_KEY, extra.get(OLD_IDS_KEY, [])))
+
 
 class LatentTable(nn.Module):
-    """One trainable code per training subject, looked up by subject ID rather than list position.
+    """One trainable code per training case, looked up by case ID rather than list position.
 
     Rows are held in sorted ID order and the IDs travel in the module's state, so a checkpoint restores
-    each code onto its own subject whatever order the datalist comes in. Lookups produce sparse
+    each code onto its own case whatever order the datalist comes in. Lookups produce sparse
     gradients by default: with ``torch.optim.SparseAdam`` each code then keeps its own optimizer moments
-    and moves only on the steps where its subject is in the batch.
+    and moves only on the steps where its case is in the batch.
 
     Args:
-        subject_ids: IDs of the training subjects (repeats are allowed and merged, e.g. several frames of
-            one subject that share a code).
+        case_ids: IDs of the training cases (repeats are allowed and merged, e.g. several frames of
+            one patient that share a code).
         latent_dim: size of each code.
         init_std: standard deviation of the N(0, init_std^2) initialisation (0.01, as in NISF).
         sparse: produce sparse gradients (use with ``SparseAdam``); dense ones otherwise.
-        strict_subjects: when loading a state, fail unless it holds exactly these subjects; otherwise
-            restore the subjects in common, keep fresh codes for new ones and log both counts.
+        strict_cases: when loading a state, fail unless it holds exactly these cases; otherwise
+            restore the cases in common, keep fresh codes for new ones and log both counts.
+        subject_ids: deprecated name of ``case_ids`` (a ``FutureWarning``; removed in 0.5.0).
+        strict_subjects: deprecated name of ``strict_cases`` (a ``FutureWarning``; removed in 0.5.0).
     """
 
+    # the names before issue 12, for code that still reads or sets them (a FutureWarning each time)
+    subject_ids = renamed_attribute("subject_ids", "case_ids")
+    strict_subjects = renamed_attribute("strict_subjects", "strict_cases")
+
+    @renamed_arg("subject_ids", "case_ids")
+    @renamed_arg("strict_subjects", "strict_cases")
     def __init__(
         self,
-        subject_ids: Sequence[str],
+        case_ids: Sequence[str],
         latent_dim: int = 128,
         init_std: float = 0.01,
         sparse: bool = True,
-        strict_subjects: bool = False,
+        strict_cases: bool = False,
+        subject_ids: Sequence[str] | None = None,
+        strict_subjects: bool | None = None,
     ) -> None:
+        # subject_ids / strict_subjects: the decorators have passed their values on as case_ids / strict_cases
         super().__init__()
-        ids = sorted({str(s) for s in subject_ids})
+        ids = sorted({str(s) for s in case_ids})
         if not ids:
-            raise ValueError("LatentTable needs at least one subject ID; the training datalist is empty.")
-        self.subject_ids: list[str] = ids
+            raise ValueError("LatentTable needs at least one case ID; the training datalist is empty.")
+        self.case_ids: list[str] = ids
         self._row = {s: i for i, s in enumerate(ids)}
         self.latent_dim = latent_dim
         self.sparse = sparse
-        self.strict_subjects = strict_subjects
+        self.strict_cases = strict_cases
         self.weight = nn.Parameter(torch.randn(len(ids), latent_dim) * init_std)
 
     def __len__(self) -> int:
-        return len(self.subject_ids)
+        return len(self.case_ids)
 
-    def rows(self, subject_ids: Sequence[str]) -> torch.Tensor:
-        """Row indices (on the table's device) of the given subject IDs."""
+    def rows(self, case_ids: Sequence[str]) -> torch.Tensor:
+        """Row indices (on the table's device) of the given case IDs."""
         try:
-            index = [self._row[str(s)] for s in subject_ids]
+            index = [self._row[str(s)] for s in case_ids]
         except KeyError as err:
             raise KeyError(
-                f"subject {err.args[0]!r} has no latent code; the table holds {len(self)} subjects "
-                f"(e.g. {self.subject_ids[:3]}). Was the table built from another datalist?"
+                f"case {err.args[0]!r} has no latent code; the table holds {len(self)} cases "
+                f"(e.g. {self.case_ids[:3]}). Was the table built from another datalist?"
             ) from None
         return torch.as_tensor(index, dtype=torch.long, device=self.weight.device)
 
-    def forward(self, subject_ids: Sequence[str]) -> torch.Tensor:
-        """Codes ``(B, latent_dim)`` of the given subjects."""
-        return F.embedding(self.rows(subject_ids), self.weight, sparse=self.sparse)
+    def forward(self, case_ids: Sequence[str]) -> torch.Tensor:
+        """Codes ``(B, latent_dim)`` of the given cases."""
+        return F.embedding(self.rows(case_ids), self.weight, sparse=self.sparse)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"subject_ids": list(self.subject_ids), "latent_dim": self.latent_dim}
+        return {IDS_KEY: list(self.case_ids), "latent_dim": self.latent_dim}
 
     def set_extra_state(self, state: Any) -> None:
         # the ID map is applied while loading the weights (see _load_from_state_dict)
@@ -92,9 +124,9 @@ class LatentTable(nn.Module):
             missing_keys.append(weight_key)
             return
         saved = state_dict[weight_key]
-        saved_ids = list(state_dict.get(extra_key, {}).get("subject_ids", []))
+        saved_ids = saved_case_ids(state_dict, prefix)
         if not saved_ids:
-            error_msgs.append(f"{extra_key}: the checkpoint holds no subject IDs; it is not a LatentTable state.")
+            error_msgs.append(f"{extra_key}: the checkpoint holds no case IDs; it is not a LatentTable state.")
             return
         if saved.ndim != 2 or saved.shape != (len(saved_ids), saved.shape[1]):
             error_msgs.append(f"{weight_key}: expected {len(saved_ids)} rows, found shape {tuple(saved.shape)}.")
@@ -106,16 +138,16 @@ class LatentTable(nn.Module):
             )
             return
         saved_set = set(saved_ids)
-        common = [s for s in self.subject_ids if s in saved_set]
+        common = [s for s in self.case_ids if s in saved_set]
         new = len(self) - len(common)
         dropped = len(saved_ids) - len(common)
-        if self.strict_subjects and (new or dropped):
-            only_here = [s for s in self.subject_ids if s not in saved_set][:3]
-            only_saved = sorted(saved_set - set(self.subject_ids))[:3]
+        if self.strict_cases and (new or dropped):
+            only_here = [s for s in self.case_ids if s not in saved_set][:3]
+            only_saved = sorted(saved_set - set(self.case_ids))[:3]
             error_msgs.append(
-                f"{weight_key}: the checkpoint holds {len(saved_ids)} subjects and this table {len(self)}; "
+                f"{weight_key}: the checkpoint holds {len(saved_ids)} cases and this table {len(self)}; "
                 f"{new} are missing from the checkpoint (e.g. {only_here}) and {dropped} are not in the datalist "
-                f"(e.g. {only_saved}). Set strict_subjects to false to restore the {len(common)} in common."
+                f"(e.g. {only_saved}). Set strict_cases to false to restore the {len(common)} in common."
             )
             return
         saved_row = {s: i for i, s in enumerate(saved_ids)}
@@ -126,14 +158,21 @@ class LatentTable(nn.Module):
                 self.weight[target] = saved[source].to(self.weight)
         if new or dropped:
             logger.info(
-                "latent table: restored %d codes by subject ID, %d new subjects start fresh, "
-                "%d checkpoint subjects not in the datalist were dropped",
+                "latent table: restored %d codes by case ID, %d new cases start fresh, "
+                "%d checkpoint cases not in the datalist were dropped",
                 len(common),
                 new,
                 dropped,
             )
 
-    def same_subjects(self, state_dict: dict[str, Any]) -> bool:
-        """Whether a saved table state holds exactly this table's subjects (then row-wise optimizer
+    def same_cases(self, state_dict: Mapping[str, Any]) -> bool:
+        """Whether a saved table state holds exactly this table's cases (then row-wise optimizer
         state can be restored as well)."""
-        return list(state_dict.get("_extra_state", {}).get("subject_ids", [])) == self.subject_ids
+        return saved_case_ids(state_dict) == self.case_ids
+
+    @deprecated(
+        since=RENAMED_SINCE, removed=RENAMED_REMOVED, msg_suffix="Use `same_cases` instead.", version_val=__version__
+    )
+    def same_subjects(self, state_dict: Mapping[str, Any]) -> bool:
+        """Deprecated name of :meth:`same_cases`."""
+        return self.same_cases(state_dict)

@@ -1,4 +1,4 @@
-"""The NISF coordinate network: one MLP shared by every subject, conditioned on a latent code."""
+"""The NISF coordinate network: one MLP shared by every case, conditioned on a latent code."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class NISFNet(nn.Module):
 
     Args:
         coord_dim: 3 for (x, y, z), 4 with time.
-        latent_dim: size of the per-subject code.
+        latent_dim: size of the per-case code.
         num_classes: segmentation classes, background included.
         hidden_dim: width of each residual layer.
         num_layers: number of residual layers.
@@ -40,7 +40,7 @@ class NISFNet(nn.Module):
     Example::
 
         net = NISFNet()
-        coords = torch.rand(2, 3, 1000) - 0.5     # 2 subjects, 1000 points each
+        coords = torch.rand(2, 3, 1000) - 0.5     # 2 cases, 1000 points each
         codes = torch.zeros(2, 128)
         seg_logits, intensity_logit = net.forward_heads(coords, codes)  # (2, 4, 1000), (2, 1, 1000)
     """

@@ -3,6 +3,7 @@ from nisf_monai.transforms.coordinates import (
     POSE_KEY,
     CoordinateFrame,
     CoordinateGridd,
+    CoordinateMapping,
     RandPointSampled,
     pose_of,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "COORDINATE_MODES",
     "CoordinateFrame",
     "CoordinateGridd",
+    "CoordinateMapping",
     "HeartPosed",
     "POSE_KEY",
     "InvalidCaseError",

@@ -24,9 +24,18 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
+from nisf_monai.deprecation import renamed_class
 from nisf_monai.spatial import voxel_sizes
 
-__all__ = ["CoordinateFrame", "CoordinateGridd", "RandPointSampled", "COORDINATE_MODES", "POSE_KEY", "pose_of"]
+__all__ = [
+    "CoordinateFrame",
+    "CoordinateGridd",
+    "CoordinateMapping",
+    "RandPointSampled",
+    "COORDINATE_MODES",
+    "POSE_KEY",
+    "pose_of",
+]
 
 COORDINATE_MODES = ("world", "voxel")
 POSE_KEY = "heart_pose"  # MetaTensor meta key of a case's world -> heart frame similarity (4 x 4)
@@ -41,8 +50,11 @@ def pose_of(image: torch.Tensor) -> torch.Tensor | None:
     return pose[0] if pose.ndim == 3 else pose
 
 
-class CoordinateFrame:
+class CoordinateMapping:
     """Maps positions of one reference scan to the network's input coordinates.
+
+    Formerly ``CoordinateFrame`` (still importable, with a ``FutureWarning``): "frame" now names the time points
+    of a cine series, not this mapping.
 
     Args:
         affine: 4 x 4 voxel-to-world matrix of the reference scan (millimetres).
@@ -117,6 +129,10 @@ class CoordinateFrame:
         return self.from_world(world)
 
 
+# the former name (issue 12), kept for one release; warns when instantiated
+CoordinateFrame = renamed_class(CoordinateMapping, "CoordinateFrame")
+
+
 def _affine_of(img: torch.Tensor) -> torch.Tensor:
     if isinstance(img, MetaTensor):
         return img.affine
@@ -132,7 +148,7 @@ class CoordinateGridd(MapTransform):
     Args:
         keys: the image whose grid and affine define the coordinates.
         coords_key: where to store them.
-        extent_mm: see :class:`CoordinateFrame`.
+        extent_mm: see :class:`CoordinateMapping`.
         mode: 'world' or 'voxel'.
     """
 
@@ -159,8 +175,8 @@ class CoordinateGridd(MapTransform):
         if len(spatial_shape) != 3:
             raise ValueError(f"expected a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}.")
         affine = _affine_of(img)
-        frame = CoordinateFrame(affine, spatial_shape, self.extent_mm, self.mode, pose=pose_of(img))
-        coords = frame.grid(affine, spatial_shape).T.reshape(3, *spatial_shape)
+        mapping = CoordinateMapping(affine, spatial_shape, self.extent_mm, self.mode, pose=pose_of(img))
+        coords = mapping.grid(affine, spatial_shape).T.reshape(3, *spatial_shape)
         d[self.coords_key] = MetaTensor(coords, affine=affine, meta={"coordinate_mode": self.mode})
         return d
 
