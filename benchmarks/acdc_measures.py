@@ -84,8 +84,13 @@ def main() -> None:
         default=None,
         help="latent steps (default: inference_steps.json beside the model)",
     )
-    ap.add_argument("--num-points", type=int, default=8192, help="voxels per latent step")
+    ap.add_argument(
+        "--num-points", type=int, default=None, help="voxels per latent step (default: inference.json's)"
+    )
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
+    ap.add_argument(
+        "--mesh-format", default="vtk", help="surface meshes written per structure (vtk, stl, obj) or none"
+    )
     ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
     ap.add_argument(
         "--offset", type=int, default=0, help="skip the first N test patients (to split them over processes)"
@@ -117,10 +122,12 @@ def main() -> None:
         "ckpt_dir": str(model.parent),
         "measure_spacing": args.spacing,
         "measure_source": args.source,
+        "mesh_format": None if args.mesh_format == "none" else args.mesh_format,
         "roi_margin_mm": args.roi_margin,
-        "num_points": args.num_points,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    if args.num_points is not None:
+        overrides["num_points"] = args.num_points
     if args.inference_steps is not None:
         overrides["inference_steps"] = args.inference_steps
     for item in args.set:
