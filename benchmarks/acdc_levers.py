@@ -324,10 +324,12 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
         "--localiser-mm", type=float, default=2.0, help="in-plane spacing the localiser was trained at (v2: 4)"
     )
     parser.add_argument(
-        "--localiser-channels", default="16,32,64,128", help="the localiser UNet's channels per level (v5: 16,...,256)"
+        "--localiser-channels",
+        default="16,32,64,128,256",
+        help="the localiser UNet's channels per level (v2-v4: 16,...,128)",
     )
     parser.add_argument(
-        "--localiser-res-units", type=int, default=1, help="the localiser UNet's residual units (v5: 2)"
+        "--localiser-res-units", type=int, default=2, help="the localiser UNet's residual units (v2-v4: 1)"
     )
 
 

@@ -84,13 +84,9 @@ def main() -> None:
         default=None,
         help="latent steps (default: inference_steps.json beside the model)",
     )
-    ap.add_argument(
-        "--num-points", type=int, default=None, help="voxels per latent step (default: inference.json's)"
-    )
+    ap.add_argument("--num-points", type=int, default=None, help="voxels per latent step (default: inference.json's)")
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
-    ap.add_argument(
-        "--mesh-format", default="vtk", help="surface meshes written per structure (vtk, stl, obj) or none"
-    )
+    ap.add_argument("--mesh-format", default="vtk", help="surface meshes written per structure (vtk, stl, obj) or none")
     ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
     ap.add_argument(
         "--offset", type=int, default=0, help="skip the first N test patients (to split them over processes)"

@@ -20,8 +20,8 @@ from nisf_monai import __version__
 __all__ = ["RENAMED_REMOVED", "RENAMED_SINCE", "renamed_arg", "renamed_attribute", "renamed_class"]
 
 # issue 12, "one vocabulary": subject -> case (latent table rows), CoordinateFrame -> CoordinateMapping
-RENAMED_SINCE = "0.3.0"
-RENAMED_REMOVED = "0.5.0"  # one release after the rename
+RENAMED_SINCE = "0.4.0"
+RENAMED_REMOVED = "0.6.0"  # one release after the rename
 
 T = TypeVar("T", type, Callable)
 

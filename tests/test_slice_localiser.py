@@ -126,14 +126,14 @@ def test_missing_weights_warn_and_give_no_localiser(tmp_path, caplog: pytest.Log
 
 
 def test_localiser_architecture_comes_from_the_settings(tmp_path) -> None:
-    deep = (8, 16, 32, 64, 128)
-    torch.save(localiser_network(4, deep, 2).state_dict(), tmp_path / "localiser.pt")
-    localiser = load_localiser(tmp_path / "localiser.pt", channels=deep, num_res_units=2)
-    assert localiser.divisor == 16  # four stride-2 levels: slices padded to a multiple of 16
+    shallow = (8, 16, 32)
+    torch.save(localiser_network(4, shallow, 1).state_dict(), tmp_path / "localiser.pt")
+    localiser = load_localiser(tmp_path / "localiser.pt", channels=shallow, num_res_units=1)
+    assert localiser.divisor == 4  # two stride-2 levels: slices padded to a multiple of 4
     image, _ = heart_scan()
     assert localiser.labels(image).shape[1:3] == localiser.resample(image).shape[1:3]
     with pytest.raises(ValueError, match="localiser_channels and localiser_res_units"):
-        load_localiser(tmp_path / "localiser.pt")  # the default (shallower) network cannot take these weights
+        load_localiser(tmp_path / "localiser.pt")  # the default (deeper) network cannot take these weights
 
 
 def test_probabilities_come_back_on_the_image_grid_slice_by_slice() -> None:

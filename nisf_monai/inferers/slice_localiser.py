@@ -20,6 +20,7 @@ from monai.networks.nets import UNet
 from monai.transforms import DivisiblePad, Spacing, SpatialResample
 from torch import nn
 
+from nisf_monai.errors import SettingsError
 from nisf_monai.transforms.heart_frame import heart_pose
 
 __all__ = ["SliceLocaliser", "load_localiser", "localiser_network", "localiser_stride"]
@@ -28,7 +29,7 @@ logger = logging.getLogger("nisf_monai")
 
 
 def localiser_network(
-    num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128), num_res_units: int = 1
+    num_classes: int = 4, channels: tuple[int, ...] = (16, 32, 64, 128, 256), num_res_units: int = 2
 ) -> UNet:
     """The localiser: a MONAI 2D UNet on one-channel slices, ``len(channels)`` levels of stride 2."""
     return UNet(
@@ -63,7 +64,7 @@ class SliceLocaliser:
         network: nn.Module,
         weights: str | Path | None = None,
         in_plane_mm: float = 2.0,
-        divisor: int = 8,
+        divisor: int = 16,
         slices_per_batch: int = 32,
     ) -> None:
         if in_plane_mm <= 0 or divisor < 1 or slices_per_batch < 1:
@@ -77,9 +78,11 @@ class SliceLocaliser:
             try:
                 network.load_state_dict(state)
             except RuntimeError as error:
-                raise ValueError(
-                    f"localiser weights {weights} do not fit the localiser network built by the config "
-                    "(check localiser_channels and localiser_res_units against the ones it was trained with)."
+                raise SettingsError(
+                    "localiser_channels",
+                    f"the weights in {weights} were trained as another localiser network",
+                    "pass the localiser_channels and localiser_res_units they were trained with "
+                    "(before version 0.4: [16, 32, 64, 128] and 1), or retrain with train_localiser.json",
                 ) from error
         self.network = network.eval()
         self.in_plane_mm = float(in_plane_mm)
@@ -147,8 +150,8 @@ def load_localiser(
     num_classes: int = 4,
     device: str | torch.device = "cpu",
     in_plane_mm: float = 2.0,
-    channels: tuple[int, ...] = (16, 32, 64, 128),
-    num_res_units: int = 1,
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+    num_res_units: int = 2,
 ) -> SliceLocaliser | None:
     """The bundle's localiser from ``weights`` (:func:`localiser_network` with ``channels`` and ``num_res_units``,
     trained at ``in_plane_mm``), or None with a warning when the file is missing, so that a bundle trained
