@@ -9,6 +9,8 @@ Pearson r. Writes CSV, JSON, meshes and PNGs (Bland-Altman, scatter, surfaces) t
 
     python benchmarks/acdc_measures.py --model path/to/model.pt            # NISF vs manual
     python benchmarks/acdc_measures.py --source labels --limit 2           # pipeline check: manual vs itself
+    python benchmarks/acdc_measures.py --offset 10 --limit 10 ...           # half the patients (one of two processes)
+    python benchmarks/acdc_measures.py --combine DIR_A DIR_B --work-dir OUT # one table over both halves
 
 ``--source labels`` sends the manual labels through the same fine-grid path instead of the network; it
 must reproduce the manual disc sums exactly (MAE 0), which checks the grids, the region of interest and
@@ -18,8 +20,10 @@ the phase pairing without any model.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import ACDC_LABEL_MAPPING, build_datalist, split_of
+from nisf_monai.geometry.measures import agreement_table
 from nisf_monai.io import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +72,46 @@ def test_datalist(data: Path, out: Path, limit: int, offset: int = 0) -> str:
     return str(out)
 
 
+def print_table(agreement: dict, label: str) -> None:
+    """The agreement of the shown measures as an aligned text table."""
+    rows = [("measure", f"mean {label}", "mean manual", "MAE", "bias", "95% LoA", "r")]
+    for m in SHOWN:
+        s = agreement[m]
+        fmt = lambda v: "nan" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+        rows.append(
+            (
+                m,
+                fmt(s["mean_predicted"]),
+                fmt(s["mean_reference"]),
+                fmt(s["mae"]),
+                fmt(s["bias"]),
+                f"{fmt(s['loa_lower'])} .. {fmt(s['loa_upper'])}",
+                fmt(s["pearson_r"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def combine(folders: list[str], source: str, out: Path) -> None:
+    """Agreement over all patients of several runs (e.g. ``--offset 0 --limit 10`` and ``--offset 10`` in two
+    processes), from their ``measures.csv``; written to ``out/acdc_measures.json``."""
+    measured: dict[str, dict[str, float]] = {}
+    manual: dict[str, dict[str, float]] = {}
+    for folder in folders:
+        with open(Path(folder) / source / "measures.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                target = manual if row["source"] == "manual" else measured
+                target[row["subject"]] = {m: float(row[m]) if row[m] else math.nan for m in SHOWN}
+    table = agreement_table(measured, manual, SHOWN)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"source": source, "folders": folders, "patients": len(set(measured) & set(manual)), "agreement": table}
+    (out / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
+    print_table(table, "NISF" if source == "nisf" else "labels (fine grid)")
+    print(f"{summary['patients']} patients from {len(folders)} runs; written {out / 'acdc_measures.json'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
@@ -98,7 +143,17 @@ def main() -> None:
         metavar="ID=JSON",
         help="other config overrides, e.g. latent_dim=64 for a model trained with another size",
     )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        default=[],
+        metavar="WORK_DIR",
+        help="only combine the measures of earlier runs' work dirs into one agreement table (in --work-dir)",
+    )
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.source, Path(args.work_dir))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     data = Path(args.data)
     if not data.is_dir():
@@ -146,25 +201,7 @@ def main() -> None:
         "agreement": {m: report["agreement"][m] for m in SHOWN},
     }
     (work / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
-    label = "NISF" if args.source == "nisf" else "labels (fine grid)"
-    rows = [("measure", f"mean {label}", "mean manual", "MAE", "bias", "95% LoA", "r")]
-    for m in SHOWN:
-        s = report["agreement"][m]
-        fmt = lambda v: "nan" if v is None or v != v else f"{v:.2f}"  # noqa: E731
-        rows.append(
-            (
-                m,
-                fmt(s["mean_predicted"]),
-                fmt(s["mean_reference"]),
-                fmt(s["mae"]),
-                fmt(s["bias"]),
-                f"{fmt(s['loa_lower'])} .. {fmt(s['loa_upper'])}",
-                fmt(s["pearson_r"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(report["agreement"], "NISF" if args.source == "nisf" else "labels (fine grid)")
     print(f"{len(report['subjects'])} patients in {elapsed:.0f} s; CSV / JSON / PNG / meshes in {work}")
 
 
