@@ -247,6 +247,7 @@ def quality_reference(args: argparse.Namespace) -> None:
             images,
             table.weight.detach(),
             parser.get_parsed_content("label_names"),
+            own_rows=[table.case_ids.index(case) for case in case_ids(picks)],
         )
     reference["cases"] = case_ids(picks)
     out = Path(args.output)

@@ -11,7 +11,7 @@ import torch
 from helpers import REPO
 from monai.data import MetaTensor
 
-from nisf_monai.handlers import QualityControlHandler, case_quality
+from nisf_monai.handlers import QualityControlHandler, case_quality, qc_reference
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.networks import NISFNet
 
@@ -58,6 +58,19 @@ def test_numbers_of_a_known_fit():
     assert abs(quality["volume_ml"]["lv_blood_pool"] - 400 * 20 / 1000) < 1e-9  # 400 voxels of 20 mm^3
     assert quality["volume_ml"]["rv_blood_pool"] == 0.0
     assert abs(quality["nearest_training_code_distance"] - 1.0) < 1e-6
+
+
+def test_reference_of_training_cases_leaves_their_own_codes_out():
+    """A refitted training case measured against its own code would look closer than any new case can."""
+    codes = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0]])  # row 0: the case's own (trained) code
+    inferer = LatentOptimisationInferer(num_steps=2, num_points=64)
+    against_all = qc_reference(inferer, ConstantField(1, 0.3), [image(0.5)], codes, LABELS)
+    leaving_own = qc_reference(inferer, ConstantField(1, 0.3), [image(0.5)], codes, LABELS, own_rows=[0])
+    assert against_all["nearest_training_code_distance"][0] < 0.01  # the fitted code sits at its own row
+    assert abs(leaving_own["nearest_training_code_distance"][0] - 5.0) < 0.01  # the nearest other code
+    assert leaving_own["training_codes"] == against_all["training_codes"]  # QC still compares with every code
+    with pytest.raises(ValueError, match="one row per image"):
+        qc_reference(inferer, ConstantField(1, 0.3), [image(0.5)], codes, LABELS, own_rows=[0, 1])
 
 
 def test_writes_json_and_warns_only_out_of_distribution(tmp_path, caplog):
@@ -161,7 +174,12 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
     from nisf_monai.inferers import HeartLocator, load_localiser
 
     config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
-    localiser = load_localiser(BUNDLE / "models" / "localiser.pt", in_plane_mm=config["localiser_in_plane_mm"])
+    localiser = load_localiser(
+        BUNDLE / "models" / "localiser.pt",
+        in_plane_mm=config["localiser_in_plane_mm"],
+        channels=config["localiser_channels"],
+        num_res_units=config["localiser_res_units"],
+    )
     locator = HeartLocator(localiser=localiser, refine_steps=config["localiser_refine_steps"])
     settings = {
         "heart_frame": True,

@@ -78,14 +78,23 @@ def qc_reference(
     images: Sequence[MetaTensor],
     training_codes: torch.Tensor,
     label_names: Sequence[str],
+    own_rows: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The reference QC compares with: the training codes, and the reconstruction errors and code distances of
-    ``images`` (cases the network was not trained on, e.g. the validation cases) fitted as inference fits them."""
+    ``images`` fitted as inference fits them. ``images`` are best cases the network was not trained on (e.g. the
+    validation cases); when they are training cases, ``own_rows`` gives each one's row of ``training_codes``,
+    which its distance leaves out: a refitted training case would otherwise be measured against its own code,
+    closer than any new case can be, and QC would warn about ordinary new cases."""
+    if own_rows is not None and len(own_rows) != len(images):
+        raise ValueError(f"own_rows needs one row per image, got {len(own_rows)} for {len(images)} images.")
     errors, distances = [], []
-    for image in images:
+    for i, image in enumerate(images):
         case = image[None] if image.dim() == 4 else image
         latent = inferer.fit(case, network)[0]
-        quality = case_quality(inferer, network, case, latent, label_names, training_codes)
+        others = training_codes
+        if own_rows is not None:
+            others = torch.cat([training_codes[: own_rows[i]], training_codes[own_rows[i] + 1 :]])
+        quality = case_quality(inferer, network, case, latent, label_names, others)
         errors.append(quality["reconstruction_error"])
         distances.append(quality["nearest_training_code_distance"])
     return {
