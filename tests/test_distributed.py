@@ -323,3 +323,13 @@ def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
     assert not list(models.glob(".*.tmp"))
     # training is logged once (rank 0), not once per rank
     assert (result.stdout + result.stderr).count("Epoch: 2/2, Iter: 2/2") == 1
+
+
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path: Path) -> None:
+    from nisf_monai.distributed import shutdown
+
+    shutdown()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()
