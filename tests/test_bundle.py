@@ -130,6 +130,10 @@ def test_inference_writes_segmentations_at_target_spacing(trained_bundle: tuple[
         assert np.all(np.abs(corners_out[:3, 1] - corners_in[:3, 1]) < np.array([2.0, 3.0, 5.0]))
 
 
+# a localiser smaller than the default, so that the test also shows the architecture settings reach both configs
+SMALL_LOCALISER_ARGS = ("--localiser_channels", "[8, 16, 32]", "--localiser_res_units", "1")
+
+
 def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     """train_localiser.json writes localiser.pt beside the model; inference then starts its pose search from it
     (no warning about a missing localiser) and still writes every case."""
@@ -148,9 +152,10 @@ def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path],
         "4",
         "--localiser_patch",
         "[32, 32]",
+        *SMALL_LOCALISER_ARGS,
     )
     weights = torch.load(bundle / "models" / "localiser.pt", weights_only=True)
-    assert set(weights) == set(localiser_network().state_dict())
+    assert set(weights) == set(localiser_network(4, (8, 16, 32), 1).state_dict())
     images = sorted(p for p in datalist.parent.glob("*.nii.gz") if not p.name.endswith("_gt.nii.gz"))[:1]
     data = tmp_path / "images"
     data.mkdir()
@@ -169,10 +174,27 @@ def test_localiser_trains_and_seeds_inference(trained_bundle: tuple[Path, Path],
         "256",
         "--localiser_refine_steps",
         "0",
+        *SMALL_LOCALISER_ARGS,
         *TINY_NET_ARGS,
     )
     assert "no heart localiser" not in out.stdout + out.stderr
     assert len(list((tmp_path / "out").rglob("*_seg.nii.gz"))) == 1
+    # the same weights read as the default (deeper) localiser: one ERROR line naming the settings, nothing fitted
+    mismatched = run_bundle(
+        "inference",
+        "inference.json",
+        bundle,
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out_mismatched"),
+        *TINY_NET_ARGS,
+        check=False,
+    )
+    assert mismatched.returncode == 1
+    assert "ERROR: localiser_channels: the weights in" in mismatched.stderr
+    assert "Traceback" not in mismatched.stderr
+    assert not list((tmp_path / "out_mismatched").rglob("*_seg.nii.gz"))
     without = run_bundle(
         "inference",
         "inference.json",
