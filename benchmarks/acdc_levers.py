@@ -32,7 +32,6 @@ from monai.bundle import ConfigParser
 
 from nisf_monai.data import build_datalist, load_datalist
 from nisf_monai.denormals import flush_denormal
-from nisf_monai.inferers import localiser_stride
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -69,18 +68,16 @@ def locator_override(args: argparse.Namespace) -> dict:
     labels), as ``inference.json`` builds it; nothing without ``--localiser``."""
     if not getattr(args, "localiser", ""):
         return {}
+    weights = Path(args.localiser).resolve()
+    if not weights.is_file():
+        sys.exit(f"no localiser weights at {weights}")
     channels = [int(c) for c in args.localiser_channels.split(",")]
+    localiser = f"{str(weights)!r}, 4, 'cpu', {args.localiser_mm}, {channels}, {args.localiser_res_units}"
     return {
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
             "refine_steps": args.refine_steps,
-            "localiser": {
-                "_target_": "nisf_monai.inferers.SliceLocaliser",
-                "network": f"$nisf_monai.inferers.localiser_network(4, {channels}, {args.localiser_res_units})",
-                "weights": str(Path(args.localiser).resolve()),
-                "in_plane_mm": args.localiser_mm,
-                "divisor": localiser_stride(channels),
-            },
+            "localiser": f"$nisf_monai.inferers.load_localiser({localiser})",
         }
     }
 
@@ -247,7 +244,7 @@ def quality_reference(args: argparse.Namespace) -> None:
             images,
             table.weight.detach(),
             parser.get_parsed_content("label_names"),
-            own_rows=[table.case_ids.index(case) for case in case_ids(picks)],
+            own_rows=table.rows(case_ids(picks)).tolist(),
         )
     reference["cases"] = case_ids(picks)
     out = Path(args.output)
