@@ -73,6 +73,19 @@ def test_pose_of_coarse_labels_matches_the_pose_of_the_true_labels() -> None:
     assert float(found[0, :3] @ truth[0, :3]) > math.cos(math.radians(5))  # LV -> RV direction
 
 
+def test_a_stray_blob_does_not_move_the_pose() -> None:
+    """A small false RV far from the heart drags the RV centroid, and with it the pose's x axis, unless each
+    class keeps its largest connected component."""
+    image, label = heart_scan()
+    image[0, 0:12, 42:56, 1:5] = 0.5  # a stray 'RV' blob on the far side of the LV
+    truth = heart_pose(label, oblique_affine())
+    cleaned = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).pose(image)
+    raw = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0, largest_component=False).pose(image)
+    angle = lambda pose: math.degrees(math.acos(min(1.0, float(pose[0, :3] @ truth[0, :3]))))  # noqa: E731
+    assert angle(cleaned) < 5.0
+    assert angle(raw) > 15.0  # the blob does move the uncleaned pose, so the check above means something
+
+
 def test_masked_voxels_are_not_used() -> None:
     image, _ = heart_scan()
     localiser = SliceLocaliser(IntensityClasses())
