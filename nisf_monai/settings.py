@@ -266,6 +266,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "roi_margin_mm": partial(check_non_negative, none_means="to read the whole slab"),
     # latent fit
     "localiser_weight": partial(check_non_negative, unit=""),
+    "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),
     "volume_mode": partial(check_choice, choices=("label", "probability")),
     "measure_source": partial(check_choice, choices=("nisf", "labels")),
     "mesh_format": partial(check_choice, choices=("vtk", "stl", "obj"), none_means="for no meshes"),

@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.transforms import POSE_KEY, CoordinateGridd, CoordinateMapping, HeartPosed, heart_pose
+from nisf_monai.transforms.heart_frame import pose_matrix
 
 SHAPE = (24, 20, 6)
 
@@ -201,3 +202,24 @@ def test_pose_search_looks_only_at_kept_voxels():
     )
     inferer.fit([image], field, masks=[mask[None]])
     assert len(seen) == 1 and torch.equal(seen[0].reshape(SHAPE), mask)
+
+
+def test_points_drawn_near_the_heart_follow_its_gaussian():
+    """``draw_near_heart`` draws points from the heart weighting: on a wide field, about 1 - exp(-1/2) = 39% of
+    them lie within one sigma of the heart's axis in the slice plane, where a uniform draw puts only a few."""
+    extent, sigma = 100.0, 20.0
+    affine, shape = turned_affine(0.2), (120, 120, 4)
+    centre = to_world(affine, (np.asarray(shape) - 1) / 2)  # the heart in the middle of a 180 mm field
+    mapping = CoordinateMapping(affine, shape, extent, pose=pose_matrix(centre, np.eye(3)))
+    coords = mapping.grid(mapping.affine, shape).T  # (3, P) heart-frame network units
+    radius_mm = torch.linalg.norm(coords[:2], dim=0) * extent
+
+    def within_sigma(draw_near_heart: bool) -> float:
+        inferer = LatentOptimisationInferer(
+            num_points=4000, extent_mm=extent, heart_frame=True, heart_sigma_mm=sigma, draw_near_heart=draw_near_heart
+        )
+        index = inferer._draw(coords, torch.Generator().manual_seed(0))
+        return float((radius_mm[index] < sigma).float().mean())
+
+    assert abs(within_sigma(True) - (1 - math.exp(-0.5))) < 0.04
+    assert within_sigma(False) < 0.1

@@ -115,6 +115,11 @@ BAD = [
     ),
     ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
     (
+        "heart_sigma_mm",
+        -40,
+        "heart_sigma_mm: -40 is negative; give a number of mm, 0 or more, or None to weigh every voxel alike",
+    ),
+    (
         "volume_mode",
         "soft",
         "volume_mode: 'soft' is not one of the accepted values; give one of 'label', 'probability'",
@@ -166,6 +171,8 @@ GOOD = [
     ("roi_margin_mm", 0),
     ("localiser_weight", 0),
     ("localiser_weight", 3.0),
+    ("heart_sigma_mm", None),
+    ("heart_sigma_mm", 40.0),
     ("volume_mode", "probability"),
     ("measure_source", "labels"),
     ("mesh_format", None),
