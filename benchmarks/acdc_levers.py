@@ -30,6 +30,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from nisf_monai.classes import STRUCTURES
 from nisf_monai.data import build_datalist, load_datalist
 from nisf_monai.denormals import flush_denormal
 
@@ -331,6 +332,35 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def select_inference_steps(args: argparse.Namespace) -> dict:
+    """``inference_steps.json`` from validation evaluations (several files pool their frames): the fewest steps
+    whose mean Dice is within ``--tolerance`` of the best, since each step costs inference time."""
+    evaluations = [json.loads(Path(f).read_text()) for f in args.evaluations]
+    if any(e["part"] == "test" for e in evaluations):
+        sys.exit("inference steps are chosen on validation frames, never on the test split")
+    steps = evaluations[0]["steps"]
+    if any(e["steps"] != steps for e in evaluations):
+        sys.exit("the evaluations recorded different steps; pool only evaluations with the same --steps")
+    per_case = np.concatenate([[e["per_case"][str(s)] for s in steps] for e in evaluations], axis=1)  # (S, N, C)
+    with np.errstate(invalid="ignore"):
+        per_class = np.nanmean(per_case, axis=1)  # (S, C)
+        curve = np.nanmean(np.nanmean(per_case, axis=2), axis=1)  # classes first, then cases
+    chosen = min(s for s, d in zip(steps, curve) if d >= np.nanmax(curve) - args.tolerance)
+    record = {
+        "inference_steps": int(chosen),
+        "mean_dice_at_best": float(curve[steps.index(chosen)]),
+        "num_cases": int(per_case.shape[1]),
+        "steps": steps,
+        "mean_dice": curve.tolist(),
+        "per_class_dice": {name: per_class[:, c].tolist() for c, name in enumerate(STRUCTURES)},
+        "selected_on": args.selected_on,
+        "evaluations": [Path(f).name for f in args.evaluations],
+    }
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{chosen} steps (mean Dice {record['mean_dice_at_best']:.4f}, best {np.nanmax(curve):.4f}); written {args.output}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -378,7 +408,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
     r.add_argument("--curve-tag", default="", help="only evaluations whose file name ends with this tag make the curve")
+    st = sub.add_parser("steps", help="write inference_steps.json from validation evaluations")
+    st.add_argument("evaluations", nargs="+", help="evaluation_validation_*.json files (their frames are pooled)")
+    st.add_argument("--tolerance", type=float, default=0.005, help="fewest steps within this of the best mean Dice")
+    st.add_argument("--output", default=str(REPO / "bundle" / "models" / "inference_steps.json"))
+    st.add_argument("--selected-on", default="", help="what the evaluations were: recorded in the file")
     args = ap.parse_args(argv)
+    if args.command == "steps":
+        return select_inference_steps(args)
     if args.command == "report":
         report(args)
         return None
