@@ -357,7 +357,8 @@ def select_inference_steps(args: argparse.Namespace) -> dict:
         "evaluations": [Path(f).name for f in args.evaluations],
     }
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{chosen} steps (mean Dice {record['mean_dice_at_best']:.4f}, best {np.nanmax(curve):.4f}); written {args.output}")
+    best = float(np.nanmax(curve))
+    print(f"{chosen} steps (mean Dice {record['mean_dice_at_best']:.4f}, best {best:.4f}); written {args.output}")
     return record
 
 

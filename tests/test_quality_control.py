@@ -171,9 +171,24 @@ def test_synthetic_model_on_a_real_frame_warns(tmp_path):
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
 def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
     """A test-split frame, fitted as inference.json fits it (the shipped localiser's pose, refined; its guided fit)."""
+    from monai.bundle import ConfigParser
+
     from nisf_monai.inferers import HeartLocator, load_localiser
 
-    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    config = {
+        key: parser.get_parsed_content(key)
+        for key in (
+            "localiser_in_plane_mm",
+            "localiser_channels",
+            "localiser_res_units",
+            "localiser_refine_steps",
+            "extent_mm",
+            "localiser_weight",
+            "heart_sigma_mm",
+        )
+    }
     localiser = load_localiser(
         BUNDLE / "models" / "localiser.pt",
         in_plane_mm=config["localiser_in_plane_mm"],
@@ -186,6 +201,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
         "extent_mm": config["extent_mm"],
         "heart_locator": locator,
         "localiser_weight": config["localiser_weight"],
+        "heart_sigma_mm": config["heart_sigma_mm"],
     }
     steps = json.loads((BUNDLE / "models" / "inference_steps.json").read_text())["inference_steps"]
     quality = qc_of(
