@@ -33,6 +33,7 @@ from monai.bundle import ConfigParser
 from nisf_monai.classes import STRUCTURES
 from nisf_monai.data import build_datalist, load_datalist
 from nisf_monai.denormals import flush_denormal
+from nisf_monai.handlers import select_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -342,9 +343,9 @@ def select_inference_steps(args: argparse.Namespace) -> dict:
     if any(e["steps"] != steps for e in evaluations):
         sys.exit("the evaluations recorded different steps; pool only evaluations with the same --steps")
     per_case = np.concatenate([[e["per_case"][str(s)] for s in steps] for e in evaluations], axis=1)  # (S, N, C)
+    _, curve = select_step(steps, per_case.transpose(1, 0, 2))  # the mean curve as StepSelectionHandler makes it
     with np.errstate(invalid="ignore"):
         per_class = np.nanmean(per_case, axis=1)  # (S, C)
-        curve = np.nanmean(np.nanmean(per_case, axis=2), axis=1)  # classes first, then cases
     chosen = min(s for s, d in zip(steps, curve) if d >= np.nanmax(curve) - args.tolerance)
     record = {
         "inference_steps": int(chosen),

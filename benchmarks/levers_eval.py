@@ -149,16 +149,22 @@ def evaluate_cases(
         }
 
 
+def pose_error(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """How far a heart pose (4 x 4, world mm -> heart mm) lands from another: the distance between their origins
+    (mm) and the angle between their x axes, the LV -> RV direction (degrees)."""
+    origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
+    cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
+    return float(np.linalg.norm(origin(found) - origin(truth))), float(np.degrees(np.arccos(cosine)))
+
+
 def _pose_errors(images: list, labels: list) -> dict:
     """Estimated heart poses against the labels' (origin distance in mm, in-plane angle in degrees), per case."""
     origin_mm, angle_deg = [], []
     for image, label in zip(images, labels):
-        found = pose_of(image).numpy()
         truth = heart_pose(label.as_tensor(), label.affine).numpy()
-        origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
-        origin_mm.append(float(np.linalg.norm(origin(found) - origin(truth))))
-        cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
-        angle_deg.append(float(np.degrees(np.arccos(cosine))))
+        origin, angle = pose_error(pose_of(image).numpy(), truth)
+        origin_mm.append(origin)
+        angle_deg.append(angle)
     return {
         "origin_mm": origin_mm,
         "angle_deg": angle_deg,

@@ -18,18 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from acdc_levers import CONFIGS, DATA, WORK, acdc_datalist
+from levers_eval import pose_error
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import expand_cine_datalist, load_datalist
 from nisf_monai.inferers import load_localiser
 from nisf_monai.transforms import heart_pose
-
-
-def pose_error(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Distance between the two origins (mm) and angle between the two x axes (degrees)."""
-    origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
-    cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
-    return float(np.linalg.norm(origin(found) - origin(truth))), float(np.degrees(np.arccos(cosine)))
 
 
 def main(argv: list[str] | None = None) -> dict:

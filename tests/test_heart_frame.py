@@ -218,7 +218,7 @@ def test_points_drawn_near_the_heart_follow_its_gaussian():
         inferer = LatentOptimisationInferer(
             num_points=4000, extent_mm=extent, heart_frame=True, heart_sigma_mm=sigma, draw_near_heart=draw_near_heart
         )
-        index = inferer._draw(coords, torch.Generator().manual_seed(0))
+        index = inferer._draw(coords.shape[-1], torch.Generator().manual_seed(0), inferer._draw_cdf(coords))
         return float((radius_mm[index] < sigma).float().mean())
 
     assert abs(within_sigma(True) - (1 - math.exp(-0.5))) < 0.04

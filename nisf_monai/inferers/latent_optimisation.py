@@ -256,13 +256,14 @@ class LatentOptimisationInferer(Inferer):
             frozen = frozen_view(network)  # no weight gradients, and no flag of the shared network flipped
             coords, targets = self._fit_points(cases, case_masks, device)
             generators = [torch.Generator().manual_seed(self.seed) for _ in cases]  # as for each case alone
+            draw_cdfs = [self._draw_cdf(c) for c in coords]  # fixed for the fit: computed once, not every step
             initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
             latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
             optimizer = torch.optim.Adam([latent], lr=self.learning_rate)
             for step in range(self.num_steps):
                 if monitor is not None and monitor_every and step % monitor_every == 0:
                     monitor(step, latent.detach())
-                loss = self._gradient(frozen, latent, coords, targets, generators)
+                loss = self._gradient(frozen, latent, coords, targets, generators, draw_cdfs)
                 optimizer.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
                     logger.info(
@@ -313,11 +314,12 @@ class LatentOptimisationInferer(Inferer):
         coords: list[torch.Tensor],
         targets: list[torch.Tensor],
         generators: list[torch.Generator],
+        draw_cdfs: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """One step's loss of all cases on freshly drawn points; its gradient with respect to the codes is left in
-        ``latent.grad`` (for the optimizer's step)."""
+        """One step's loss of all cases on freshly drawn points (``draw_cdfs``: see :meth:`_draw`); its gradient
+        with respect to the codes is left in ``latent.grad`` (for the optimizer's step)."""
         device = latent.device
-        index = [self._draw(c, g).to(device) for c, g in zip(coords, generators)]
+        index = [self._draw(c.shape[-1], g, cdf).to(device) for c, g, cdf in zip(coords, generators, draw_cdfs)]
         points, values = [c[:, i] for c, i in zip(coords, index)], [t[:, i] for t, i in zip(targets, index)]
         latent.grad = torch.zeros_like(latent)
         loss = latent.new_zeros(())
@@ -374,17 +376,21 @@ class LatentOptimisationInferer(Inferer):
             total += count
         return groups
 
-    def _draw(self, coords: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Indices of this step's points among a case's voxels ``coords`` (3, P): uniform, or drawn from the
-        heart weighting (``draw_near_heart``)."""
-        num_voxels = coords.shape[-1]
+    def _draw_cdf(self, coords: torch.Tensor) -> torch.Tensor | None:
+        """The cumulative heart weighting over a case's voxels ``coords`` (3, P) that :meth:`_draw` samples from
+        (``draw_near_heart``), or None for uniform draws."""
+        if not self._draws_near_heart:
+            return None
+        return heart_weights(coords, self.extent_mm, self.heart_sigma_mm).cpu().double().cumsum(0)
+
+    def _draw(self, num_voxels: int, generator: torch.Generator, cdf: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of this step's points among a case's ``num_voxels``: uniform, or by inverse CDF from ``cdf``
+        (:meth:`_draw_cdf`; unlike ``torch.multinomial``, no limit on the number of voxels)."""
         if self.num_points is None or self.num_points >= num_voxels:
             return torch.arange(num_voxels)
-        if self._draws_near_heart:
-            # inverse-CDF draw: unlike torch.multinomial, no limit on the number of voxels
-            cumulative = heart_weights(coords, self.extent_mm, self.heart_sigma_mm).cpu().double().cumsum(0)
-            uniform = torch.rand(self.num_points, generator=generator, dtype=torch.float64) * cumulative[-1]
-            return torch.searchsorted(cumulative, uniform).clamp_max(num_voxels - 1)
+        if cdf is not None:
+            uniform = torch.rand(self.num_points, generator=generator, dtype=torch.float64) * cdf[-1]
+            return torch.searchsorted(cdf, uniform).clamp_max(num_voxels - 1)
         return torch.randint(num_voxels, (self.num_points,), generator=generator)
 
     @property
