@@ -65,9 +65,10 @@ def acdc_datalist(work: Path, parts: str) -> str:
     return datalist
 
 
-def locator_override(args: argparse.Namespace) -> dict:
+def locator_override(args: argparse.Namespace, reference_volume_ml: float | None = None) -> dict:
     """The inferer's ``heart_locator`` starting from ``--localiser`` weights (a coarse segmentation network's
-    labels), as ``inference.json`` builds it; nothing without ``--localiser``."""
+    labels, poses scaled to ``reference_volume_ml`` as the network was trained), as ``inference.json`` builds
+    it; nothing without ``--localiser``."""
     if not getattr(args, "localiser", ""):
         return {}
     weights = Path(args.localiser).resolve()
@@ -75,6 +76,7 @@ def locator_override(args: argparse.Namespace) -> dict:
         sys.exit(f"no localiser weights at {weights}")
     channels = [int(c) for c in args.localiser_channels.split(",")]
     localiser = f"{str(weights)!r}, 4, 'cpu', {args.localiser_mm}, {channels}, {args.localiser_res_units}"
+    localiser += f", {reference_volume_ml}"
     return {
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
@@ -166,7 +168,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     overrides = train_record.get("overrides", {})
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
     steps = [int(s) for s in args.steps.split(",")]
-    inferer_overrides = parse_overrides(args.set) | locator_override(args)
+    reference_volume_ml = overrides.get("heart_reference_volume_ml")
+    inferer_overrides = parse_overrides(args.set) | locator_override(args, reference_volume_ml)
     start = time.perf_counter()
     with flush_denormal():
         result = evaluate_cases(
@@ -226,7 +229,7 @@ def quality_reference(args: argparse.Namespace) -> None:
         "num_steps": args.steps,
         "log_every": 0,
         **parse_overrides(args.set),
-        **locator_override(args),
+        **locator_override(args, record.get("overrides", {}).get("heart_reference_volume_ml")),
     }.items():
         parser[f"validate#inferer#{key}"] = value
     saved = torch.load(root / "snapshots" / (args.snapshot or "final.pt"), map_location="cpu", weights_only=False)

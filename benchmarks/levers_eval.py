@@ -25,7 +25,7 @@ from monai.losses import DiceLoss
 
 from nisf_monai.data import case_ids
 from nisf_monai.networks import LatentTable
-from nisf_monai.transforms import HeartPosed, heart_pose, pose_of
+from nisf_monai.transforms import HeartPosed, heart_pose, pose_of, split_pose
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
@@ -105,7 +105,7 @@ def evaluate_cases(
     for case in cases:
         d = preprocessing(dict(case))
         if heart_frame and pose == "label":
-            d = HeartPosed(["image", "label"])(d)
+            d = HeartPosed(["image", "label"], reference_volume_ml=config_overrides.get("heart_reference_volume_ml"))(d)
         images.append(d["image"])
         labels.append(d["label"])
         names.append(case_ids([case])[0])
@@ -151,10 +151,10 @@ def evaluate_cases(
 
 def pose_error(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """How far a heart pose (4 x 4, world mm -> heart mm) lands from another: the distance between their origins
-    (mm) and the angle between their x axes, the LV -> RV direction (degrees)."""
-    origin = lambda pose: -pose[:3, :3].T @ pose[:3, 3]  # noqa: E731
-    cosine = float(np.clip(found[0, :3] @ truth[0, :3], -1.0, 1.0))
-    return float(np.linalg.norm(origin(found) - origin(truth))), float(np.degrees(np.arccos(cosine)))
+    (mm) and the angle between their x axes, the LV -> RV direction (degrees). Scales are not compared."""
+    (found_origin, found_axes, _), (true_origin, true_axes, _) = split_pose(found), split_pose(truth)
+    cosine = float(torch.clip(found_axes[0] @ true_axes[0], -1.0, 1.0))
+    return float(torch.linalg.norm(found_origin - true_origin)), float(np.degrees(np.arccos(cosine)))
 
 
 def _pose_errors(images: list, labels: list) -> dict:

@@ -133,17 +133,21 @@ def check_fraction(name: str, value: Any, include_zero: bool = True) -> float:
     return float(value)
 
 
-def check_non_negative(name: str, value: Any, unit: str = "mm", none_means: str | None = None) -> float | None:
-    """A finite number >= 0 (of ``unit``, or a plain number for ""); ``none_means`` says what None does, if it is
-    allowed."""
+def check_non_negative(
+    name: str, value: Any, unit: str = "mm", none_means: str | None = None, positive: bool = False
+) -> float | None:
+    """A finite number >= 0 (> 0 if ``positive``) of ``unit`` (a plain number for ""); ``none_means`` says what
+    None does, if it is allowed."""
     quantity = f"a number of {unit}" if unit else "a number"
-    accepted = f"give {quantity}, 0 or more" + (f", or None {none_means}" if none_means else "")
+    bound = "above 0" if positive else "0 or more"
+    accepted = f"give {quantity}, {bound}" + (f", or None {none_means}" if none_means else "")
     if value is None and none_means:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SettingsError(name, f"{_show(value)} is not a number{_none_hint(value)}", accepted)
-    if not math.isfinite(value) or value < 0:
-        raise SettingsError(name, f"{value} is {'negative' if value < 0 else 'not finite'}", accepted)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        problem = "negative" if value < 0 else "zero" if value == 0 else "not finite"
+        raise SettingsError(name, f"{value} is {problem}", accepted)
     return float(value)
 
 
@@ -267,6 +271,9 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     # latent fit
     "localiser_weight": partial(check_non_negative, unit=""),
     "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),
+    "heart_reference_volume_ml": partial(
+        check_non_negative, unit="ml", positive=True, none_means="to keep each heart's own size"
+    ),
     "volume_mode": partial(check_choice, choices=("label", "probability")),
     "measure_source": partial(check_choice, choices=("nisf", "labels")),
     "mesh_format": partial(check_choice, choices=("vtk", "stl", "obj"), none_means="for no meshes"),

@@ -34,6 +34,7 @@ SHARED = [
     "heart_frame",
     "extent_mm",
     "heart_sigma_mm",
+    "heart_reference_volume_ml",
     "localiser_in_plane_mm",
     "network_def",
     "network",

@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.transforms import POSE_KEY, CoordinateGridd, CoordinateMapping, HeartPosed, heart_pose
-from nisf_monai.transforms.heart_frame import pose_matrix
+from nisf_monai.transforms.heart_frame import pose_matrix, split_pose
 
 SHAPE = (24, 20, 6)
 
@@ -92,6 +92,59 @@ def test_transform_carries_the_pose_to_the_coordinates():
     # the inferer reads the same frame from the image's metadata
     mapping = LatentOptimisationInferer(extent_mm=100.0).frame_of(posed["image"][None])
     torch.testing.assert_close(mapping.grid(affine, SHAPE).T.reshape(3, *SHAPE), expected)
+
+
+def lv_volume_ml(label: np.ndarray, affine: np.ndarray) -> float:
+    return float(np.isin(label, [1, 2]).sum()) * abs(np.linalg.det(affine[:3, :3])) / 1000.0
+
+
+def test_reference_volume_scales_the_frame_and_keeps_origin_and_axes():
+    affine = turned_affine(math.pi / 5)
+    label = two_ventricles()
+    rigid = heart_pose(label, affine)
+    scaled = heart_pose(label, affine, reference_volume_ml=8.0 * lv_volume_ml(label, affine))
+    (origin, axes, scale), (rigid_origin, rigid_axes, rigid_scale) = split_pose(scaled), split_pose(rigid)
+    assert scale == pytest.approx(2.0) and rigid_scale == pytest.approx(1.0)
+    torch.testing.assert_close(origin, rigid_origin)
+    torch.testing.assert_close(axes, rigid_axes)
+    point = to_world(affine, [8, 10, 2])
+    np.testing.assert_allclose(
+        scaled[:3, :3].numpy() @ point + scaled[:3, 3].numpy(),
+        2.0 * (rigid[:3, :3].numpy() @ point + rigid[:3, 3].numpy()),
+    )
+
+
+def test_a_larger_heart_fills_the_scaled_frame_as_a_smaller_one_does():
+    """The same heart at 1.5x the size (every voxel 1.5x larger) gets the same coordinates in the scaled frame."""
+    label = two_ventricles()
+    small = turned_affine(0.3)
+    large = small.copy()
+    large[:3, :3] *= 1.5
+    coords = {}
+    for name, affine in (("small", small), ("large", large)):
+        pose = heart_pose(label, affine, reference_volume_ml=1.0)
+        mapping = CoordinateMapping(affine, SHAPE, 100.0, pose=pose)
+        coords[name] = mapping.from_world(torch.as_tensor(to_world(affine, [11, 8, 3]))[None])
+    torch.testing.assert_close(coords["small"], coords["large"], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="reference_volume_ml"):
+        HeartPosed(["image"], reference_volume_ml=-1.0)
+
+
+def test_a_corrected_pose_in_a_scaled_frame_matches_the_moved_coordinates():
+    """The refinement moves coordinates (frame units); the pose it returns must give the same coordinates."""
+    from nisf_monai.inferers.heart_locator import HeartLocator, _corrected_pose, _moved
+
+    affine = turned_affine(0.7)
+    origin, rotation, scale = split_pose(heart_pose(two_ventricles(), affine, reference_volume_ml=1.0))
+    assert scale != pytest.approx(1.0)
+    world = torch.as_tensor(np.stack([to_world(affine, i) for i in [[3, 4, 1], [12, 9, 2], [20, 15, 5]]]))
+    shift_mm, angle, extent = torch.tensor([7.0, -4.0, 2.5], dtype=torch.float64), 0.3, 100.0
+    base = HeartLocator._coords(world, origin[None], (rotation * scale)[None], extent)
+    moved = _moved(base.double(), (shift_mm / extent)[None], torch.tensor([angle], dtype=torch.float64))
+    corrected = _corrected_pose(origin, rotation, shift_mm, angle, scale)
+    direct = CoordinateMapping(affine, SHAPE, extent, pose=corrected).from_world(world)
+    torch.testing.assert_close(direct.double(), moved[0].T, atol=1e-5, rtol=0)
+    assert split_pose(corrected)[2] == pytest.approx(scale)
 
 
 def test_label_without_lv_warns_and_keeps_volume_centre(caplog):

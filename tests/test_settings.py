@@ -120,6 +120,11 @@ BAD = [
         "heart_sigma_mm: -40 is negative; give a number of mm, 0 or more, or None to weigh every voxel alike",
     ),
     (
+        "heart_reference_volume_ml",
+        0,
+        "heart_reference_volume_ml: 0 is zero; give a number of ml, above 0, or None to keep each heart's own size",
+    ),
+    (
         "volume_mode",
         "soft",
         "volume_mode: 'soft' is not one of the accepted values; give one of 'label', 'probability'",
@@ -173,6 +178,8 @@ GOOD = [
     ("localiser_weight", 3.0),
     ("heart_sigma_mm", None),
     ("heart_sigma_mm", 40.0),
+    ("heart_reference_volume_ml", None),
+    ("heart_reference_volume_ml", 250.0),
     ("volume_mode", "probability"),
     ("measure_source", "labels"),
     ("mesh_format", None),

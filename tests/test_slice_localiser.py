@@ -113,6 +113,25 @@ def test_locator_starts_from_the_localiser_pose() -> None:
     assert torch.linalg.norm(origin(refined) - origin(pose)) < 15.0  # a correction, not a new search
 
 
+def test_a_scaled_localiser_pose_keeps_its_scale_through_refinement() -> None:
+    """A network trained in frames scaled to a reference LV volume gets the localiser's pose in the same scale."""
+    from nisf_monai.transforms import split_pose
+
+    image, _ = heart_scan()
+    rigid = SliceLocaliser(IntensityClasses()).pose(image)
+    localiser = SliceLocaliser(IntensityClasses(), reference_volume_ml=50.0)
+    pose = localiser.pose(image)
+    coarse = localiser.labels(image)  # at the localiser's spacing, with its own affine
+    lv_ml = float((coarse == 1).sum()) * abs(float(np.linalg.det(coarse.affine[:3, :3]))) / 1000.0
+    assert split_pose(pose)[2] == pytest.approx((50.0 / lv_ml) ** (1 / 3), rel=1e-6)
+    torch.testing.assert_close(split_pose(pose)[0], split_pose(rigid)[0])
+    refined = HeartLocator(localiser=localiser, refine_steps=3, score_points=256).locate(
+        image, tiny_heart_net(), extent_mm=100.0
+    )
+    assert split_pose(refined)[2] == pytest.approx(split_pose(pose)[2])
+    assert torch.linalg.norm(split_pose(refined)[0] - split_pose(pose)[0]) < 15.0
+
+
 def test_locator_falls_back_to_the_search_when_the_localiser_finds_no_heart(caplog: pytest.LogCaptureFixture) -> None:
     image, _ = heart_scan()
     locator = HeartLocator(

@@ -24,6 +24,7 @@ from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
 from nisf_monai.io import atomic_write_json
 from nisf_monai.spatial import voxel_volume_ml
 from nisf_monai.transforms.coordinates import pose_of
+from nisf_monai.transforms.heart_frame import split_pose
 from nisf_monai.transforms.loading import frame_name_formatter
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ def case_quality(
     pose = pose_of(case)
     heart = None
     if pose is not None:  # where the heart frame was put (found from intensity at inference, or given)
-        heart = {"origin_mm": (-pose[:3, :3].T @ pose[:3, 3]).tolist(), "axes": pose[:3, :3].tolist()}
+        origin, axes, scale = split_pose(pose)
+        heart = {"origin_mm": origin.tolist(), "axes": axes.tolist(), "scale": scale}
     return {
         "heart_frame": heart,
         "reconstruction_error": error,

@@ -33,7 +33,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
 from nisf_monai.transforms.coordinates import CoordinateMapping
-from nisf_monai.transforms.heart_frame import pose_matrix
+from nisf_monai.transforms.heart_frame import pose_matrix, split_pose
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
 
@@ -192,10 +192,10 @@ class HeartLocator:
         kept = None if mask is None else torch.as_tensor(mask).reshape(-1).nonzero().squeeze(1)
         found = self.localiser.pose(image, mask) if self.localiser is not None else None
         if found is not None:
-            origins, rotations = (-found[:3, :3].T @ found[:3, 3])[None], found[None, :3, :3]
             if self.refine_steps == 0:
-                return pose_matrix(origins[0].numpy(), rotations[0].numpy())
-            return self._refine(network, image, origins, rotations, extent_mm, generator, device, kept)
+                return found
+            origin, rotation, scale = split_pose(found)  # the localiser's scale is kept; origin and angle refined
+            return self._refine(network, image, origin[None], rotation[None], extent_mm, generator, device, kept, scale)
         if self.localiser is not None:
             logger.warning(
                 "the localiser found no left ventricle in %s: searching the heart by reconstruction instead.",
@@ -212,8 +212,11 @@ class HeartLocator:
         group = max(1, 16384 // self.score_points) if device.type == "cpu" else coords.shape[0]
         return torch.argsort(self._scores(network, coords, target.to(device), extent_mm, group))
 
-    def _refine(self, network, image, origins, rotations, extent_mm, generator, device, kept) -> torch.Tensor:
-        """Joint code + in-plane pose fit from each start; the pose of the lowest final loss."""
+    def _refine(
+        self, network, image, origins, rotations, extent_mm, generator, device, kept, scale: float = 1.0
+    ) -> torch.Tensor:
+        """Joint code + in-plane pose fit from each start (frames of the given ``scale``); the pose of the lowest
+        final loss."""
         starts = origins.shape[0]
         latent = (
             (torch.randn(starts, int(network.latent_dim), generator=generator) * 1e-4).to(device).requires_grad_(True)
@@ -230,7 +233,7 @@ class HeartLocator:
         losses = torch.zeros(starts)
         for step in range(self.refine_steps + 1):
             world, target = self._voxels(image, generator, kept)
-            base = self._coords(world, origins, rotations, extent_mm).to(device)  # (S, 3, P)
+            base = self._coords(world, origins, rotations * scale, extent_mm).to(device)  # (S, 3, P)
             coords = _moved(base, shift * (self.step_mm / extent_mm), angle)
             _, logit = network.forward_heads(coords, latent)
             bce = F.binary_cross_entropy_with_logits(
@@ -245,9 +248,8 @@ class HeartLocator:
             loss.backward()
             optimizer.step()
         b = int(torch.argmin(losses))
-        return _corrected_pose(
-            origins[b], rotations[b], shift[b].detach().cpu().double() * self.step_mm, float(angle[b].detach())
-        )
+        shift_mm = shift[b].detach().cpu().double() * self.step_mm
+        return _corrected_pose(origins[b], rotations[b], shift_mm, float(angle[b].detach()), scale)
 
 
 def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -258,10 +260,12 @@ def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> to
     return torch.stack([c * x + s * y, -s * x + c * y, coords[:, 2] - shift[:, 2:3]], dim=1)
 
 
-def _corrected_pose(origin: torch.Tensor, rotation: torch.Tensor, shift_mm: torch.Tensor, angle: float) -> torch.Tensor:
-    """The pose whose coordinates equal ``_moved`` of the start pose's: origin moved by the shift along the
-    start's heart axes, axes turned by the angle about heart z."""
-    new_origin = origin + shift_mm[0] * rotation[0] + shift_mm[1] * rotation[1] + shift_mm[2] * rotation[2]
+def _corrected_pose(
+    origin: torch.Tensor, rotation: torch.Tensor, shift_mm: torch.Tensor, angle: float, scale: float = 1.0
+) -> torch.Tensor:
+    """The pose whose coordinates equal ``_moved`` of the start pose's: origin moved by the shift (frame mm, so
+    ``shift / scale`` world mm) along the start's heart axes, axes turned by the angle about heart z."""
+    new_origin = origin + (shift_mm[0] * rotation[0] + shift_mm[1] * rotation[1] + shift_mm[2] * rotation[2]) / scale
     c, s = math.cos(angle), math.sin(angle)
     turn = torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    return pose_matrix(new_origin.numpy(), (turn @ rotation).numpy())
+    return pose_matrix(new_origin.numpy(), (turn @ rotation).numpy(), scale)

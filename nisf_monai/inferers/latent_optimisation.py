@@ -18,6 +18,7 @@ from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
 from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateMapping, pose_of
+from nisf_monai.transforms.heart_frame import split_pose
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
 
@@ -206,10 +207,12 @@ class LatentOptimisationInferer(Inferer):
                     continue
                 pose = self.heart_locator.locate(image, network, self.extent_mm, mask)
                 image.meta[POSE_KEY] = pose
+                origin, _, scale = split_pose(pose)
                 logger.debug(
-                    "heart frame of %s: origin %s mm",
+                    "heart frame of %s: origin %s mm, scale %.3f",
                     image.meta.get("filename_or_obj", "a case"),
-                    np.round((-pose[:3, :3].T @ pose[:3, 3]).numpy(), 1).tolist(),
+                    np.round(origin.numpy(), 1).tolist(),
+                    scale,
                 )
 
     @staticmethod

@@ -60,6 +60,8 @@ class SliceLocaliser:
         largest_component: take the pose from each class's largest connected component. A stray blob (an RV
             predicted in the liver, an LV in the aorta) drags a centroid by centimetres; on 20 ACDC validation
             frames the cleanup halved the median origin and angle errors (``benchmarks/README.md``).
+        reference_volume_ml: scale the pose to an LV of this volume, as the network's training did
+            (:class:`~nisf_monai.transforms.HeartPosed`); None for networks trained in world millimetres.
     """
 
     def __init__(
@@ -70,9 +72,12 @@ class SliceLocaliser:
         divisor: int = 16,
         slices_per_batch: int = 32,
         largest_component: bool = True,
+        reference_volume_ml: float | None = None,
     ) -> None:
         if in_plane_mm <= 0 or divisor < 1 or slices_per_batch < 1:
             raise ValueError("SliceLocaliser needs in_plane_mm > 0, divisor >= 1 and slices_per_batch >= 1.")
+        if reference_volume_ml is not None and reference_volume_ml <= 0:
+            raise ValueError(f"reference_volume_ml must be positive (ml) or None, got {reference_volume_ml}.")
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(
@@ -93,6 +98,7 @@ class SliceLocaliser:
         self.divisor = int(divisor)
         self.slices_per_batch = int(slices_per_batch)
         self.largest_component = bool(largest_component)
+        self.reference_volume_ml = reference_volume_ml
 
     def resample(self, volume: MetaTensor, mode: str = "bilinear") -> MetaTensor:
         """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing, slice spacing unchanged (-1 keeps it)."""
@@ -151,7 +157,7 @@ class SliceLocaliser:
             classes = [int(c) for c in label.unique() if c > 0]
             if classes:
                 label = KeepLargestConnectedComponent(applied_labels=classes)(label)
-        return heart_pose(label.as_tensor(), label.affine)
+        return heart_pose(label.as_tensor(), label.affine, reference_volume_ml=self.reference_volume_ml)
 
 
 def load_localiser(
@@ -161,9 +167,11 @@ def load_localiser(
     in_plane_mm: float = 2.0,
     channels: tuple[int, ...] = (16, 32, 64, 128, 256),
     num_res_units: int = 2,
+    reference_volume_ml: float | None = None,
 ) -> SliceLocaliser | None:
     """The bundle's localiser from ``weights`` (:func:`localiser_network` with ``channels`` and ``num_res_units``,
-    trained at ``in_plane_mm``), or None with a warning when the file is missing, so that a bundle trained
+    trained at ``in_plane_mm``; poses scaled to ``reference_volume_ml`` as the NISF network was trained), or None
+    with a warning when the file is missing, so that a bundle trained
     without one still runs (its pose is then searched by reconstruction)."""
     if not Path(weights).is_file():
         logger.warning(
@@ -173,4 +181,10 @@ def load_localiser(
         )
         return None
     network = localiser_network(num_classes, channels, num_res_units).to(device)
-    return SliceLocaliser(network, weights, in_plane_mm=in_plane_mm, divisor=localiser_stride(channels))
+    return SliceLocaliser(
+        network,
+        weights,
+        in_plane_mm=in_plane_mm,
+        divisor=localiser_stride(channels),
+        reference_volume_ml=reference_volume_ml,
+    )

@@ -8,7 +8,7 @@ from nisf_monai.transforms.coordinates import (
     pose_of,
 )
 from nisf_monai.transforms.figures import OverlayFigured, mid_ventricular_slice
-from nisf_monai.transforms.heart_frame import HeartPosed, heart_pose, pose_matrix
+from nisf_monai.transforms.heart_frame import HeartPosed, heart_pose, pose_matrix, split_pose
 from nisf_monai.transforms.loading import (
     CaseIDd,
     LoadCase,
@@ -54,6 +54,7 @@ __all__ = [
     "mid_ventricular_slice",
     "pose_matrix",
     "pose_of",
+    "split_pose",
     "kept_slices",
     "slice_selection",
     "source_of",

@@ -3,12 +3,15 @@
 Cine fields of view place the heart anywhere: in ACDC the labelled heart's centroid lies 24 mm from the
 volume centre at the median and up to 92 mm, and the left-to-right-ventricle direction turns from scan to
 scan. Relative to the volume centre, the network and the codes have to spend themselves on where the heart
-is. The heart frame is a rigid map of world millimetres per case:
+is. The heart frame is a map of world millimetres per case:
 
 - origin: the centroid of the left ventricle (blood pool and myocardium), in mm;
 - z: the slice normal (the image's third voxel axis), so short-axis slices stay planes of constant z;
 - x: the direction from the LV centroid to the RV blood pool's centroid, projected into the slice plane;
-- y: z cross x (right-handed).
+- y: z cross x (right-handed);
+- optionally a scale (``reference_volume_ml``): ``(reference / LV volume) ** (1/3)``, the same for every axis,
+  so that a dilated or a small heart fills the frame as a heart of the reference volume does (the left
+  ventricle's volume being blood pool plus myocardium). The frame's millimetres are then the reference heart's.
 
 Training takes it from the labels (:class:`HeartPosed`); inference has no labels and estimates it from the
 image (see :class:`~nisf_monai.inferers.LatentOptimisationInferer`). The pose travels in the image's
@@ -28,19 +31,30 @@ from monai.transforms import MapTransform
 
 from nisf_monai.transforms.coordinates import POSE_KEY
 
-__all__ = ["HeartPosed", "heart_pose", "pose_matrix"]
+__all__ = ["HeartPosed", "heart_pose", "pose_matrix", "split_pose"]
 
 logger = logging.getLogger("nisf_monai")
 
 
-def pose_matrix(origin: torch.Tensor | np.ndarray, rotation: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """4 x 4 map of world mm into a frame with the given origin (world mm) and axes (rows of ``rotation``)."""
-    rotation = torch.as_tensor(np.asarray(rotation, dtype=np.float64))
+def pose_matrix(
+    origin: torch.Tensor | np.ndarray, rotation: torch.Tensor | np.ndarray, scale: float = 1.0
+) -> torch.Tensor:
+    """4 x 4 map of world mm into a frame with the given origin (world mm), axes (rows of ``rotation``) and
+    isotropic ``scale`` (frame mm per world mm)."""
+    rotation = torch.as_tensor(np.asarray(rotation, dtype=np.float64)) * float(scale)
     origin = torch.as_tensor(np.asarray(origin, dtype=np.float64))
     pose = torch.eye(4, dtype=torch.float64)
     pose[:3, :3] = rotation
     pose[:3, 3] = -rotation @ origin
     return pose
+
+
+def split_pose(pose: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The origin (world mm), axes (rows, orthonormal) and scale of a pose made by :func:`pose_matrix`."""
+    pose = torch.as_tensor(np.asarray(pose, dtype=np.float64))
+    scale = float(torch.linalg.det(pose[:3, :3]).abs() ** (1.0 / 3.0))
+    rotation = pose[:3, :3] / scale
+    return -rotation.T @ pose[:3, 3] / scale, rotation, scale
 
 
 def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
@@ -56,16 +70,23 @@ def heart_pose(
     lv_classes: Sequence[int] = (1, 2),
     rv_classes: Sequence[int] = (3,),
     rotate: bool = True,
+    reference_volume_ml: float | None = None,
 ) -> torch.Tensor | None:
     """The heart frame's pose (4 x 4, world mm -> heart frame mm) of a label map ``(X, Y, Z)`` or ``(1, X, Y, Z)``
     in the bundle's classes, or None when it has no left ventricle. Without an RV (or ``rotate=False``) the
-    axes stay the image's world axes and only the origin moves."""
+    axes stay the image's world axes and only the origin moves. With ``reference_volume_ml`` the frame is
+    scaled so that the LV (``lv_classes``) has that volume in it; without, it keeps world millimetres."""
     label = np.asarray(label)
     label = label[0] if label.ndim == 4 else label
     affine = np.asarray(affine, dtype=np.float64)
-    lv = _centroid(np.isin(label, list(lv_classes)), affine)
+    lv_mask = np.isin(label, list(lv_classes))
+    lv = _centroid(lv_mask, affine)
     if lv is None:
         return None
+    scale = 1.0
+    if reference_volume_ml is not None:
+        volume_ml = float(lv_mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        scale = (float(reference_volume_ml) / volume_ml) ** (1.0 / 3.0)
     rotation = np.eye(3)
     rv = _centroid(np.isin(label, list(rv_classes)), affine) if rotate else None
     if rv is not None:
@@ -75,7 +96,7 @@ def heart_pose(
         if np.linalg.norm(towards_rv) > 1e-6:
             x_axis = towards_rv / np.linalg.norm(towards_rv)
             rotation = np.stack([x_axis, np.cross(normal, x_axis), normal])
-    return pose_matrix(lv, rotation)
+    return pose_matrix(lv, rotation, scale)
 
 
 class HeartPosed(MapTransform):
@@ -87,6 +108,8 @@ class HeartPosed(MapTransform):
         lv_classes: classes whose centroid is the origin (LV blood pool and myocardium).
         rv_classes: classes whose centroid sets the x axis (RV blood pool).
         rotate: turn the in-plane axes to the LV -> RV direction; False moves the origin only.
+        reference_volume_ml: scale each case's frame to an LV of this volume (blood pool + myocardium, ml);
+            None keeps world millimetres. Inference must use the same value (``SliceLocaliser``).
     """
 
     def __init__(
@@ -96,9 +119,13 @@ class HeartPosed(MapTransform):
         lv_classes: Sequence[int] = (1, 2),
         rv_classes: Sequence[int] = (3,),
         rotate: bool = True,
+        reference_volume_ml: float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if reference_volume_ml is not None and reference_volume_ml <= 0:
+            raise ValueError(f"reference_volume_ml must be positive (ml) or None, got {reference_volume_ml}.")
+        self.reference_volume_ml = reference_volume_ml
         self.label_key = label_key
         self.lv_classes = tuple(lv_classes)
         self.rv_classes = tuple(rv_classes)
@@ -109,7 +136,9 @@ class HeartPosed(MapTransform):
         label = d[self.label_key]
         if not isinstance(label, MetaTensor):
             raise TypeError("the heart frame needs the label's affine: load it as a MetaTensor (MONAI LoadImaged).")
-        pose = heart_pose(label.as_tensor(), label.affine, self.lv_classes, self.rv_classes, self.rotate)
+        pose = heart_pose(
+            label.as_tensor(), label.affine, self.lv_classes, self.rv_classes, self.rotate, self.reference_volume_ml
+        )
         if pose is None:
             logger.warning(
                 "%s has no left ventricle: its coordinates stay relative to the volume centre.",
