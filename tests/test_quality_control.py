@@ -187,6 +187,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
             "extent_mm",
             "localiser_weight",
             "heart_sigma_mm",
+            "heart_reference_volume_ml",
         )
     }
     localiser = load_localiser(
@@ -194,6 +195,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
         in_plane_mm=config["localiser_in_plane_mm"],
         channels=config["localiser_channels"],
         num_res_units=config["localiser_res_units"],
+        reference_volume_ml=config["heart_reference_volume_ml"],
     )
     locator = HeartLocator(localiser=localiser, refine_steps=config["localiser_refine_steps"])
     settings = {
