@@ -157,6 +157,12 @@ def pose_error(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(torch.linalg.norm(found_origin - true_origin)), float(np.degrees(np.arccos(cosine)))
 
 
+def scale_error(found: np.ndarray, truth: np.ndarray) -> float:
+    """How far a pose's scale lands from another's, in per cent of the latter (any reference volume: the ratio
+    of scales is the cube root of the inverse ratio of LV volumes)."""
+    return abs(split_pose(found)[2] / split_pose(truth)[2] - 1.0) * 100.0
+
+
 def _pose_errors(images: list, labels: list) -> dict:
     """Estimated heart poses against the labels' (origin distance in mm, in-plane angle in degrees), per case."""
     origin_mm, angle_deg = [], []

@@ -1,5 +1,6 @@
 """How far the slice localiser's heart pose lands from the labels' pose, with and without keeping each class's
-largest connected component before the centroids (``SliceLocaliser(largest_component=...)``).
+largest connected component before the centroids (``SliceLocaliser(largest_component=...)``), and how far the
+scale that its LV volume gives (``heart_reference_volume_ml``) lands from the labels' scale.
 
 No code is fitted: the pose comes from the localiser's coarse labels alone, on ACDC validation frames. Prints a
 table and writes JSON beside the localiser run::
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from acdc_levers import CONFIGS, DATA, WORK, acdc_datalist
-from levers_eval import pose_error
+from levers_eval import pose_error, scale_error
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import expand_cine_datalist, load_datalist
@@ -42,16 +43,18 @@ def main(argv: list[str] | None = None) -> dict:
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     cases = expand_cine_datalist(load_datalist(datalist, "validation"))
     cases = cases[: args.frames] if args.frames > 0 else cases
-    localiser = load_localiser(args.localiser)
-    errors: dict[str, list[tuple[float, float]]] = {"as predicted": [], "largest components": []}
+    reference_ml = 250.0  # any value: only the ratio of the two scales is compared
+    localiser = load_localiser(args.localiser, reference_volume_ml=reference_ml)
+    errors: dict[str, list[tuple[float, float, float]]] = {"as predicted": [], "largest components": []}
     for case in cases:
         data = preprocessing(dict(case))
-        truth = heart_pose(data["label"].as_tensor(), data["label"].affine).numpy()
+        truth = heart_pose(data["label"].as_tensor(), data["label"].affine, reference_volume_ml=reference_ml).numpy()
         for name, largest in (("as predicted", False), ("largest components", True)):
             localiser.largest_component = largest
-            errors[name].append(pose_error(localiser.pose(data["image"]).numpy(), truth))
-    print(f"{len(cases)} validation frames; origin error (mm) and angle error (deg), median / max")
-    print(f"{'labels':<20} {'origin':>14} {'angle':>14}")
+            found = localiser.pose(data["image"]).numpy()
+            errors[name].append((*pose_error(found, truth), scale_error(found, truth)))
+    print(f"{len(cases)} validation frames; origin (mm), angle (deg) and scale (%) errors, median / max")
+    print(f"{'labels':<20} {'origin':>14} {'angle':>14} {'scale':>14}")
     summary = {}
     for name, rows in errors.items():
         values = np.asarray(rows)
@@ -62,11 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
             "max_origin_mm": float(values[:, 0].max()),
             "median_angle_deg": float(np.median(values[:, 1])),
             "max_angle_deg": float(values[:, 1].max()),
+            "scale_percent": values[:, 2].tolist(),
+            "median_scale_percent": float(np.median(values[:, 2])),
+            "max_scale_percent": float(values[:, 2].max()),
         }
         s = summary[name]
         print(
             f"{name:<20} {s['median_origin_mm']:6.1f} / {s['max_origin_mm']:5.1f} "
-            f"{s['median_angle_deg']:6.1f} / {s['max_angle_deg']:5.1f}"
+            f"{s['median_angle_deg']:6.1f} / {s['max_angle_deg']:5.1f} "
+            f"{s['median_scale_percent']:6.1f} / {s['max_scale_percent']:5.1f}"
         )
     output = Path(args.output) if args.output else Path(args.localiser).parent.parent / "localiser_pose.json"
     output.write_text(json.dumps({"localiser": str(args.localiser), "frames": len(cases), **summary}, indent=2))
