@@ -65,6 +65,12 @@ def acdc_datalist(work: Path, parts: str) -> str:
     return datalist
 
 
+def run_overrides(record: dict) -> dict:
+    """The config overrides a run was trained with. Runs from before ``heart_reference_volume_ml`` existed were
+    trained in world millimetres, so they get None rather than today's default."""
+    return {"heart_reference_volume_ml": None, **record.get("overrides", {})}
+
+
 def locator_override(args: argparse.Namespace, reference_volume_ml: float | None = None) -> dict:
     """The inferer's ``heart_locator`` starting from ``--localiser`` weights (a coarse segmentation network's
     labels, poses scaled to ``reference_volume_ml`` as the network was trained), as ``inference.json`` builds
@@ -96,7 +102,8 @@ def train(args: argparse.Namespace) -> None:
         else {"cpu_s": 0.0, "iterations": 0, "snapshots": []}
     )
     overrides = parse_overrides(args.set)
-    record["overrides"] = overrides
+    if record_path.is_file():  # resuming: what the run was trained with so far, unless --set changes it
+        overrides = run_overrides(record) | overrides
     torch.set_num_threads(args.threads)
     datalist = acdc_datalist(WORK, args.parts)
     parser = ConfigParser()
@@ -111,6 +118,9 @@ def train(args: argparse.Namespace) -> None:
             **overrides,
         }
     )
+    record["overrides"] = overrides | {
+        "heart_reference_volume_ml": parser.get_parsed_content("heart_reference_volume_ml")
+    }
     trainer = parser.get_parsed_content("train#trainer")
     network, latents = parser.get_parsed_content("network"), parser.get_parsed_content("train#latents")
     cpu_start, cpu_before = time.process_time(), float(record["cpu_s"])
@@ -165,7 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     datalist = acdc_datalist(WORK, "split")
     cases = load_datalist(datalist, args.part)[args.offset :][: args.frames or None]
     train_record = json.loads((root / "record.json").read_text())
-    overrides = train_record.get("overrides", {})
+    overrides = run_overrides(train_record)
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
     steps = [int(s) for s in args.steps.split(",")]
     reference_volume_ml = overrides.get("heart_reference_volume_ml")
@@ -224,12 +234,13 @@ def quality_reference(args: argparse.Namespace) -> None:
     datalist = str(WORK / ("datalist_final.json" if (WORK / "datalist_final.json").is_file() else "datalist.json"))
     parser = ConfigParser()
     parser.read_config(str(configs / "train.json"))
-    parser.update({"datalist": datalist, **record.get("overrides", {})})
+    overrides = run_overrides(record)
+    parser.update({"datalist": datalist, **overrides})
     for key, value in {
         "num_steps": args.steps,
         "log_every": 0,
         **parse_overrides(args.set),
-        **locator_override(args, record.get("overrides", {}).get("heart_reference_volume_ml")),
+        **locator_override(args, overrides["heart_reference_volume_ml"]),
     }.items():
         parser[f"validate#inferer#{key}"] = value
     saved = torch.load(root / "snapshots" / (args.snapshot or "final.pt"), map_location="cpu", weights_only=False)
