@@ -1,4 +1,5 @@
-"""Renamed arguments, attributes and classes keep working for one release, with a ``FutureWarning``.
+"""Renamed arguments, attributes and classes keep working for one release, with a ``FutureWarning``; after that
+they raise an error that names the new name.
 
 MONAI's :func:`monai.utils.deprecated_arg` / :func:`monai.utils.deprecated` do the work; they are given this
 package's version, not MONAI's, so that ``since`` / ``removed`` refer to ``nisf_monai`` releases. Once the
@@ -56,13 +57,16 @@ def renamed_class(new: type, old: str) -> type:
 def renamed_attribute(old: str, new: str) -> property:
     """A property ``old`` that reads and writes attribute ``new``, with a ``FutureWarning`` on each use (an
     error from version ``RENAMED_REMOVED`` on, as for :func:`renamed_arg`)."""
+    removed = version_leq(RENAMED_REMOVED, __version__)
     message = (
-        f"Attribute `{old}` has been deprecated since version {RENAMED_SINCE}. It will be removed in version "
+        f"Attribute `{old}` was removed in version {RENAMED_REMOVED}. Use `{new}` instead."
+        if removed
+        else f"Attribute `{old}` has been deprecated since version {RENAMED_SINCE}. It will be removed in version "
         f"{RENAMED_REMOVED}. Use `{new}` instead."
     )
 
     def warn() -> None:
-        if version_leq(RENAMED_REMOVED, __version__):
+        if removed:
             raise DeprecatedError(message)
         warnings.warn(message, FutureWarning, stacklevel=3)
 

@@ -181,19 +181,18 @@ def test_mapping_rejects_bad_arguments(kwargs: dict, match: str) -> None:
         CoordinateMapping(**args)
 
 
-def test_former_name_still_works_with_a_warning() -> None:
-    """``CoordinateFrame``, the name before issue 12, still builds the same mapping (an instance of
-    ``CoordinateMapping``) with a FutureWarning naming the new class; the new name warns about nothing."""
+def test_former_name_is_removed_with_a_pointer_to_the_new_one() -> None:
+    """``CoordinateFrame``, the name before issue 12, warned through 0.5 and is removed in 0.6.0: using it raises
+    an error that names ``CoordinateMapping``; the new name warns about nothing."""
+    from monai.utils.deprecate_utils import DeprecatedError
+
     shape = (4, 3, 5)
-    with pytest.warns(FutureWarning, match="CoordinateMapping"):
-        old = CoordinateFrame(OBLIQUE, shape, extent_mm=50.0)
-    assert isinstance(old, CoordinateMapping)
+    with pytest.raises(DeprecatedError, match="CoordinateMapping"):
+        CoordinateFrame(OBLIQUE, shape, extent_mm=50.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        new = CoordinateMapping(OBLIQUE, shape, extent_mm=50.0)
-    torch.testing.assert_close(old.grid(OBLIQUE, shape), new.grid(OBLIQUE, shape), rtol=0, atol=0)
-    torch.testing.assert_close(old.centre, new.centre, rtol=0, atol=0)
-    assert coordinates.CoordinateFrame is CoordinateFrame  # importable from the module as well
+        CoordinateMapping(OBLIQUE, shape, extent_mm=50.0)
+    assert coordinates.CoordinateFrame is CoordinateFrame  # the pointer is importable from the module as well
 
 
 # ---------------------------------------------------------------------------------------------- CoordinateGridd

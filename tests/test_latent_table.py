@@ -11,6 +11,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
+from monai.utils.deprecate_utils import DeprecatedError
 
 from nisf_monai.handlers import TrainingStateHandler, atomic_save, training_state
 from nisf_monai.networks import LatentTable, NISFNet
@@ -222,39 +223,38 @@ def test_state_written_before_the_rename_loads_by_id(tmp_path, prefix: str) -> N
         torch.testing.assert_close(target([s]), source([s]), rtol=0, atol=0)
 
 
-def test_renamed_keywords_still_work_with_a_warning() -> None:
-    """``subject_ids`` / ``strict_subjects`` (the names before issue 12) are passed on as ``case_ids`` /
-    ``strict_cases`` with a FutureWarning; the new names warn about nothing."""
-    with pytest.warns(FutureWarning, match="subject_ids"):
-        old = LatentTable(subject_ids=["b", "a", "b"], latent_dim=3)
-    assert old.case_ids == ["a", "b"] and not old.strict_cases
-    with pytest.warns(FutureWarning, match="strict_subjects"):
-        strict = LatentTable(["a"], latent_dim=3, strict_subjects=True)
-    assert strict.strict_cases
+def test_renamed_keywords_are_removed_with_a_pointer_to_the_new_ones() -> None:
+    """``subject_ids`` / ``strict_subjects`` (the names before issue 12) warned through 0.5 and are removed in
+    0.6.0: passing them raises an error naming ``case_ids`` / ``strict_cases``; the new names warn about nothing."""
+    with pytest.raises(DeprecatedError, match="case_ids"):
+        LatentTable(subject_ids=["b", "a", "b"], latent_dim=3)
+    with pytest.raises(DeprecatedError, match="strict_cases"):
+        LatentTable(["a"], latent_dim=3, strict_subjects=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         new = LatentTable(case_ids=["b", "a"], latent_dim=3, strict_cases=True)
     assert new.case_ids == ["a", "b"] and new.strict_cases
 
 
-def test_config_with_the_old_keyword_still_builds() -> None:
-    """A bundle config that still passes ``subject_ids`` (as train.json did) builds the same table."""
+def test_config_with_the_old_keyword_fails_naming_the_new_one() -> None:
+    """A bundle config that still passes ``subject_ids`` (as train.json did before 0.4) fails to build, and the
+    error's cause names ``case_ids``."""
     config = {"table": {"_target_": "nisf_monai.networks.LatentTable", "subject_ids": ["b", "a"], "latent_dim": 2}}
-    with pytest.warns(FutureWarning, match="case_ids"):
-        table = ConfigParser(config).get_parsed_content("table")
-    assert table.case_ids == ["a", "b"] and table.weight.shape == (2, 2)
+    with pytest.raises(RuntimeError) as failure:
+        ConfigParser(config).get_parsed_content("table")
+    assert isinstance(failure.value.__cause__, DeprecatedError) and "case_ids" in str(failure.value.__cause__)
 
 
-def test_renamed_attributes_still_work_with_a_warning() -> None:
-    """``subject_ids``, ``strict_subjects`` and ``same_subjects`` read (and set) the renamed attributes."""
+def test_renamed_attributes_are_removed_with_a_pointer_to_the_new_ones() -> None:
+    """``subject_ids``, ``strict_subjects`` and ``same_subjects`` raise errors naming the attributes they became."""
     table = LatentTable(IDS, latent_dim=2)
-    with pytest.warns(FutureWarning, match="case_ids"):
-        assert table.subject_ids == sorted(IDS)
-    with pytest.warns(FutureWarning, match="strict_cases"):
+    with pytest.raises(DeprecatedError, match="case_ids"):
+        _ = table.subject_ids
+    with pytest.raises(DeprecatedError, match="strict_cases"):
         table.strict_subjects = True
-    assert table.strict_cases
-    with pytest.warns(FutureWarning, match="same_cases"):
-        assert table.same_subjects(table.state_dict())
+    assert not table.strict_cases
+    with pytest.raises(DeprecatedError, match="same_cases"):
+        table.same_subjects(table.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- atomic_save

@@ -52,8 +52,8 @@ class LatentTable(nn.Module):
         sparse: produce sparse gradients (use with ``SparseAdam``); dense ones otherwise.
         strict_cases: when loading a state, fail unless it holds exactly these cases; otherwise
             restore the cases in common, keep fresh codes for new ones and log both counts.
-        subject_ids: deprecated name of ``case_ids`` (a ``FutureWarning``; removed in 0.6.0).
-        strict_subjects: deprecated name of ``strict_cases`` (a ``FutureWarning``; removed in 0.6.0).
+        subject_ids: former name of ``case_ids``, removed in 0.6.0 (raises an error naming ``case_ids``).
+        strict_subjects: former name of ``strict_cases``, removed in 0.6.0 (raises an error naming it).
     """
 
     # the names before issue 12, for code that still reads or sets them (a FutureWarning each time)
