@@ -178,8 +178,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     overrides = run_overrides(train_record)
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
     steps = [int(s) for s in args.steps.split(",")]
-    reference_volume_ml = overrides.get("heart_reference_volume_ml")
-    inferer_overrides = parse_overrides(args.set) | locator_override(args, reference_volume_ml)
+    inferer_overrides = parse_overrides(args.set) | locator_override(args, overrides["heart_reference_volume_ml"])
     start = time.perf_counter()
     with flush_denormal():
         result = evaluate_cases(

@@ -231,9 +231,10 @@ class HeartLocator:
             ]
         )
         losses = torch.zeros(starts)
+        axes = rotations * scale  # the frame's axes in frame mm per world mm
         for step in range(self.refine_steps + 1):
             world, target = self._voxels(image, generator, kept)
-            base = self._coords(world, origins, rotations * scale, extent_mm).to(device)  # (S, 3, P)
+            base = self._coords(world, origins, axes, extent_mm).to(device)  # (S, 3, P)
             coords = _moved(base, shift * (self.step_mm / extent_mm), angle)
             _, logit = network.forward_heads(coords, latent)
             bce = F.binary_cross_entropy_with_logits(

@@ -21,7 +21,7 @@ from monai.transforms import DivisiblePad, KeepLargestConnectedComponent, Spacin
 from torch import nn
 
 from nisf_monai.errors import SettingsError
-from nisf_monai.transforms.heart_frame import heart_pose
+from nisf_monai.transforms.heart_frame import checked_reference_volume, heart_pose
 
 __all__ = ["SliceLocaliser", "load_localiser", "localiser_network", "localiser_stride"]
 
@@ -76,8 +76,6 @@ class SliceLocaliser:
     ) -> None:
         if in_plane_mm <= 0 or divisor < 1 or slices_per_batch < 1:
             raise ValueError("SliceLocaliser needs in_plane_mm > 0, divisor >= 1 and slices_per_batch >= 1.")
-        if reference_volume_ml is not None and reference_volume_ml <= 0:
-            raise ValueError(f"reference_volume_ml must be positive (ml) or None, got {reference_volume_ml}.")
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(
@@ -98,7 +96,7 @@ class SliceLocaliser:
         self.divisor = int(divisor)
         self.slices_per_batch = int(slices_per_batch)
         self.largest_component = bool(largest_component)
-        self.reference_volume_ml = reference_volume_ml
+        self.reference_volume_ml = checked_reference_volume(reference_volume_ml)
 
     def resample(self, volume: MetaTensor, mode: str = "bilinear") -> MetaTensor:
         """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing, slice spacing unchanged (-1 keeps it)."""

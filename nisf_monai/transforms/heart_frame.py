@@ -29,9 +29,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from nisf_monai.spatial import voxel_volume_ml
 from nisf_monai.transforms.coordinates import POSE_KEY
 
-__all__ = ["HeartPosed", "heart_pose", "pose_matrix", "split_pose"]
+__all__ = ["HeartPosed", "checked_reference_volume", "heart_pose", "pose_matrix", "split_pose"]
 
 logger = logging.getLogger("nisf_monai")
 
@@ -55,6 +56,13 @@ def split_pose(pose: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Ten
     scale = float(torch.linalg.det(pose[:3, :3]).abs() ** (1.0 / 3.0))
     rotation = pose[:3, :3] / scale
     return -rotation.T @ pose[:3, 3] / scale, rotation, scale
+
+
+def checked_reference_volume(reference_volume_ml: float | None) -> float | None:
+    """``reference_volume_ml`` if it is None or positive; a ValueError otherwise (a frame scaled to no volume)."""
+    if reference_volume_ml is not None and reference_volume_ml <= 0:
+        raise ValueError(f"reference_volume_ml must be positive (ml) or None, got {reference_volume_ml}.")
+    return reference_volume_ml
 
 
 def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
@@ -85,7 +93,7 @@ def heart_pose(
         return None
     scale = 1.0
     if reference_volume_ml is not None:
-        volume_ml = float(lv_mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        volume_ml = float(lv_mask.sum()) * voxel_volume_ml(affine)
         scale = (float(reference_volume_ml) / volume_ml) ** (1.0 / 3.0)
     rotation = np.eye(3)
     rv = _centroid(np.isin(label, list(rv_classes)), affine) if rotate else None
@@ -123,9 +131,7 @@ class HeartPosed(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if reference_volume_ml is not None and reference_volume_ml <= 0:
-            raise ValueError(f"reference_volume_ml must be positive (ml) or None, got {reference_volume_ml}.")
-        self.reference_volume_ml = reference_volume_ml
+        self.reference_volume_ml = checked_reference_volume(reference_volume_ml)
         self.label_key = label_key
         self.lv_classes = tuple(lv_classes)
         self.rv_classes = tuple(rv_classes)
