@@ -190,6 +190,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             inferer_overrides=inferer_overrides,
             objective=args.objective,
             pose=args.pose,
+            blends=tuple(float(w) for w in args.blend.split(",") if w),
         )
     result.update(
         {
@@ -207,6 +208,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     for step, dice in zip(result["steps"], result["mean_dice"]):
         per_class = " ".join(f"{c} {d:.3f}" for c, d in zip(CLASSES, result["class_dice"][result["steps"].index(step)]))
         print(f"  step {step:4d}: {dice:.3f}  ({per_class})")
+    for weight, blended in result.get("blends", {}).items():
+        print(f"  blended with the localiser, weight {weight}: " + " ".join(f"{d:.3f}" for d in blended["mean_dice"]))
     if result.get("pose_errors"):
         errors = result["pose_errors"]
         print(
@@ -410,6 +413,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--tag", default="", help="suffix of the output file name")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
+    e.add_argument(
+        "--blend",
+        default="",
+        help="comma-separated weights w of the localiser's probabilities mixed with NISF's, (1-w) NISF + w localiser, "
+        "each scored at every step beside NISF alone",
+    )
     q = sub.add_parser("qc")
     q.add_argument("--name", required=True)
     q.add_argument("--frames", type=int, default=8, help="training frames refitted from zero")

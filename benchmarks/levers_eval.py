@@ -31,12 +31,23 @@ CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 
 class _Recorder:
-    """Dice of every case on its whole grid at the chosen steps (a monitor for ``inferer.fit``)."""
+    """Dice of every case on its whole grid at the chosen steps (a monitor for ``inferer.fit``).
 
-    def __init__(self, inferer, network, images, labels, steps) -> None:
+    ``blends``: weights ``w`` of the localiser's probabilities in a mixture ``(1 - w) NISF + w localiser`` on the
+    image grid, each scored beside the plain NISF labels (``self.blended[w][step]``)."""
+
+    def __init__(self, inferer, network, images, labels, steps, blends: tuple[float, ...] = ()) -> None:
         self.inferer, self.network, self.images, self.labels = inferer, network, images, labels
         self.steps = set(steps)
         self.dice: dict[int, list[np.ndarray]] = {}
+        self.blends = tuple(blends)
+        self.blended: dict[float, dict[int, list[np.ndarray]]] = {w: {} for w in self.blends}
+        self._guides: dict[int, torch.Tensor] = {}
+
+    def _guide(self, b: int) -> torch.Tensor:
+        if b not in self._guides:
+            self._guides[b] = self.inferer.heart_locator.localiser.probabilities(self.images[b])
+        return self._guides[b]
 
     def __call__(self, step: int, latent: torch.Tensor) -> None:
         if step not in self.steps or step in self.dice:
@@ -44,8 +55,13 @@ class _Recorder:
         scores = []
         for b, (image, label) in enumerate(zip(self.images, self.labels)):
             frame = self.inferer.frame_of(image[None])
-            pred, _ = self.inferer.sample(self.network, latent[b : b + 1], frame, frame.affine, image.shape[1:])
-            scores.append(dice_of(pred[0, 0], label[0]))
+            probs, _ = self.inferer.sample(
+                self.network, latent[b : b + 1], frame, frame.affine, image.shape[1:], probabilities=True
+            )
+            scores.append(dice_of(probs[0].argmax(0), label[0]))
+            for w in self.blends:
+                mixed = (1.0 - w) * probs[0] + w * self._guide(b)
+                self.blended[w].setdefault(step, []).append(dice_of(mixed.argmax(0), label[0]))
         self.dice[step] = scores
 
 
@@ -84,11 +100,13 @@ def evaluate_cases(
     inferer_overrides: dict,
     objective: str = "intensity",
     pose: str = "label",
+    blends: tuple[float, ...] = (),
 ) -> dict:
     """Dice per case and step of ``cases`` (datalist entries) for one objective; see the module docstring.
 
     ``pose``: with a heart-frame model, 'label' takes each case's pose from its labels (an oracle: the upper
-    bound of pose estimation), 'estimate' leaves it to the inferer."""
+    bound of pose estimation), 'estimate' leaves it to the inferer. ``blends``: see ``_Recorder`` (intensity
+    objective)."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"datalist": datalist, **config_overrides})
@@ -109,7 +127,7 @@ def evaluate_cases(
         images.append(d["image"])
         labels.append(d["label"])
         names.append(case_ids([case])[0])
-    recorder = _Recorder(inferer, network, images, labels, steps)
+    recorder = _Recorder(inferer, network, images, labels, steps, blends if objective == "intensity" else ())
     if objective == "intensity":
         every = reduce(math.gcd, [s for s in steps if s > 0], 0) or 1
         inferer.fit(images, network, monitor=recorder, monitor_every=every)
@@ -146,6 +164,16 @@ def evaluate_cases(
             "per_case": {str(s): dice[s].tolist() for s in steps},
             "inferer": {k: getattr(inferer, k) for k in ("learning_rate", "num_points", "init_std", "latent_weight")},
             "pose_errors": pose_errors,
+            "blends": {
+                str(w): {
+                    "mean_dice": [
+                        float(np.nanmean(np.nanmean(np.asarray(recorder.blended[w][s]), axis=1))) for s in steps
+                    ],
+                    "class_dice": [np.nanmean(np.asarray(recorder.blended[w][s]), axis=0).tolist() for s in steps],
+                    "per_case": {str(s): np.asarray(recorder.blended[w][s]).tolist() for s in steps},
+                }
+                for w in recorder.blends
+            },
         }
 
 
