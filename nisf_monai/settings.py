@@ -270,6 +270,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "roi_margin_mm": partial(check_non_negative, none_means="to read the whole slab"),
     # latent fit
     "localiser_weight": partial(check_non_negative, unit=""),
+    "localiser_blend": check_fraction,
     "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),
     "heart_reference_volume_ml": partial(
         check_non_negative, unit="ml", positive=True, none_means="to keep each heart's own size"

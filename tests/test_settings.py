@@ -114,6 +114,7 @@ BAD = [
         "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab",
     ),
     ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
+    ("localiser_blend", 1.5, "localiser_blend: 1.5 is outside [0, 1]; give a number in [0, 1], such as 0.5"),
     (
         "heart_sigma_mm",
         -40,
@@ -176,6 +177,8 @@ GOOD = [
     ("roi_margin_mm", 0),
     ("localiser_weight", 0),
     ("localiser_weight", 3.0),
+    ("localiser_blend", 0),
+    ("localiser_blend", 0.5),
     ("heart_sigma_mm", None),
     ("heart_sigma_mm", 40.0),
     ("heart_reference_volume_ml", None),

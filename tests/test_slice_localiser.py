@@ -218,3 +218,116 @@ def test_localiser_weight_without_a_localiser_warns_and_fits_intensity_alone(cap
     torch.testing.assert_close(codes[0], codes[1])
     with pytest.raises(ValueError, match="localiser_weight"):
         LatentOptimisationInferer(localiser_weight=-1.0)
+
+
+def test_probability_volume_reads_the_grid_in_world_millimetres() -> None:
+    from nisf_monai.inferers import ProbabilityVolume
+    from nisf_monai.transforms import world_grid
+
+    probs = torch.softmax(torch.randn(4, 5, 6, 3, generator=torch.Generator().manual_seed(0)), dim=0)
+    affine = oblique_affine()
+    volume = ProbabilityVolume(probs, affine)
+    read, weight = volume.at(world_grid(affine, probs.shape[1:]))
+    torch.testing.assert_close(read, probs.reshape(4, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight, torch.ones(90), atol=1e-5, rtol=0)
+    index_to_world = lambda i: torch.as_tensor([i], dtype=torch.float64) @ affine[:3, :3].T + affine[:3, 3]  # noqa: E731
+    between, weight = volume.at(index_to_world([2.0, 3.0, 0.5]))  # midway between two slices: their mean
+    torch.testing.assert_close(between[:, 0], (probs[:, 2, 3, 0] + probs[:, 2, 3, 1]) / 2, atol=1e-5, rtol=0)
+    assert float(weight) == pytest.approx(1.0)
+    assert float(volume.at(index_to_world([2.0, 3.0, -0.5]))[1]) == pytest.approx(0.5)  # half a slice beyond
+    assert float(volume.at(index_to_world([2.0, 3.0, 4.0]))[1]) == 0.0  # well beyond the stack: nothing known
+
+
+def test_probability_volume_leaves_out_masked_voxels() -> None:
+    from nisf_monai.inferers import ProbabilityVolume
+
+    probs = torch.softmax(torch.randn(4, 5, 6, 3, generator=torch.Generator().manual_seed(1)), dim=0)
+    kept = torch.ones(5, 6, 3, dtype=torch.bool)
+    kept[:, :, 1] = False  # a hidden slice
+    volume = ProbabilityVolume(probs, np.eye(4), kept)
+    _, weight = volume.at(torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(weight, torch.tensor([0.0, 0.5]))
+    read, _ = volume.at(torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64))  # only the kept neighbour counts
+    torch.testing.assert_close(read[:, 0], probs[:, 1, 2, 0], atol=1e-5, rtol=0)
+
+
+def blend_inferer(localiser_blend: float, localiser: SliceLocaliser | None = None, **kwargs):
+    from nisf_monai.inferers import LatentOptimisationInferer
+
+    return LatentOptimisationInferer(
+        num_steps=5,
+        num_points=512,
+        extent_mm=100.0,
+        heart_frame=True,
+        heart_locator=HeartLocator(localiser=localiser or SliceLocaliser(IntensityClasses(), in_plane_mm=3.0)),
+        localiser_blend=localiser_blend,
+        log_every=0,
+        **kwargs,
+    )
+
+
+def test_blend_mixes_the_localiser_into_the_segmentation_on_the_input_grid() -> None:
+    image, _ = heart_scan()
+    net = tiny_heart_net()
+    alone = blend_inferer(0.0)(image[None], net)
+    localiser = blend_inferer(1.0)(image[None], net)
+    half = blend_inferer(0.5)(image[None], net)
+    guide = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image)
+    torch.testing.assert_close(localiser.as_tensor()[0], guide, atol=1e-5, rtol=0)  # the same code: only the mix
+    torch.testing.assert_close(half.as_tensor(), (alone.as_tensor() + localiser.as_tensor()) / 2, atol=1e-5, rtol=0)
+    assert not torch.allclose(alone.as_tensor()[0], guide, atol=0.1)  # the untrained network is no localiser
+
+
+def test_blend_keeps_nisf_alone_on_hidden_slices_and_reads_the_localiser_in_world_space() -> None:
+    from nisf_monai.transforms import world_grid
+
+    image, _ = heart_scan()
+    net = tiny_heart_net()
+    mask = torch.ones(SHAPE, dtype=torch.bool)
+    mask[..., 2] = False
+    alone = blend_inferer(0.0).fit_and_sample([image], net, masks=[mask])[0]["pred"]
+    blended = blend_inferer(1.0).fit_and_sample([image], net, masks=[mask])[0]["pred"]
+    guide = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image).argmax(0)
+    assert torch.equal(blended[0, ..., 2], alone[0, ..., 2])  # the hidden slice: NISF's own labels
+    assert torch.equal(blended[0, ..., [1, 3]].long(), guide[..., [1, 3]])  # the kept slices: the localiser's
+    finer = blend_inferer(1.0, target_spacing=(0.7, 0.6, 4.0)).fit_and_sample([image], net)[0]["pred"]
+    # output voxels that lie on an input voxel's centre carry the localiser's label of that voxel
+    index = world_grid(finer.affine, finer.shape[1:]) @ torch.linalg.inv(image.affine.double()).T[:3, :3]
+    index = index + torch.linalg.inv(image.affine.double())[:3, 3]
+    on_input = ((index - index.round()).abs() < 1e-4).all(1) & (index.round() >= 0).all(1)
+    on_input &= (index.round() < torch.tensor(SHAPE)).all(1)
+    assert int(on_input.sum()) > 100
+    i, j, k = index[on_input].round().long().T
+    assert torch.equal(finer.reshape(-1)[on_input].long(), guide[i, j, k])
+
+
+def test_streamed_labels_mix_the_localiser_as_fit_and_sample_does(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    from nisf_monai.handlers import StreamingSegmentationSaver
+
+    image, _ = heart_scan()
+    image.meta["filename_or_obj"] = "heart.nii.gz"
+    net = tiny_heart_net()
+    inferer = blend_inferer(0.5, target_spacing=(2.8, 2.4, 4.0))
+    mask = torch.ones((1, *SHAPE), dtype=torch.bool)
+    mask[..., 3] = False
+    sampled = inferer.fit_and_sample([image], net, masks=[mask])[0]
+    saver = StreamingSegmentationSaver(inferer, net, tmp_path, target_spacing=(2.8, 2.4, 4.0), slab_points=500)
+    saver(SimpleNamespace(state=SimpleNamespace(output=[{"image": image, "latent": sampled["latent"], "mask": mask}])))
+    written = nib.load(str(tmp_path / "heart_seg.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(written, sampled["pred"][0].numpy())
+
+
+def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -> None:
+    from nisf_monai.inferers import LatentOptimisationInferer
+
+    with pytest.raises(ValueError, match="localiser_blend"):
+        LatentOptimisationInferer(localiser_blend=1.5)
+    image, _ = heart_scan()
+    inferer = LatentOptimisationInferer(num_steps=2, num_points=256, extent_mm=100.0, localiser_blend=0.5, log_every=0)
+    with caplog.at_level(logging.WARNING, logger="nisf_monai"):
+        assert inferer.blend_source(image) is None
+    assert "no localiser" in caplog.text

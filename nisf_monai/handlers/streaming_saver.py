@@ -42,6 +42,8 @@ class StreamingSegmentationSaver:
         output_ext: file extension (``.nii.gz`` or ``.nii``).
         slab_points: voxels per written slab (default: the inferer's ``chunk_size``).
         output_name_formatter: as for ``SaveImage`` (default names cine frames ``_tNN``).
+        mask_key: key of a case's fit mask in the evaluator's output; the localiser's probabilities mixed into the
+            labels (the inferer's ``localiser_blend``) leave out the voxels it hides, as ``fit_and_sample`` does.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class StreamingSegmentationSaver:
         output_ext: str = ".nii.gz",
         slab_points: int | None = None,
         output_name_formatter: Callable[[dict, Any], dict] = frame_name_formatter,
+        mask_key: str = "mask",
     ) -> None:
         self.inferer = inferer
         self.network = network
@@ -64,6 +67,7 @@ class StreamingSegmentationSaver:
         self.output_ext = output_ext
         self.slab_points = slab_points
         self.output_name_formatter = output_name_formatter
+        self.mask_key = mask_key
         self._data_index = 0  # what SaveImage's default formatter names unnamed inputs by
 
     def attach(self, engine: Engine) -> None:
@@ -80,8 +84,11 @@ class StreamingSegmentationSaver:
     def __call__(self, engine: Engine) -> None:
         outputs = engine.state.output
         if isinstance(outputs, dict):  # a collated batch: split it into cases
-            images, latents = outputs[Keys.IMAGE], outputs["latent"]
-            outputs = [{Keys.IMAGE: images[b], "latent": latents[b]} for b in range(len(latents))]
+            images, latents, masks = outputs[Keys.IMAGE], outputs["latent"], outputs.get(self.mask_key)
+            outputs = [
+                {Keys.IMAGE: images[b], "latent": latents[b], self.mask_key: None if masks is None else masks[b]}
+                for b in range(len(latents))
+            ]
         for output in outputs or []:
             image = output[Keys.IMAGE]
             if not isinstance(image, MetaTensor):
@@ -95,8 +102,19 @@ class StreamingSegmentationSaver:
             meta = dict(image.meta)
             seg_path, recon_path = self._path(meta, self.seg_postfix), self._path(meta, self.recon_postfix)
             latent = output["latent"].reshape(1, -1).to(next(self.network.parameters()).device)
+            mask = output.get(self.mask_key)
+            blend = self.inferer.blend_source(case, None if mask is None else mask.reshape(case.shape[2:]) != 0)
             stream_sampled_grid(
-                self.inferer, self.network, latent, mapping, affine, shape, seg_path, recon_path, self.slab_points
+                self.inferer,
+                self.network,
+                latent,
+                mapping,
+                affine,
+                shape,
+                seg_path,
+                recon_path,
+                self.slab_points,
+                blend,
             )
             logger.info(
                 "wrote %s (%s voxels at %s mm)",

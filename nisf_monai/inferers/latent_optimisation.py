@@ -16,8 +16,9 @@ from torch import nn
 
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
+from nisf_monai.inferers.probability_volume import ProbabilityVolume
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateMapping, pose_of
+from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateMapping, pose_of, world_grid
 from nisf_monai.transforms.heart_frame import split_pose
 
 __all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
@@ -101,6 +102,12 @@ class LatentOptimisationInferer(Inferer):
             alone, the paper's objective; without a localiser it is intensity alone, with a warning.
         draw_near_heart: with ``heart_sigma_mm``, draw each step's points from that Gaussian (default) instead of
             weighting uniform draws by it: the same expected loss, with every point where the weight is.
+        localiser_blend: weight ``w`` of the localiser's class probabilities in the segmentation written by
+            :meth:`fit_and_sample` and ``__call__``: ``(1 - w) * NISF + w * localiser`` on every output voxel the
+            localiser saw (read trilinearly between the input's slices, fading to NISF alone beyond the stack and
+            on voxels a mask hides; see :class:`ProbabilityVolume`). The fitted code is unchanged, and what is read
+            from the code alone (planes, meshes, measures) stays NISF's. 0 (default): NISF alone. On ACDC
+            validation frames 0.5 raised Dice from 0.827 to 0.837 (``benchmarks/README.md``).
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class LatentOptimisationInferer(Inferer):
         heart_sigma_mm: float | None = None,
         localiser_weight: float = 0.0,
         draw_near_heart: bool = True,
+        localiser_blend: float = 0.0,
     ) -> None:
         super().__init__()
         if num_steps < 0:
@@ -147,6 +155,9 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError(f"localiser_weight must be >= 0, got {localiser_weight}.")
         self.localiser_weight = float(localiser_weight)
         self.draw_near_heart = bool(draw_near_heart)
+        if not 0.0 <= localiser_blend <= 1.0:
+            raise ValueError(f"localiser_blend must lie in [0, 1], got {localiser_blend}.")
+        self.localiser_blend = float(localiser_blend)
 
     def frame_of(self, image: MetaTensor) -> CoordinateMapping:
         """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation and the
@@ -279,14 +290,27 @@ class LatentOptimisationInferer(Inferer):
                 monitor(self.num_steps, latent.detach())
         return latent.detach()
 
-    def _guide(self) -> SliceLocaliser | None:
-        """The localiser whose probabilities join the fit (``localiser_weight``), or None."""
-        if self.localiser_weight <= 0:
+    def _localiser_for(self, setting: str, weight: float, without: str) -> SliceLocaliser | None:
+        """The heart locator's localiser when ``weight`` (the value of ``setting``) asks for it; without one, a
+        warning saying what happens instead (``without``)."""
+        if weight <= 0:
             return None
         localiser = getattr(self.heart_locator, "localiser", None)
         if localiser is None:
-            logger.warning("localiser_weight is set but there is no localiser: the code is fitted to intensity alone.")
+            logger.warning("%s is set but there is no localiser: %s.", setting, without)
         return localiser
+
+    def _guide(self) -> SliceLocaliser | None:
+        """The localiser whose probabilities join the fit (``localiser_weight``), or None."""
+        return self._localiser_for("localiser_weight", self.localiser_weight, "the code is fitted to intensity alone")
+
+    def blend_source(self, image: MetaTensor, mask: torch.Tensor | None = None) -> ProbabilityVolume | None:
+        """The localiser's probabilities of one case ``(1, X, Y, Z)`` (or ``(1, 1, X, Y, Z)``) that :meth:`sample`
+        mixes in (``localiser_blend``), voxels outside ``mask`` left out; None when nothing is mixed in."""
+        localiser = self._localiser_for("localiser_blend", self.localiser_blend, "the segmentation is NISF's alone")
+        if localiser is None:
+            return None
+        return ProbabilityVolume(localiser.probabilities(image), _grid_affine(image), mask)
 
     def _fit_points(
         self, cases: list[MetaTensor], case_masks: list[torch.Tensor | None], device: torch.device
@@ -443,9 +467,11 @@ class LatentOptimisationInferer(Inferer):
         affine: Any,
         spatial_shape: Sequence[int],
         probabilities: bool = False,
+        blend: ProbabilityVolume | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate both heads on a grid in chunks of ``chunk_size`` points; ``frame`` is the
-        :class:`CoordinateMapping` of the image the code was fitted to (:meth:`frame_of`).
+        :class:`CoordinateMapping` of the image the code was fitted to (:meth:`frame_of`). ``blend``: the
+        localiser's probabilities of a single case (:meth:`blend_source`), mixed in with ``localiser_blend``.
 
         Returns ``(seg, intensity)`` of shapes ``(B, 1, *shape)`` uint8 labels (argmax) and
         ``(B, 1, *shape)`` intensity in [0, 1]; with ``probabilities=True`` ``seg`` is ``(B, M, *shape)``
@@ -463,12 +489,20 @@ class LatentOptimisationInferer(Inferer):
                 stop = min(start + self.chunk_size, total)
                 points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
                 seg_logits, intensity_logit = network.forward_heads(points, latent)
+                if blend is not None:
+                    seg_logits = self._blended(seg_logits, blend, world_grid(affine, shape, start, stop))
                 if probabilities:
-                    seg[:, :, start:stop] = torch.softmax(seg_logits.float(), dim=1).cpu()
+                    seg[:, :, start:stop] = seg_logits if blend is not None else torch.softmax(seg_logits.float(), 1)
                 else:
                     seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
                 intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
+
+    def _blended(self, seg_logits: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
+        """NISF's softmax ``(B, M, N)`` mixed with the localiser's at the world points ``(N, 3)``, on the CPU."""
+        probs = torch.softmax(seg_logits.float(), dim=1).cpu()
+        guide, weight = blend.at(world)
+        return probs + self.localiser_blend * weight * (guide[None] - probs)
 
     def fit_and_sample(
         self,
@@ -489,16 +523,18 @@ class LatentOptimisationInferer(Inferer):
         if isinstance(inputs, torch.Tensor):
             image = self._check_input(inputs)
             affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
-            labels, recon = self.sample(network, latent, self.frame_of(image), affine, shape)
+            labels, recon = self._sample_batch(network, latent, image, masks, affine, shape)
             return {
                 "pred": self._as_meta(labels, image, affine),
                 "recon": self._as_meta(recon, image, affine),
                 "latent": latent,
             }
         outputs = []
-        for b, case in enumerate(self._cases(inputs)):
+        cases = self._cases(inputs)
+        for b, (case, mask) in enumerate(zip(cases, self._masks(masks, cases))):
             affine, shape = target_grid(_grid_affine(case), case.shape[2:], self.target_spacing)
-            labels, recon = self.sample(network, latent[b : b + 1], self.frame_of(case), affine, shape)
+            mapping, blend = self.frame_of(case), self.blend_source(case, mask)
+            labels, recon = self.sample(network, latent[b : b + 1], mapping, affine, shape, blend=blend)
             outputs.append(
                 {
                     "pred": self._as_meta(labels, case, affine)[0],
@@ -513,9 +549,38 @@ class LatentOptimisationInferer(Inferer):
         MONAI's evaluators and MONAI Label use; ``masks=`` (keyword) as in :meth:`fit`."""
         image = self._check_input(inputs)
         latent = self.fit(image, network, masks=kwargs.get("masks"))
-        mapping = self.frame_of(image)
-        probs, _ = self.sample(network, latent, mapping, mapping.affine, image.shape[2:], probabilities=True)
-        return self._as_meta(probs, image, mapping.affine)
+        affine = _grid_affine(image)
+        probs, _ = self._sample_batch(network, latent, image, kwargs.get("masks"), affine, image.shape[2:], True)
+        return self._as_meta(probs, image, affine)
+
+    def _sample_batch(
+        self,
+        network: nn.Module,
+        latent: torch.Tensor,
+        image: MetaTensor,
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None,
+        affine: Any,
+        shape: Sequence[int],
+        probabilities: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` of a batch on one grid: in one pass, or case by case when the localiser's probabilities,
+        which belong to one case each, are mixed in."""
+        if self.localiser_blend <= 0:
+            return self.sample(network, latent, self.frame_of(image), affine, shape, probabilities)
+        cases = self._cases(image)
+        parts = [
+            self.sample(
+                network,
+                latent[b : b + 1],
+                self.frame_of(case),
+                affine,
+                shape,
+                probabilities,
+                self.blend_source(case, mask),
+            )
+            for b, (case, mask) in enumerate(zip(cases, self._masks(masks, cases)))
+        ]
+        return torch.cat([seg for seg, _ in parts]), torch.cat([recon for _, recon in parts])
 
     @staticmethod
     def _as_meta(data: torch.Tensor, image: MetaTensor, affine: Any) -> MetaTensor:

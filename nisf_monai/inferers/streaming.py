@@ -19,6 +19,7 @@ import torch
 from nibabel.openers import Opener
 from torch import nn
 
+from nisf_monai.inferers.probability_volume import ProbabilityVolume
 from nisf_monai.transforms.coordinates import CoordinateMapping
 
 __all__ = ["NiftiSlabWriter", "slab_bounds", "stream_sampled_grid"]
@@ -113,6 +114,7 @@ def stream_sampled_grid(
     seg_path: str | os.PathLike | None,
     recon_path: str | os.PathLike | None = None,
     slab_points: int | None = None,
+    blend: ProbabilityVolume | None = None,
 ) -> None:
     """Sample one case's labels (uint8) and reconstruction (float32) on the grid ``(affine, spatial_shape)``
     and write them to NIfTI files, a slab at a time.
@@ -120,7 +122,8 @@ def stream_sampled_grid(
     ``inferer`` is a :class:`~nisf_monai.inferers.LatentOptimisationInferer` (its ``sample`` evaluates each slab
     in chunks of ``inferer.chunk_size`` points), ``latent`` the case's fitted code ``(1, L)`` and ``frame`` the
     :class:`~nisf_monai.transforms.CoordinateMapping` of the image it was fitted to. Slabs hold ``slab_points``
-    voxels (default: the inferer's chunk size), so peak memory does not grow with the output grid.
+    voxels (default: the inferer's chunk size), so peak memory does not grow with the output grid. ``blend``: the
+    case's localiser probabilities mixed into the labels (``inferer.blend_source``), as ``fit_and_sample`` mixes them.
     """
     if seg_path is None and recon_path is None:
         raise ValueError("nothing to write: give seg_path and/or recon_path.")
@@ -139,7 +142,7 @@ def stream_sampled_grid(
             entered.append(writer.__enter__())
         for start, stop in slab_bounds(shape, slab_points or inferer.chunk_size):
             labels, recon = inferer.sample(
-                network, latent, frame, _shifted(affine, start), [shape[0], shape[1], stop - start]
+                network, latent, frame, _shifted(affine, start), [shape[0], shape[1], stop - start], blend=blend
             )
             for (kind, writer), _ in zip(writers, entered):
                 writer.write((labels if kind == "seg" else recon)[0, 0])

@@ -6,6 +6,7 @@ from nisf_monai.transforms.coordinates import (
     CoordinateMapping,
     RandPointSampled,
     pose_of,
+    world_grid,
 )
 from nisf_monai.transforms.figures import OverlayFigured, mid_ventricular_slice
 from nisf_monai.transforms.heart_frame import HeartPosed, heart_pose, pose_matrix, split_pose
@@ -54,6 +55,7 @@ __all__ = [
     "mid_ventricular_slice",
     "pose_matrix",
     "pose_of",
+    "world_grid",
     "split_pose",
     "kept_slices",
     "slice_selection",

@@ -35,6 +35,7 @@ __all__ = [
     "COORDINATE_MODES",
     "POSE_KEY",
     "pose_of",
+    "world_grid",
 ]
 
 COORDINATE_MODES = ("world", "voxel")
@@ -119,14 +120,21 @@ class CoordinateMapping:
     ) -> torch.Tensor:
         """Network coordinates ``(N, 3)`` of the voxel centres of a grid (any affine, any shape), for the
         flat voxel range ``[start, stop)`` in C order, so large grids can be visited in chunks."""
-        shape = [int(s) for s in spatial_shape]
-        total = int(np.prod(shape))
-        stop = total if stop is None else min(stop, total)
-        flat = torch.arange(start, stop, dtype=torch.int64)
-        index = torch.stack(torch.unravel_index(flat, shape), dim=-1).to(torch.float64)
-        affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
-        world = index @ affine[:3, :3].T + affine[:3, 3]
-        return self.from_world(world)
+        return self.from_world(world_grid(affine, spatial_shape, start, stop))
+
+
+def world_grid(
+    affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """World millimetres ``(N, 3)`` (float64) of the voxel centres of a grid, for the flat voxel range
+    ``[start, stop)`` in C order."""
+    shape = [int(s) for s in spatial_shape]
+    total = int(np.prod(shape))
+    stop = total if stop is None else min(stop, total)
+    flat = torch.arange(start, stop, dtype=torch.int64)
+    index = torch.stack(torch.unravel_index(flat, shape), dim=-1).to(torch.float64)
+    affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    return index @ affine[:3, :3].T + affine[:3, 3]
 
 
 # the former name (issue 12), kept for one release; warns when instantiated
