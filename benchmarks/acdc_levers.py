@@ -82,7 +82,8 @@ def locator_override(args: argparse.Namespace, reference_volume_ml: float | None
         sys.exit(f"no localiser weights at {weights}")
     channels = [int(c) for c in args.localiser_channels.split(",")]
     localiser = f"{str(weights)!r}, 4, 'cpu', {args.localiser_mm}, {channels}, {args.localiser_res_units}"
-    localiser += f", {reference_volume_ml}"
+    rotations = [float(a) for a in args.localiser_rotations.split(",")]
+    localiser += f", {reference_volume_ml}, {rotations}"
     return {
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
@@ -346,6 +347,11 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--localiser-res-units", type=int, default=2, help="the localiser UNet's residual units (v2-v4: 1)"
+    )
+    parser.add_argument(
+        "--localiser-rotations",
+        default="0",
+        help="comma-separated in-plane angles (radians) the localiser also predicts each slice at, averaged",
     )
 
 

@@ -188,6 +188,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
             "localiser_weight",
             "heart_sigma_mm",
             "heart_reference_volume_ml",
+            "localiser_rotations",
         )
     }
     localiser = load_localiser(
@@ -196,6 +197,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
         channels=config["localiser_channels"],
         num_res_units=config["localiser_res_units"],
         reference_volume_ml=config["heart_reference_volume_ml"],
+        rotations=config["localiser_rotations"],
     )
     locator = HeartLocator(localiser=localiser, refine_steps=config["localiser_refine_steps"])
     settings = {

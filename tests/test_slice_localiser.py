@@ -331,3 +331,45 @@ def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
         assert inferer.blend_source(image) is None
     assert "no localiser" in caplog.text
+
+
+def test_turning_a_slice_is_rigid_in_pixels() -> None:
+    from nisf_monai.inferers.slice_localiser import _turned
+
+    slices = torch.zeros(1, 1, 40, 60)
+    slices[0, 0, 20, 40] = 1.0  # 10.5 pixels right of the centre (19.5, 29.5) of a slice wider than tall
+    turned = _turned(slices, math.pi / 2)
+    row, col = (turned[0, 0] == turned[0, 0].max()).nonzero()[0].tolist()
+    assert math.hypot(row - 19.5, col - 29.5) == pytest.approx(10.5, abs=0.8)  # same distance from the centre
+    assert abs(col - 29.5) < 1.0  # a quarter turn: from the row axis onto the column axis
+    torch.testing.assert_close(_turned(slices, 0.0), slices)
+
+
+class LeftHalfIsLV(nn.Module):
+    """A stand-in localiser that ignores the image: LV blood pool on the left half of every slice, background right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 1, :, : x.shape[-1] // 2] = 20.0
+        logits[:, 0, :, x.shape[-1] // 2 :] = 20.0
+        return logits
+
+
+def test_rotations_average_the_slices_predicted_turned_and_turned_back() -> None:
+    image = MetaTensor(torch.rand(1, 64, 64, 3), affine=torch.eye(4) * torch.tensor([2.0, 2.0, 8.0, 1.0]))
+    once = SliceLocaliser(LeftHalfIsLV(), divisor=1).coarse_probabilities(image)
+    both_ways = SliceLocaliser(LeftHalfIsLV(), divisor=1, rotations=(0.0, math.pi)).coarse_probabilities(image)
+    assert float(once[1, 20:44, 8:24].min()) > 0.99 and float(once[1, 20:44, 40:56].max()) < 0.01
+    # half turned: the stand-in's left half lands on the right once turned back, so LV and background average out
+    torch.testing.assert_close(both_ways[1, 20:44, 8:56], torch.full((24, 48, 3), 0.5), atol=0.02, rtol=0)
+    torch.testing.assert_close(both_ways.sum(0), torch.ones(64, 64, 3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rotations"):
+        SliceLocaliser(LeftHalfIsLV(), rotations=())
+
+
+def test_rotations_keep_an_equivariant_localisers_labels(tmp_path) -> None:
+    image, label = heart_scan()
+    turned = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0, rotations=(0.0, 0.15, -0.15))
+    assert (turned.probabilities(image).argmax(0).numpy() == label).mean() > 0.95  # a pixel-wise network: same labels
+    torch.save(localiser_network().state_dict(), tmp_path / "localiser.pt")
+    assert load_localiser(tmp_path / "localiser.pt", rotations=[0.0, 0.1]).rotations == (0.0, 0.1)
