@@ -33,6 +33,7 @@ __all__ = [
     "CHECKS",
     "SettingsError",
     "available_devices",
+    "check_angles",
     "check_choice",
     "check_count",
     "check_device",
@@ -98,6 +99,22 @@ def check_spacing(
     if not np.all(spacing > 0):
         raise SettingsError(name, f"{_show(value)} has a value that is not positive", accepted)
     return spacing.tolist()
+
+
+def check_angles(name: str, value: Any) -> list[float]:
+    """One or more finite angles in radians (a list)."""
+    accepted = "give a list of one or more angles in radians, such as [0.0, 0.15, -0.15] ([0.0]: no turn)"
+    if _is_text(value) or isinstance(value, bool) or not isinstance(value, (list, tuple, np.ndarray)):
+        raise SettingsError(name, f"{_show(value)} is not a list of angles", accepted)
+    try:
+        angles = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise SettingsError(name, f"{_show(value)} is not a list of numbers", accepted) from None
+    if angles.size == 0:
+        raise SettingsError(name, "[] has no angle", accepted)
+    if not np.all(np.isfinite(angles)):
+        raise SettingsError(name, f"{_show(value)} has a value that is not finite", accepted)
+    return angles.tolist()
 
 
 def check_count(
@@ -271,6 +288,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     # latent fit
     "localiser_weight": partial(check_non_negative, unit=""),
     "localiser_blend": check_fraction,
+    "localiser_rotations": check_angles,
     "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),
     "heart_reference_volume_ml": partial(
         check_non_negative, unit="ml", positive=True, none_means="to keep each heart's own size"

@@ -116,6 +116,18 @@ BAD = [
     ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
     ("localiser_blend", 1.5, "localiser_blend: 1.5 is outside [0, 1]; give a number in [0, 1], such as 0.5"),
     (
+        "localiser_rotations",
+        [],
+        "localiser_rotations: [] has no angle; give a list of one or more angles in radians, "
+        "such as [0.0, 0.15, -0.15] ([0.0]: no turn)",
+    ),
+    (
+        "localiser_rotations",
+        0.15,
+        "localiser_rotations: 0.15 is not a list of angles; give a list of one or more angles in radians, such as "
+        "[0.0, 0.15, -0.15] ([0.0]: no turn)",
+    ),
+    (
         "heart_sigma_mm",
         -40,
         "heart_sigma_mm: -40 is negative; give a number of mm, 0 or more, or None to weigh every voxel alike",
@@ -179,6 +191,8 @@ GOOD = [
     ("localiser_weight", 3.0),
     ("localiser_blend", 0),
     ("localiser_blend", 0.5),
+    ("localiser_rotations", [0.0]),
+    ("localiser_rotations", [0.0, 0.15, -0.15]),
     ("heart_sigma_mm", None),
     ("heart_sigma_mm", 40.0),
     ("heart_reference_volume_ml", None),
