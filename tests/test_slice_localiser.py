@@ -331,6 +331,12 @@ def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
         assert inferer.blend_source(image) is None
     assert "no localiser" in caplog.text
+    blended = blend_inferer(0.5)
+    mapping = blended.frame_of(image[None])
+    with pytest.raises(ValueError, match="one case"):  # one localiser volume cannot serve two codes
+        blended.sample(
+            tiny_heart_net(), torch.zeros(2, 8), mapping, mapping.affine, SHAPE, blend=blended.blend_source(image)
+        )
 
 
 def test_turning_a_slice_is_rigid_in_pixels() -> None:

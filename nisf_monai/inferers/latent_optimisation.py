@@ -471,7 +471,8 @@ class LatentOptimisationInferer(Inferer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate both heads on a grid in chunks of ``chunk_size`` points; ``frame`` is the
         :class:`CoordinateMapping` of the image the code was fitted to (:meth:`frame_of`). ``blend``: the
-        localiser's probabilities of a single case (:meth:`blend_source`), mixed in with ``localiser_blend``.
+        localiser's probabilities of a single case (:meth:`blend_source`), mixed in with ``localiser_blend`` (the
+        labels are then the mixture's argmax, and ``probabilities=True`` returns the mixture).
 
         Returns ``(seg, intensity)`` of shapes ``(B, 1, *shape)`` uint8 labels (argmax) and
         ``(B, 1, *shape)`` intensity in [0, 1]; with ``probabilities=True`` ``seg`` is ``(B, M, *shape)``
@@ -479,6 +480,8 @@ class LatentOptimisationInferer(Inferer):
         shape = [int(s) for s in spatial_shape]
         total = int(np.prod(shape))
         batch = latent.shape[0]
+        if blend is not None and batch != 1:
+            raise ValueError(f"a blend belongs to one case: sample it with one code, got {batch}.")
         num_classes = int(network.num_classes)
         seg = torch.empty(
             (batch, num_classes if probabilities else 1, total), dtype=torch.float32 if probabilities else torch.uint8
@@ -489,18 +492,20 @@ class LatentOptimisationInferer(Inferer):
                 stop = min(start + self.chunk_size, total)
                 points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
                 seg_logits, intensity_logit = network.forward_heads(points, latent)
-                if blend is not None:
-                    seg_logits = self._blended(seg_logits, blend, world_grid(affine, shape, start, stop))
-                if probabilities:
-                    seg[:, :, start:stop] = seg_logits if blend is not None else torch.softmax(seg_logits.float(), 1)
+                if probabilities or blend is not None:
+                    probs = torch.softmax(seg_logits.float(), dim=1).cpu()
+                    if blend is not None:
+                        probs = self._blended(probs, blend, world_grid(affine, shape, start, stop))
+                    seg[:, :, start:stop] = (
+                        probs if probabilities else probs.argmax(dim=1, keepdim=True).to(torch.uint8)
+                    )
                 else:
                     seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
                 intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
 
-    def _blended(self, seg_logits: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
-        """NISF's softmax ``(B, M, N)`` mixed with the localiser's at the world points ``(N, 3)``, on the CPU."""
-        probs = torch.softmax(seg_logits.float(), dim=1).cpu()
+    def _blended(self, probs: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
+        """NISF's class probabilities ``(1, M, N)`` mixed with the localiser's at the world points ``(N, 3)``."""
         guide, weight = blend.at(world)
         return probs + self.localiser_blend * weight * (guide[None] - probs)
 
