@@ -83,7 +83,8 @@ def locator_override(args: argparse.Namespace, reference_volume_ml: float | None
     channels = [int(c) for c in args.localiser_channels.split(",")]
     localiser = f"{str(weights)!r}, 4, 'cpu', {args.localiser_mm}, {channels}, {args.localiser_res_units}"
     rotations = [float(a) for a in args.localiser_rotations.split(",")]
-    localiser += f", {reference_volume_ml}, {rotations}"
+    zooms = [float(z) for z in args.localiser_zooms.split(",")]
+    localiser += f", {reference_volume_ml}, {rotations}, {zooms}"
     return {
         "heart_locator": {
             "_target_": "nisf_monai.inferers.HeartLocator",
@@ -352,6 +353,11 @@ def add_localiser_arguments(parser: argparse.ArgumentParser) -> None:
         "--localiser-rotations",
         default="0",
         help="comma-separated in-plane angles (radians) the localiser also predicts each slice at, averaged",
+    )
+    parser.add_argument(
+        "--localiser-zooms",
+        default="1",
+        help="comma-separated factors of the localiser's spacing it also predicts each slice at, averaged",
     )
 
 

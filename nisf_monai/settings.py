@@ -34,6 +34,8 @@ __all__ = [
     "SettingsError",
     "available_devices",
     "check_angles",
+    "check_values",
+    "check_zooms",
     "check_choice",
     "check_count",
     "check_device",
@@ -101,20 +103,31 @@ def check_spacing(
     return spacing.tolist()
 
 
-def check_angles(name: str, value: Any) -> list[float]:
-    """One or more finite angles in radians (a list)."""
-    accepted = "give a list of one or more angles in radians, such as [0.0, 0.15, -0.15] ([0.0]: no turn)"
+def check_values(name: str, value: Any, noun: str, what: str, example: str, positive: bool = False) -> list[float]:
+    """One or more finite numbers given as a list (all above 0 if ``positive``): ``noun`` names them in the message,
+    ``what`` and ``example`` say what is accepted."""
+    accepted = f"give a list of one or more {what}, such as {example}"
     if _is_text(value) or isinstance(value, bool) or not isinstance(value, (list, tuple, np.ndarray)):
-        raise SettingsError(name, f"{_show(value)} is not a list of angles", accepted)
+        raise SettingsError(name, f"{_show(value)} is not a list of {noun}", accepted)
     try:
-        angles = np.asarray(value, dtype=np.float64).ravel()
+        values = np.asarray(value, dtype=np.float64).ravel()
     except (TypeError, ValueError):
         raise SettingsError(name, f"{_show(value)} is not a list of numbers", accepted) from None
-    if angles.size == 0:
-        raise SettingsError(name, "[] has no angle", accepted)
-    if not np.all(np.isfinite(angles)):
+    if values.size == 0:
+        raise SettingsError(name, f"[] has no {noun[:-1]}", accepted)
+    if not np.all(np.isfinite(values)):
         raise SettingsError(name, f"{_show(value)} has a value that is not finite", accepted)
-    return angles.tolist()
+    if positive and not np.all(values > 0):
+        raise SettingsError(name, f"{_show(value)} has a value that is not positive", accepted)
+    return values.tolist()
+
+
+check_angles = partial(
+    check_values, noun="angles", what="angles in radians", example="[0.0, 0.15, -0.15] ([0.0]: no turn)"
+)
+check_zooms = partial(
+    check_values, noun="factors", what="positive factors", example="[1.0, 0.9, 1.1] ([1.0]: no zoom)", positive=True
+)
 
 
 def check_count(
@@ -289,6 +302,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "localiser_weight": partial(check_non_negative, unit=""),
     "localiser_blend": check_fraction,
     "localiser_rotations": check_angles,
+    "localiser_zooms": check_zooms,
     "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),
     "heart_reference_volume_ml": partial(
         check_non_negative, unit="ml", positive=True, none_means="to keep each heart's own size"

@@ -189,6 +189,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
             "heart_sigma_mm",
             "heart_reference_volume_ml",
             "localiser_rotations",
+            "localiser_zooms",
         )
     }
     localiser = load_localiser(
@@ -198,6 +199,7 @@ def test_shipped_model_on_a_real_test_frame_does_not_warn(tmp_path):
         num_res_units=config["localiser_res_units"],
         reference_volume_ml=config["heart_reference_volume_ml"],
         rotations=config["localiser_rotations"],
+        zooms=config["localiser_zooms"],
     )
     locator = HeartLocator(localiser=localiser, refine_steps=config["localiser_refine_steps"])
     settings = {

@@ -122,6 +122,12 @@ BAD = [
         "such as [0.0, 0.15, -0.15] ([0.0]: no turn)",
     ),
     (
+        "localiser_zooms",
+        [1.0, 0.0],
+        "localiser_zooms: [1.0, 0.0] has a value that is not positive; give a list of one or more positive factors, "
+        "such as [1.0, 0.9, 1.1] ([1.0]: no zoom)",
+    ),
+    (
         "localiser_rotations",
         0.15,
         "localiser_rotations: 0.15 is not a list of angles; give a list of one or more angles in radians, such as "
@@ -192,6 +198,8 @@ GOOD = [
     ("localiser_blend", 0),
     ("localiser_blend", 0.5),
     ("localiser_rotations", [0.0]),
+    ("localiser_zooms", [1.0]),
+    ("localiser_zooms", [1.0, 0.9, 1.1]),
     ("localiser_rotations", [0.0, 0.15, -0.15]),
     ("heart_sigma_mm", None),
     ("heart_sigma_mm", 40.0),

@@ -379,3 +379,17 @@ def test_rotations_keep_an_equivariant_localisers_labels(tmp_path) -> None:
     assert (turned.probabilities(image).argmax(0).numpy() == label).mean() > 0.95  # a pixel-wise network: same labels
     torch.save(localiser_network().state_dict(), tmp_path / "localiser.pt")
     assert load_localiser(tmp_path / "localiser.pt", rotations=[0.0, 0.1]).rotations == (0.0, 0.1)
+
+
+def test_zooms_average_on_the_localisers_own_grid() -> None:
+    image, label = heart_scan()
+    once = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).coarse_probabilities(image)
+    for zooms in ((1.0, 0.9, 1.1), (1.5,)):
+        zoomed = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0, zooms=zooms).coarse_probabilities(image)
+        assert zoomed.shape == once.shape  # brought back to the 3 mm grid, whatever the zooms
+        torch.testing.assert_close(zoomed.affine, once.affine)
+        torch.testing.assert_close(zoomed.sum(0), torch.ones(zoomed.shape[1:]), atol=1e-5, rtol=0)
+        assert (zoomed.argmax(0) == once.argmax(0)).float().mean() > 0.9  # a pixel-wise network: nearly the same labels
+    assert not torch.allclose(zoomed, once, atol=1e-3)  # a 4.5 mm prediction is another prediction
+    with pytest.raises(ValueError, match="zooms"):
+        SliceLocaliser(IntensityClasses(), zooms=(0.0,))

@@ -70,6 +70,10 @@ class SliceLocaliser:
             localiser was trained with, ``train_localiser.json``'s ``rotate_range``). On the 20 ACDC validation
             frames 0 and +-0.15 raised the localiser's own Dice from 0.814 to 0.833 (``benchmarks/README.md``).
             The default, ``(0.0,)``, predicts each slice once.
+        zooms: factors of ``in_plane_mm`` at which every slice is also predicted (a factor of 1.1 shows the heart
+            10 % smaller), each brought back to the ``in_plane_mm`` grid and averaged, as ``rotations`` are (within
+            the ``scale_range`` of 0.1 the localiser was trained with). The default, ``(1.0,)``, predicts at
+            ``in_plane_mm`` alone.
     """
 
     def __init__(
@@ -82,12 +86,16 @@ class SliceLocaliser:
         largest_component: bool = True,
         reference_volume_ml: float | None = None,
         rotations: Sequence[float] = (0.0,),
+        zooms: Sequence[float] = (1.0,),
     ) -> None:
         if in_plane_mm <= 0 or divisor < 1 or slices_per_batch < 1:
             raise ValueError("SliceLocaliser needs in_plane_mm > 0, divisor >= 1 and slices_per_batch >= 1.")
         self.rotations = tuple(float(angle) for angle in rotations)
         if not self.rotations or not all(math.isfinite(angle) for angle in self.rotations):
             raise ValueError(f"SliceLocaliser needs one or more finite rotations (radians), got {list(rotations)}.")
+        self.zooms = tuple(float(zoom) for zoom in zooms)
+        if not self.zooms or not all(math.isfinite(zoom) and zoom > 0 for zoom in self.zooms):
+            raise ValueError(f"SliceLocaliser needs one or more positive zooms, got {list(zooms)}.")
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(
@@ -124,9 +132,25 @@ class SliceLocaliser:
     @torch.no_grad()
     def coarse_probabilities(self, image: MetaTensor) -> MetaTensor:
         """Class probabilities ``(M, X', Y', Z)`` of one image ``(1, X, Y, Z)`` scaled to [0, 1], predicted slice by
-        slice at the localiser's in-plane spacing (averaged over ``rotations``), with that grid's affine."""
-        image = self._one_image(image)
-        resampled = self.resample(image.float())
+        slice at the localiser's in-plane spacing (averaged over ``rotations`` and ``zooms``), with that grid's
+        affine."""
+        image = self._one_image(image).float()
+        reference = self._predicted(image, self.in_plane_mm) if 1.0 in self.zooms else None
+        grid = reference if reference is not None else self.resample(image)
+        total = torch.zeros(())
+        for zoom in self.zooms:
+            probs = reference if zoom == 1.0 else self._predicted(image, self.in_plane_mm * zoom)
+            if zoom != 1.0:  # onto the localiser's own grid
+                probs = SpatialResample(mode="bilinear", padding_mode="border")(
+                    probs, dst_affine=grid.affine, spatial_size=grid.shape[1:]
+                )
+            total = total + (probs.as_tensor() if isinstance(probs, MetaTensor) else probs)
+        return MetaTensor(total / len(self.zooms), affine=grid.affine)
+
+    def _predicted(self, image: MetaTensor, spacing_mm: float) -> MetaTensor:
+        """Probabilities ``(M, X', Y', Z)`` of ``image`` at the in-plane spacing ``spacing_mm``, averaged over
+        ``rotations``, with that grid's affine."""
+        resampled = Spacing(pixdim=(spacing_mm, spacing_mm, -1.0), mode="bilinear")(image)
         x, y = resampled.shape[1:3]
         padded = DivisiblePad((self.divisor, self.divisor, 1), method="end")(resampled).as_tensor()
         slices = padded.permute(3, 0, 1, 2)  # (Z, 1, X'', Y'')
@@ -190,10 +214,11 @@ def load_localiser(
     num_res_units: int = 2,
     reference_volume_ml: float | None = None,
     rotations: Sequence[float] = (0.0,),
+    zooms: Sequence[float] = (1.0,),
 ) -> SliceLocaliser | None:
     """The bundle's localiser from ``weights`` (:func:`localiser_network` with ``channels`` and ``num_res_units``,
     trained at ``in_plane_mm``; poses scaled to ``reference_volume_ml`` as the NISF network was trained; slices also
-    predicted at ``rotations``, see :class:`SliceLocaliser`), or None
+    predicted at ``rotations`` and ``zooms``, see :class:`SliceLocaliser`), or None
     with a warning when the file is missing, so that a bundle trained
     without one still runs (its pose is then searched by reconstruction)."""
     if not Path(weights).is_file():
@@ -211,6 +236,7 @@ def load_localiser(
         divisor=localiser_stride(channels),
         reference_volume_ml=reference_volume_ml,
         rotations=rotations,
+        zooms=zooms,
     )
 
 
