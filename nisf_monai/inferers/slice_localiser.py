@@ -118,9 +118,11 @@ class SliceLocaliser:
         self.largest_component = bool(largest_component)
         self.reference_volume_ml = checked_reference_volume(reference_volume_ml)
 
-    def resample(self, volume: MetaTensor, mode: str = "bilinear") -> MetaTensor:
-        """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing, slice spacing unchanged (-1 keeps it)."""
-        return Spacing(pixdim=(self.in_plane_mm, self.in_plane_mm, -1.0), mode=mode)(volume)
+    def resample(self, volume: MetaTensor, mode: str = "bilinear", spacing_mm: float | None = None) -> MetaTensor:
+        """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing (or ``spacing_mm``), slice spacing unchanged
+        (-1 keeps it)."""
+        spacing = self.in_plane_mm if spacing_mm is None else spacing_mm
+        return Spacing(pixdim=(spacing, spacing, -1.0), mode=mode)(volume)
 
     @staticmethod
     def _one_image(image: MetaTensor) -> MetaTensor:
@@ -150,7 +152,7 @@ class SliceLocaliser:
     def _predicted(self, image: MetaTensor, spacing_mm: float) -> MetaTensor:
         """Probabilities ``(M, X', Y', Z)`` of ``image`` at the in-plane spacing ``spacing_mm``, averaged over
         ``rotations``, with that grid's affine."""
-        resampled = Spacing(pixdim=(spacing_mm, spacing_mm, -1.0), mode="bilinear")(image)
+        resampled = self.resample(image, spacing_mm=spacing_mm)
         x, y = resampled.shape[1:3]
         padded = DivisiblePad((self.divisor, self.divisor, 1), method="end")(resampled).as_tensor()
         slices = padded.permute(3, 0, 1, 2)  # (Z, 1, X'', Y'')
