@@ -1,6 +1,7 @@
 """Held-out slice interpolation on ACDC: NISF against nearest-slice and shape-based label interpolation.
 
-On the ACDC test patients (number % 5 == 4, see shared/data/README.md), every other short-axis slice is
+On the ACDC test patients (number % 5 == 4, see shared/data/README.md; --part validation for the validation
+patients), every other short-axis slice is
 hidden from the latent optimisation; NISF then segments the hidden slices, and two baselines interpolate
 the ground-truth labels of the kept neighbours (which NISF never sees). Dice per class on the hidden
 slices (MONAI DiceMetric, background excluded) for the three methods, through the bundle's
@@ -106,6 +107,12 @@ def main() -> None:
         "--keep", default="every_other", help="slices the fit sees: every_other, a fraction, or a JSON list of indices"
     )
     ap.add_argument("--offset", type=int, default=0, help="first kept slice for every_other")
+    ap.add_argument(
+        "--part",
+        default="test",
+        choices=("validation", "test"),
+        help="patients scored: validation (choosing settings) or test (reading a configuration once)",
+    )
     add_model_arguments(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -116,14 +123,14 @@ def main() -> None:
     datalist = build_datalist(args.data, str(work / "datalist.json"))
     if args.limit:
         full = json.loads(Path(datalist).read_text())
-        keep = sorted({e["subject"] for e in full["test"]})[: args.limit]
-        full["test"] = [e for e in full["test"] if e["subject"] in keep]
+        keep = sorted({e["subject"] for e in full[args.part]})[: args.limit]
+        full[args.part] = [e for e in full[args.part] if e["subject"] in keep]
         Path(datalist).write_text(json.dumps(full, indent=2))
     keep_slices: Any = args.keep if args.keep in ("every_other", "all") else json.loads(args.keep)
     overrides = {
         **model_overrides(args),
         "datalist_file": datalist,
-        "section": "test",
+        "section": args.part,
         "output_dir": str(work),
         "keep_slices": keep_slices,
         "slice_offset": args.offset,

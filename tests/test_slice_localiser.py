@@ -251,6 +251,26 @@ def test_probability_volume_leaves_out_masked_voxels() -> None:
     torch.testing.assert_close(read[:, 0], probs[:, 1, 2, 0], atol=1e-5, rtol=0)
 
 
+def test_probability_volume_bridges_hidden_slices_from_the_kept_ones_on_either_side() -> None:
+    from nisf_monai.inferers import ProbabilityVolume
+
+    probs = torch.softmax(torch.randn(4, 5, 6, 6, generator=torch.Generator().manual_seed(2)), dim=0)
+    kept = torch.zeros(5, 6, 6, dtype=torch.bool)
+    kept[..., [1, 4]] = True  # slices 2 and 3 hidden between them, 0 and 5 beyond the kept ones
+    kept[0, 0, 2] = True  # and one kept voxel inside the gap, which its column bridges to
+    hidden = probs.clone()
+    hidden[:, ~kept] = torch.rand(4, int((~kept).sum()))  # what hidden voxels hold must not matter
+    read, weight = ProbabilityVolume(hidden, np.eye(4), kept, bridge_hidden=True).at(
+        torch.tensor([[1.0, 2.0, 2.0], [1.0, 2.0, 3.0], [0.0, 0.0, 3.0], [1.0, 2.0, 0.0], [1.0, 2.0, 5.0]])
+    )
+    torch.testing.assert_close(read[:, 0], probs[:, 1, 2, 1] * 2 / 3 + probs[:, 1, 2, 4] / 3, atol=1e-5, rtol=0)
+    torch.testing.assert_close(read[:, 1], probs[:, 1, 2, 1] / 3 + probs[:, 1, 2, 4] * 2 / 3, atol=1e-5, rtol=0)
+    torch.testing.assert_close(read[:, 2], (probs[:, 0, 0, 2] + probs[:, 0, 0, 4]) / 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]))  # no bridge beyond the ends
+    _, unbridged = ProbabilityVolume(hidden, np.eye(4), kept).at(torch.tensor([[1.0, 2.0, 2.0]]))
+    assert float(unbridged) == 0.0
+
+
 def blend_inferer(localiser_blend: float, localiser: SliceLocaliser | None = None, **kwargs):
     from nisf_monai.inferers import LatentOptimisationInferer
 
@@ -299,6 +319,21 @@ def test_blend_keeps_nisf_alone_on_hidden_slices_and_reads_the_localiser_in_worl
     assert int(on_input.sum()) > 100
     i, j, k = index[on_input].round().long().T
     assert torch.equal(finer.reshape(-1)[on_input].long(), guide[i, j, k])
+
+
+def test_blend_hidden_reads_the_localiser_across_hidden_slices_from_the_kept_ones() -> None:
+    image, _ = heart_scan()
+    net = tiny_heart_net()
+    mask = torch.ones(SHAPE, dtype=torch.bool)
+    mask[..., 2] = False
+    garbage = image.clone()
+    garbage[..., 2] = torch.rand(SHAPE[:2])  # the hidden slice's intensities are never read
+    bridged = blend_inferer(1.0, localiser_blend_hidden=True).fit_and_sample([garbage], net, masks=[mask])[0]
+    probs = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image)
+    between = ((probs[..., 1] + probs[..., 3]) / 2).argmax(0)
+    assert torch.equal(bridged["pred"][0, ..., 2].long(), between)
+    alone = blend_inferer(0.0).fit_and_sample([garbage], net, masks=[mask])[0]["pred"]
+    assert not torch.equal(alone[0, ..., 2].long(), between)  # without the bridge the slice is NISF's
 
 
 def test_streamed_labels_mix_the_localiser_as_fit_and_sample_does(tmp_path) -> None:

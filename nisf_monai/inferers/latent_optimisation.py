@@ -108,6 +108,9 @@ class LatentOptimisationInferer(Inferer):
             on voxels a mask hides; see :class:`ProbabilityVolume`). The fitted code is unchanged, and what is read
             from the code alone (planes, meshes, measures) stays NISF's. 0 (default): NISF alone. On ACDC
             validation frames 0.5 raised Dice from 0.827 to 0.837 (``benchmarks/README.md``).
+        localiser_blend_hidden: with ``localiser_blend``, also mix into the slices a mask hides the localiser's
+            probabilities of the kept slices on either side, interpolated across the gap
+            (``ProbabilityVolume(bridge_hidden=True)``); False leaves hidden slices to NISF alone.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class LatentOptimisationInferer(Inferer):
         localiser_weight: float = 0.0,
         draw_near_heart: bool = True,
         localiser_blend: float = 0.0,
+        localiser_blend_hidden: bool = False,
     ) -> None:
         super().__init__()
         if num_steps < 0:
@@ -158,6 +162,7 @@ class LatentOptimisationInferer(Inferer):
         if not 0.0 <= localiser_blend <= 1.0:
             raise ValueError(f"localiser_blend must lie in [0, 1], got {localiser_blend}.")
         self.localiser_blend = float(localiser_blend)
+        self.localiser_blend_hidden = bool(localiser_blend_hidden)
 
     def frame_of(self, image: MetaTensor) -> CoordinateMapping:
         """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation and the
@@ -310,7 +315,9 @@ class LatentOptimisationInferer(Inferer):
         localiser = self._localiser_for("localiser_blend", self.localiser_blend, "the segmentation is NISF's alone")
         if localiser is None:
             return None
-        return ProbabilityVolume(localiser.probabilities(image), _grid_affine(image), mask)
+        return ProbabilityVolume(
+            localiser.probabilities(image), _grid_affine(image), mask, bridge_hidden=self.localiser_blend_hidden
+        )
 
     def _fit_points(
         self, cases: list[MetaTensor], case_masks: list[torch.Tensor | None], device: torch.device
