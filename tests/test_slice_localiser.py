@@ -374,6 +374,41 @@ def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -
         )
 
 
+class CountedClasses(IntensityClasses):
+    """:class:`IntensityClasses` that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_one_inference_predicts_each_slice_once_for_pose_guide_and_blend() -> None:
+    image, _ = heart_scan()
+    network = CountedClasses()
+    localiser = SliceLocaliser(network, in_plane_mm=3.0, rotations=(0.0, 0.2), zooms=(1.0, 0.9))
+    first = localiser.probabilities(image)
+    assert network.calls == 4  # two rotations at two zooms, all slices in one batch
+    blend_inferer(0.5, localiser, localiser_weight=1.0).fit_and_sample([image], tiny_heart_net())
+    assert network.calls == 4  # the pose, the guide of the fit and the blend read the kept answer
+    first[:] = 0.0  # what a caller does to its answer does not reach the kept one
+    torch.testing.assert_close(
+        localiser.probabilities(image),
+        SliceLocaliser(IntensityClasses(), in_plane_mm=3.0, rotations=(0.0, 0.2), zooms=(1.0, 0.9)).probabilities(
+            image
+        ),
+    )
+    localiser.probabilities(image * 0.5)
+    assert network.calls == 8  # another image is predicted anew
+    moved = image.clone()
+    moved.affine[0, 3] += 1.0
+    localiser.probabilities(moved)
+    assert network.calls == 12  # and so is the same image elsewhere in space
+
+
 def test_turning_a_slice_is_rigid_in_pixels() -> None:
     from nisf_monai.inferers.slice_localiser import _turned
 

@@ -117,6 +117,9 @@ class SliceLocaliser:
         self.slices_per_batch = int(slices_per_batch)
         self.largest_component = bool(largest_component)
         self.reference_volume_ml = checked_reference_volume(reference_volume_ml)
+        # the last image predicted (values, affine) and its probabilities: one inference asks for the same image's
+        # probabilities three times (pose, guide of the fit, blend), each costing len(rotations) x len(zooms) passes
+        self._last: tuple[torch.Tensor, torch.Tensor, MetaTensor] | None = None
 
     def resample(self, volume: MetaTensor, mode: str = "bilinear", spacing_mm: float | None = None) -> MetaTensor:
         """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing (or ``spacing_mm``), slice spacing unchanged
@@ -135,8 +138,19 @@ class SliceLocaliser:
     def coarse_probabilities(self, image: MetaTensor) -> MetaTensor:
         """Class probabilities ``(M, X', Y', Z)`` of one image ``(1, X, Y, Z)`` scaled to [0, 1], predicted slice by
         slice at the localiser's in-plane spacing (averaged over ``rotations`` and ``zooms``), with that grid's
-        affine."""
+        affine. The answer for the last image is kept and given again while the values and affine asked about are
+        equal (the network is taken as fixed once the localiser is built)."""
         image = self._one_image(image).float()
+        values, affine = image.as_tensor(), torch.as_tensor(image.affine, dtype=torch.float64)
+        last = self._last
+        if last is not None and _equal(last[0], values) and _equal(last[1], affine):
+            return last[2].clone()
+        probs = self._averaged(image)
+        self._last = (values.clone(), affine.clone(), probs)
+        return probs.clone()
+
+    def _averaged(self, image: MetaTensor) -> MetaTensor:
+        """The probabilities of :meth:`coarse_probabilities`, computed."""
         reference = self._predicted(image, self.in_plane_mm) if 1.0 in self.zooms else None
         grid = reference if reference is not None else self.resample(image)
         total = torch.zeros(())
@@ -240,6 +254,10 @@ def load_localiser(
         rotations=rotations,
         zooms=zooms,
     )
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
 
 
 def _turned(slices: torch.Tensor, angle: float) -> torch.Tensor:
