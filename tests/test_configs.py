@@ -11,7 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import CONFIGS
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from nisf_monai.data import generate_subject
@@ -94,3 +96,18 @@ def test_every_run_reads_a_cine_series_frame_by_frame(run: str, cine_data: Path,
             assert sample["image"].shape[0] == 1, run
             if "label" in sample:
                 assert sample["label"].shape[0] == 1, run
+
+
+@pytest.mark.parametrize("power, expected", [(0.0, [1e-3] * 4), (1.0, [1e-3, 7.5e-4, 5e-4, 2.5e-4])])
+def test_localiser_learning_rate_decays_by_its_power_over_the_epochs(power, expected, tmp_path: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "train_localiser.json")])
+    parser.update({"bundle_root": str(tmp_path), "localiser_epochs": 4, "localiser_lr_power": power})
+    slices = {"image": torch.rand(2, 1, 32, 32), "label": torch.randint(0, 4, (2, 1, 32, 32))}
+    parser["localiser#dataloader"] = [slices]  # one batch an epoch: what is scheduled, not what is learned
+    parser["localiser#handlers"] = parser["localiser#handlers"][:1]  # the schedule alone
+    trainer = parser.get_parsed_content("localiser#trainer")
+    rates = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: rates.append(e.optimizer.param_groups[0]["lr"]))
+    trainer.run()
+    assert rates == pytest.approx(expected)
