@@ -116,6 +116,13 @@ BAD = [
     ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
     ("localiser_blend", 1.5, "localiser_blend: 1.5 is outside [0, 1]; give a number in [0, 1], such as 0.5"),
     (
+        "localiser_blend_hidden",
+        "false",
+        "localiser_blend_hidden: 'false' is text, not True or False; give True or False, capitalised on the command "
+        "line (e.g. --localiser_blend_hidden False)",
+    ),
+    ("localiser_lr_power", -0.9, "localiser_lr_power: -0.9 is negative; give a number, 0 or more"),
+    (
         "localiser_rotations",
         [],
         "localiser_rotations: [] has no angle; give a list of one or more angles in radians, "
@@ -197,6 +204,8 @@ GOOD = [
     ("localiser_weight", 3.0),
     ("localiser_blend", 0),
     ("localiser_blend", 0.5),
+    ("localiser_blend_hidden", False),
+    ("localiser_lr_power", 0.9),
     ("localiser_rotations", [0.0]),
     ("localiser_zooms", [1.0]),
     ("localiser_zooms", [1.0, 0.9, 1.1]),
@@ -324,6 +333,12 @@ def test_every_check_is_reachable_from_a_config() -> None:
         assert all(value == f"@{name}" for name, value in checked.items()), checked
         assert all(name in parser for name in checked)
         used |= set(checked)
+    # the localiser's run checks its own ids under the trainer's names (batch_size: @localiser_batch_size, ...)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in ("train.json", "train_localiser.json")])
+    checked = parser["checked_settings"]
+    assert all(str(value).startswith("@") and str(value)[1:] in parser for value in checked.values()), checked
+    used |= set(checked)
     assert used == set(CHECKS)
 
 
