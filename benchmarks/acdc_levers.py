@@ -193,6 +193,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             objective=args.objective,
             pose=args.pose,
             blends=tuple(float(w) for w in args.blend.split(",") if w),
+            largest_component=args.largest_component,
         )
     result.update(
         {
@@ -212,6 +213,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"  step {step:4d}: {dice:.3f}  ({per_class})")
     for weight, blended in result.get("blends", {}).items():
         print(f"  blended with the localiser, weight {weight}: " + " ".join(f"{d:.3f}" for d in blended["mean_dice"]))
+    for weight, cleaned in result.get("blends_largest_component", {}).items():
+        print(f"  largest components kept, weight {weight}: " + " ".join(f"{d:.3f}" for d in cleaned["mean_dice"]))
     if result.get("pose_errors"):
         errors = result["pose_errors"]
         print(
@@ -430,6 +433,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         default="",
         help="comma-separated weights w of the localiser's probabilities mixed with NISF's, (1-w) NISF + w localiser, "
         "each scored at every step beside NISF alone",
+    )
+    e.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="score every --blend weight also after keeping each structure's largest connected component",
     )
     q = sub.add_parser("qc")
     q.add_argument("--name", required=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from acdc import dice_of  # noqa: E402  (beside this script: one Dice for every ACDC benchmark)
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
+from monai.transforms import KeepLargestConnectedComponent
 
 from nisf_monai.data import case_ids
 from nisf_monai.networks import LatentTable
@@ -34,14 +35,19 @@ class _Recorder:
     """Dice of every case on its whole grid at the chosen steps (a monitor for ``inferer.fit``).
 
     ``blends``: weights ``w`` of the localiser's probabilities in a mixture ``(1 - w) NISF + w localiser`` on the
-    image grid, each scored beside the plain NISF labels (``self.blended[w][step]``)."""
+    image grid, each scored beside the plain NISF labels (``self.blended[w][step]``). ``largest_component``: also
+    score every blend after keeping each structure's largest connected component (``self.cleaned[w][step]``)."""
 
-    def __init__(self, inferer, network, images, labels, steps, blends: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self, inferer, network, images, labels, steps, blends: tuple[float, ...] = (), largest_component: bool = False
+    ) -> None:
         self.inferer, self.network, self.images, self.labels = inferer, network, images, labels
         self.steps = set(steps)
         self.dice: dict[int, list[np.ndarray]] = {}
         self.blends = tuple(blends)
         self.blended: dict[float, dict[int, list[np.ndarray]]] = {w: {} for w in self.blends}
+        self.cleaner = KeepLargestConnectedComponent(applied_labels=(1, 2, 3)) if largest_component else None
+        self.cleaned: dict[float, dict[int, list[np.ndarray]]] = {w: {} for w in self.blends} if self.cleaner else {}
         self._guides: dict[int, torch.Tensor] = {}
 
     def _guide(self, b: int) -> torch.Tensor:
@@ -62,6 +68,9 @@ class _Recorder:
             for w in self.blends:
                 mixed = (1.0 - w) * probs[0] + w * self._guide(b)
                 self.blended[w].setdefault(step, []).append(dice_of(mixed.argmax(0), label[0]))
+                if self.cleaner is not None:
+                    kept = self.cleaner(mixed.argmax(0, keepdim=True))[0]
+                    self.cleaned[w].setdefault(step, []).append(dice_of(kept, label[0]))
         self.dice[step] = scores
 
 
@@ -101,12 +110,13 @@ def evaluate_cases(
     objective: str = "intensity",
     pose: str = "label",
     blends: tuple[float, ...] = (),
+    largest_component: bool = False,
 ) -> dict:
     """Dice per case and step of ``cases`` (datalist entries) for one objective; see the module docstring.
 
     ``pose``: with a heart-frame model, 'label' takes each case's pose from its labels (an oracle: the upper
     bound of pose estimation), 'estimate' leaves it to the inferer. ``blends``: see ``_Recorder`` (intensity
-    objective)."""
+    objective); ``largest_component``: score each blend also after keeping the largest component per structure."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"datalist": datalist, **config_overrides})
@@ -127,7 +137,9 @@ def evaluate_cases(
         images.append(d["image"])
         labels.append(d["label"])
         names.append(case_ids([case])[0])
-    recorder = _Recorder(inferer, network, images, labels, steps, blends if objective == "intensity" else ())
+    recorder = _Recorder(
+        inferer, network, images, labels, steps, blends if objective == "intensity" else (), largest_component
+    )
     if objective == "intensity":
         every = reduce(math.gcd, [s for s in steps if s > 0], 0) or 1
         inferer.fit(images, network, monitor=recorder, monitor_every=every)
@@ -174,6 +186,20 @@ def evaluate_cases(
                 }
                 for w in recorder.blends
             },
+            "blends_largest_component": {
+                str(w): _summary({s: recorder.cleaned[w][s] for s in steps}) for w in recorder.cleaned
+            },
+        }
+
+
+def _summary(dice_by_step: dict[int, list[np.ndarray]]) -> dict:
+    """Mean and per-class Dice at each step, and the per-case values."""
+    dice = {s: np.asarray(d, dtype=float) for s, d in dice_by_step.items()}
+    with np.errstate(invalid="ignore"):
+        return {
+            "mean_dice": [float(np.nanmean(np.nanmean(d, axis=1))) for d in dice.values()],
+            "class_dice": [np.nanmean(d, axis=0).tolist() for d in dice.values()],
+            "per_case": {str(s): d.tolist() for s, d in dice.items()},
         }
 
 

@@ -303,6 +303,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "localiser_blend": check_fraction,
     "localiser_blend_hidden": check_flag,
     "localiser_lr_power": partial(check_non_negative, unit=""),
+    "localiser_random_crop": check_flag,
     "localiser_rotations": check_angles,
     "localiser_zooms": check_zooms,
     "heart_sigma_mm": partial(check_non_negative, none_means="to weigh every voxel alike"),

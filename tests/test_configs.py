@@ -15,6 +15,7 @@ import torch
 from helpers import CONFIGS
 from ignite.engine import Events
 from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from nisf_monai.data import generate_subject
 
@@ -96,6 +97,27 @@ def test_every_run_reads_a_cine_series_frame_by_frame(run: str, cine_data: Path,
             assert sample["image"].shape[0] == 1, run
             if "label" in sample:
                 assert sample["label"].shape[0] == 1, run
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_localiser_patches_are_centred_or_drawn_from_the_whole_slice(random_crop: bool, tmp_path: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "train_localiser.json")])
+    parser.update({"bundle_root": str(tmp_path), "localiser_random_crop": random_crop, "localiser_patch": [8, 8]})
+    crop = Compose(parser.get_parsed_content("localiser#slicing")[3:5])  # the padding and the crop
+    columns = torch.arange(24.0).reshape(1, 1, 24).expand(1, 20, 24)  # each pixel holds its column index
+    slice_ = {"image": columns.clone(), "label": columns.clone()}
+    starts = set()
+    for seed in range(12):
+        crop.set_random_state(seed)
+        patch = crop(dict(slice_))
+        assert patch["image"].shape == (1, 8, 8)
+        assert torch.equal(patch["image"], patch["label"])  # image and label cut alike
+        starts.add(int(patch["image"][0, 0, 0]))
+    if random_crop:  # anywhere the patch fits: first columns 0 .. 16
+        assert len(starts) > 3 and max(starts) <= 16
+    else:  # the centre, as ResizeWithPadOrCropd gave before the setting
+        assert starts == {8}
 
 
 @pytest.mark.parametrize("power, expected", [(0.0, [1e-3] * 4), (1.0, [1e-3, 7.5e-4, 5e-4, 2.5e-4])])

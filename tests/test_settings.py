@@ -123,6 +123,12 @@ BAD = [
     ),
     ("localiser_lr_power", -0.9, "localiser_lr_power: -0.9 is negative; give a number, 0 or more"),
     (
+        "localiser_random_crop",
+        "true",
+        "localiser_random_crop: 'true' is text, not True or False; give True or False, capitalised on the command "
+        "line (e.g. --localiser_random_crop True)",
+    ),
+    (
         "localiser_rotations",
         [],
         "localiser_rotations: [] has no angle; give a list of one or more angles in radians, "
@@ -206,6 +212,7 @@ GOOD = [
     ("localiser_blend", 0.5),
     ("localiser_blend_hidden", False),
     ("localiser_lr_power", 0.9),
+    ("localiser_random_crop", True),
     ("localiser_rotations", [0.0]),
     ("localiser_zooms", [1.0]),
     ("localiser_zooms", [1.0, 0.9, 1.1]),
