@@ -302,6 +302,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "localiser_weight": partial(check_non_negative, unit=""),
     "localiser_blend": check_fraction,
     "localiser_blend_hidden": check_flag,
+    "keep_largest_component": check_flag,
     "localiser_lr_power": partial(check_non_negative, unit=""),
     "localiser_random_crop": check_flag,
     "localiser_rotations": check_angles,

@@ -133,3 +133,35 @@ def test_localiser_learning_rate_decays_by_its_power_over_the_epochs(power, expe
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: rates.append(e.optimizer.param_groups[0]["lr"]))
     trainer.run()
     assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_written_labels_keep_each_structures_largest_component(keep: bool, tmp_path: Path) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import KeepLargestConnectedComponentd
+
+    for configs in (
+        ["inference.json"],
+        ["inference.json", "evaluate.json"],
+        ["inference.json", "evaluate.json", "interpolate.json"],
+    ):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / name) for name in configs])
+        parser.update({"bundle_root": str(tmp_path), "keep_largest_component": keep})
+        transforms = parser.get_parsed_content("postprocessing").transforms
+        cleaners = [t for t in transforms if isinstance(t, KeepLargestConnectedComponentd)]
+        assert len(cleaners) == int(keep), configs
+        if configs == ["inference.json"]:
+            probs = torch.zeros(4, 12, 10, 3)
+            probs[0] = 1.0
+            probs[:, 1:6, 1:6] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None, None]  # an LV of 75 voxels
+            probs[:, 9:11, 7:9] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None, None]  # and a stray one of 12
+            labels = Compose([transforms[0], *cleaners])({"pred": MetaTensor(probs)})["pred"]  # labels, cleanup
+            assert int((labels == 1).sum()) == (75 if keep else 87)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"bundle_root": str(tmp_path), "keep_largest_component": keep, "target_spacing": [1.0, 1.0, 1.0]})
+    streamed = parser.get_parsed_content("postprocessing").transforms
+    assert not any(isinstance(t, KeepLargestConnectedComponentd) for t in streamed)  # the streaming saver's job
+    saver = next(h for h in parser.get_parsed_content("handlers") if type(h).__name__ == "StreamingSegmentationSaver")
+    assert (saver.cleaner is not None) == keep

@@ -123,6 +123,12 @@ BAD = [
     ),
     ("localiser_lr_power", -0.9, "localiser_lr_power: -0.9 is negative; give a number, 0 or more"),
     (
+        "keep_largest_component",
+        "false",
+        "keep_largest_component: 'false' is text, not True or False; give True or False, capitalised on the command "
+        "line (e.g. --keep_largest_component False)",
+    ),
+    (
         "localiser_random_crop",
         "true",
         "localiser_random_crop: 'true' is text, not True or False; give True or False, capitalised on the command "
@@ -213,6 +219,7 @@ GOOD = [
     ("localiser_blend_hidden", False),
     ("localiser_lr_power", 0.9),
     ("localiser_random_crop", True),
+    ("keep_largest_component", False),
     ("localiser_rotations", [0.0]),
     ("localiser_zooms", [1.0]),
     ("localiser_zooms", [1.0, 0.9, 1.1]),

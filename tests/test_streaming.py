@@ -84,3 +84,51 @@ def test_saver_rejects_a_bad_spacing_before_any_fitting(network) -> None:
         StreamingSegmentationSaver(
             LatentOptimisationInferer(num_steps=0), network, "out", target_spacing=[1.0, -2.0, 1.0]
         )
+
+
+class _Stripes(torch.nn.Module):
+    """Labels in stripes along the first coordinate: every label in several separate components."""
+
+    num_classes, latent_dim = 4, 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # where the saver looks for the device
+
+    def forward_heads(self, points: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        label = (points[:, 0] * 1000).floor().long() % self.num_classes
+        logits = torch.nn.functional.one_hot(label, self.num_classes).movedim(-1, 1).float() * 10
+        return logits, torch.zeros_like(points[:, :1])
+
+
+def test_saver_keeps_the_largest_component_of_each_label_in_the_written_file(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from nisf_monai.handlers import StreamingSegmentationSaver
+
+    image = _image()[0]
+    image.meta["filename_or_obj"] = str(tmp_path / "case.nii.gz")
+    engine = SimpleNamespace(state=SimpleNamespace(output=[{"image": image, "latent": torch.zeros(1, 8)}]))
+    written = {}
+    for kept in (None, [1, 2, 3]):
+        folder = tmp_path / ("cleaned" if kept else "as_sampled")
+        saver = StreamingSegmentationSaver(
+            LatentOptimisationInferer(num_steps=0, chunk_size=64),
+            _Stripes(),
+            folder,
+            target_spacing=0.7,
+            output_postfixes=("seg", None),
+            largest_component=kept,
+        )
+        saver(engine)
+        (path,) = folder.iterdir()
+        written[kept is not None] = nib.load(path)
+    sampled = np.asarray(written[False].dataobj)
+    cleaned = np.asarray(written[True].dataobj)
+    # (a copy: the transform edits its input in place)
+    expected = KeepLargestConnectedComponent(applied_labels=[1, 2, 3])(torch.tensor(sampled)[None])[0].numpy()
+    assert not np.array_equal(sampled, expected)  # the stripes do leave components to remove
+    assert np.array_equal(cleaned, expected)
+    assert cleaned.dtype == np.uint8 and np.allclose(written[True].affine, written[False].affine)

@@ -7,8 +7,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.data import FolderLayout, MetaTensor
+from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, spacing_triple, target_grid
@@ -44,6 +47,10 @@ class StreamingSegmentationSaver:
         output_name_formatter: as for ``SaveImage`` (default names cine frames ``_tNN``).
         mask_key: key of a case's fit mask in the evaluator's output; the localiser's probabilities mixed into the
             labels (the inferer's ``localiser_blend``) leave out the voxels it hides, as ``fit_and_sample`` does.
+        largest_component: labels of which only the largest connected component is kept (MONAI
+            ``KeepLargestConnectedComponent``), as ``inference.json``'s ``keep_largest_component`` does for outputs held
+            in memory. Components need the whole volume, so the written labels are read back once (one byte a voxel,
+            and the component map) and rewritten; the probabilities are never held. None or empty: written as sampled.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class StreamingSegmentationSaver:
         slab_points: int | None = None,
         output_name_formatter: Callable[[dict, Any], dict] = frame_name_formatter,
         mask_key: str = "mask",
+        largest_component: Sequence[int] | None = None,
     ) -> None:
         self.inferer = inferer
         self.network = network
@@ -68,6 +76,8 @@ class StreamingSegmentationSaver:
         self.slab_points = slab_points
         self.output_name_formatter = output_name_formatter
         self.mask_key = mask_key
+        labels = [int(label) for label in largest_component or ()]
+        self.cleaner = KeepLargestConnectedComponent(applied_labels=labels) if labels else None
         self._data_index = 0  # what SaveImage's default formatter names unnamed inputs by
 
     def attach(self, engine: Engine) -> None:
@@ -116,6 +126,8 @@ class StreamingSegmentationSaver:
                 self.slab_points,
                 blend,
             )
+            if seg_path is not None and self.cleaner is not None:
+                self._keep_largest_components(seg_path)
             logger.info(
                 "wrote %s (%s voxels at %s mm)",
                 seg_path or recon_path,
@@ -123,3 +135,10 @@ class StreamingSegmentationSaver:
                 self.target_spacing or "input",
             )
             self._data_index += 1
+
+    def _keep_largest_components(self, path: str) -> None:
+        """Rewrite the labels at ``path`` with only the largest component of each of the cleaner's labels."""
+        written = nib.load(path)
+        labels = torch.from_numpy(np.asarray(written.dataobj, dtype=np.uint8))[None]
+        kept = self.cleaner(labels)[0]
+        nib.save(nib.Nifti1Image(np.asarray(kept, dtype=np.uint8), written.affine, written.header), path)
