@@ -101,7 +101,8 @@ class _Stripes(torch.nn.Module):
         return logits, torch.zeros_like(points[:, :1])
 
 
-def test_saver_keeps_the_largest_component_of_each_label_in_the_written_file(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_saver_keeps_the_largest_component_of_each_label_in_the_written_file(tmp_path, suffix) -> None:
     from types import SimpleNamespace
 
     from monai.transforms import KeepLargestConnectedComponent
@@ -120,10 +121,12 @@ def test_saver_keeps_the_largest_component_of_each_label_in_the_written_file(tmp
             folder,
             target_spacing=0.7,
             output_postfixes=("seg", None),
+            output_ext=suffix,
             largest_component=kept,
         )
         saver(engine)
-        (path,) = folder.iterdir()
+        (path,) = folder.iterdir()  # the file alone: no temporary left beside it
+        assert path.name == f"case_seg{suffix}"
         written[kept is not None] = nib.load(path)
     sampled = np.asarray(written[False].dataobj)
     cleaned = np.asarray(written[True].dataobj)

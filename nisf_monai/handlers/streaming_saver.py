@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, spacing_triple, target_grid
 from nisf_monai.inferers.streaming import stream_sampled_grid
+from nisf_monai.io import atomic_write_bytes
 from nisf_monai.transforms.loading import frame_name_formatter
 
 if TYPE_CHECKING:
@@ -141,4 +143,5 @@ class StreamingSegmentationSaver:
         written = nib.load(path)
         labels = torch.from_numpy(np.asarray(written.dataobj, dtype=np.uint8))[None]
         kept = self.cleaner(labels)[0]
-        nib.save(nib.Nifti1Image(np.asarray(kept, dtype=np.uint8), written.affine, written.header), path)
+        cleaned = nib.Nifti1Image(np.asarray(kept, dtype=np.uint8), written.affine, written.header).to_bytes()
+        atomic_write_bytes(path, gzip.compress(cleaned) if str(path).endswith(".gz") else cleaned)  # all or nothing
