@@ -164,32 +164,19 @@ def evaluate_cases(
         raise ValueError(f"unknown objective {objective!r}")
     located = heart_frame and pose == "estimate" and objective != "localiser"
     pose_errors = _pose_errors(images, labels) if located else None
-    dice = {s: np.asarray(recorder.dice[s], dtype=float) for s in steps}
-    with np.errstate(invalid="ignore"):
-        return {
-            "objective": objective,
-            "pose": pose if heart_frame else "volume centre",
-            "cases": names,
-            "steps": steps,
-            "mean_dice": [float(np.nanmean(np.nanmean(dice[s], axis=1))) for s in steps],
-            "class_dice": [np.nanmean(dice[s], axis=0).tolist() for s in steps],
-            "per_case": {str(s): dice[s].tolist() for s in steps},
-            "inferer": {k: getattr(inferer, k) for k in ("learning_rate", "num_points", "init_std", "latent_weight")},
-            "pose_errors": pose_errors,
-            "blends": {
-                str(w): {
-                    "mean_dice": [
-                        float(np.nanmean(np.nanmean(np.asarray(recorder.blended[w][s]), axis=1))) for s in steps
-                    ],
-                    "class_dice": [np.nanmean(np.asarray(recorder.blended[w][s]), axis=0).tolist() for s in steps],
-                    "per_case": {str(s): np.asarray(recorder.blended[w][s]).tolist() for s in steps},
-                }
-                for w in recorder.blends
-            },
-            "blends_largest_component": {
-                str(w): _summary({s: recorder.cleaned[w][s] for s in steps}) for w in recorder.cleaned
-            },
-        }
+    return {
+        "objective": objective,
+        "pose": pose if heart_frame else "volume centre",
+        "cases": names,
+        "steps": steps,
+        **_summary({s: recorder.dice[s] for s in steps}),
+        "inferer": {k: getattr(inferer, k) for k in ("learning_rate", "num_points", "init_std", "latent_weight")},
+        "pose_errors": pose_errors,
+        "blends": {str(w): _summary({s: recorder.blended[w][s] for s in steps}) for w in recorder.blends},
+        "blends_largest_component": {
+            str(w): _summary({s: recorder.cleaned[w][s] for s in steps}) for w in recorder.cleaned
+        },
+    }
 
 
 def _summary(dice_by_step: dict[int, list[np.ndarray]]) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -16,8 +15,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import CommonKeys as Keys
 
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, spacing_triple, target_grid
-from nisf_monai.inferers.streaming import stream_sampled_grid
-from nisf_monai.io import atomic_write_bytes
+from nisf_monai.inferers.streaming import NiftiSlabWriter, stream_sampled_grid
 from nisf_monai.transforms.loading import frame_name_formatter
 
 if TYPE_CHECKING:
@@ -141,7 +139,6 @@ class StreamingSegmentationSaver:
     def _keep_largest_components(self, path: str) -> None:
         """Rewrite the labels at ``path`` with only the largest component of each of the cleaner's labels."""
         written = nib.load(path)
-        labels = torch.from_numpy(np.asarray(written.dataobj, dtype=np.uint8))[None]
-        kept = self.cleaner(labels)[0]
-        cleaned = nib.Nifti1Image(np.asarray(kept, dtype=np.uint8), written.affine, written.header).to_bytes()
-        atomic_write_bytes(path, gzip.compress(cleaned) if str(path).endswith(".gz") else cleaned)  # all or nothing
+        kept = self.cleaner(torch.from_numpy(np.asarray(written.dataobj, dtype=np.uint8))[None])[0]
+        with NiftiSlabWriter(path, written.affine, written.shape, np.uint8) as writer:  # all or nothing, as streamed
+            writer.write(kept)
