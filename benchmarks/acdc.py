@@ -158,9 +158,21 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.transform({"image": item["image"][..., z], "label": item["label"][..., z]})
 
 
+def save_unet_state(path: Path, state: dict) -> None:
+    """Write the UNet's training state all or nothing, so an interrupted save leaves the previous one."""
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def train_unet(
-    items: list[dict], mapping: dict[int, int], budget_s: float, args: argparse.Namespace
+    items: list[dict],
+    mapping: dict[int, int],
+    budget_s: float,
+    args: argparse.Namespace,
+    state_path: Path | None = None,
 ) -> tuple[torch.nn.Module, float, float, int]:
+    """Train the baseline for ``budget_s`` CPU-seconds; with ``state_path`` it saves every few minutes and resumes."""
     volumes = CacheDataset(items, Compose(preprocessing(mapping)), cache_rate=1.0, progress=False)
     slice_tf = Compose(
         [
@@ -182,20 +194,50 @@ def train_unet(
     # with DiceCELoss reached RV Dice of about 0.8 in 30 CPU-minutes (measured in issue 11); cross-entropy gives every
     # pixel of every class a gradient, where the soft Dice of a class absent from most crops gives little.
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    start, start_cpu, iterations = time.perf_counter(), compute_seconds(), 0
+    spent_cpu, spent_wall, iterations = 0.0, 0.0, 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        spent_cpu, spent_wall, iterations = state["compute_s"], state["wall_s"], state["iterations"]
+        logger.info("UNet resumed from %s: %d iterations, %.1f CPU-min", state_path, iterations, spent_cpu / 60)
+    start, start_cpu = time.perf_counter(), compute_seconds()
+    last_save = start_cpu
+
+    def used() -> float:
+        return spent_cpu + compute_seconds() - start_cpu
+
+    def save() -> None:
+        if state_path is not None:
+            save_unet_state(
+                state_path,
+                {
+                    "net": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "compute_s": used(),
+                    "wall_s": spent_wall + time.perf_counter() - start,
+                    "iterations": iterations,
+                },
+            )
+
     net.train()
-    while compute_seconds() - start_cpu < budget_s:
+    while used() < budget_s:
         for batch in loader:
             optimizer.zero_grad()
             loss = loss_fn(net(batch["image"].as_tensor()), batch["label"].as_tensor())
             loss.backward()
             optimizer.step()
             iterations += 1
-            if compute_seconds() - start_cpu >= budget_s:
+            if compute_seconds() - last_save >= args.unet_save_minutes * 60:
+                save()
+                last_save = compute_seconds()
+                logger.info("UNet %d iterations, %.1f of %.1f CPU-min", iterations, used() / 60, budget_s / 60)
+            if used() >= budget_s:
                 break
-    elapsed = time.perf_counter() - start
+    save()
+    elapsed = spent_wall + time.perf_counter() - start
     logger.info("UNet trained %d iterations in %.0f s (wall)", iterations, elapsed)
-    return net.eval(), elapsed, compute_seconds() - start_cpu, iterations
+    return net.eval(), elapsed, used(), iterations
 
 
 @torch.no_grad()
@@ -224,11 +266,15 @@ def summary(cases: list[dict]) -> dict[str, list[float]]:
 
 def unet_only(datalist: str, mapping: dict[int, int], budget: float, work: Path, args: argparse.Namespace) -> None:
     """The UNet baseline alone: trained under ``budget`` CPU-seconds, scored on the test frames (acdc_unet.json)."""
-    net, train_s, train_cpu, iterations = train_unet(load_datalist(datalist, "training"), mapping, budget, args)
+    parts = args.unet_parts.split(",")
+    items = [item for part in parts for item in load_datalist(datalist, part)]
+    net, train_s, train_cpu, iterations = train_unet(items, mapping, budget, args, work / "unet_state.pt")
     cases, test_s = unet_evaluate(net, load_datalist(datalist, "test"), mapping)
     result = {
         "budget_minutes": args.budget_minutes,
         "torch_threads": torch.get_num_threads(),
+        "training_parts": parts,
+        "training_frames": len(items),
         "summary": summary(cases),
         "train_s": train_s,
         "train_compute_s": train_cpu,
@@ -261,6 +307,18 @@ def main() -> None:
     ap.add_argument("--monitor-every", type=int, default=50)
     ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--unet-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--unet-parts",
+        default="training",
+        help="with --unet-only: comma-separated datalist parts the UNet trains on (training,validation = the shipped"
+        " model's patients)",
+    )
+    ap.add_argument(
+        "--unet-save-minutes",
+        type=float,
+        default=5.0,
+        help="with --unet-only: CPU-minutes between saves of unet_state.pt, from which a rerun resumes",
+    )
     ap.add_argument("--limit", type=int, default=0, help="use only this many subjects per part (smoke test)")
     ap.add_argument(
         "--unet-only",
