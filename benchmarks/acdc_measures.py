@@ -41,8 +41,8 @@ SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef
 logger = logging.getLogger("acdc_measures")
 
 
-def test_datalist(data: Path, out: Path, limit: int, offset: int = 0) -> str:
-    """A MONAI datalist of the test patients with ED / ES phases (from the data's own ``datalist.json``,
+def test_datalist(data: Path, out: Path, limit: int, offset: int = 0, part: str = "test") -> str:
+    """A MONAI datalist (section ``test``) of the ``part`` patients with ED / ES phases (from the data's own ``datalist.json``,
     where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s split and the
     measuring run's own rule (largest / smallest manual LV blood pool) give the same pairing."""
     source = data / "datalist.json"
@@ -58,17 +58,18 @@ def test_datalist(data: Path, out: Path, limit: int, offset: int = 0) -> str:
                 "phase": f["phase"],
             }
             for f in frames
-            if split_of(int(f["patient"][-3:])) == "test"
+            if split_of(int(f["patient"][-3:])) == part
         ]
         datalist = {"label_mapping": {str(k): v for k, v in ACDC_LABEL_MAPPING.items()}, "test": entries}
     else:
         datalist = json.loads(Path(build_datalist(str(data), str(out))).read_text())
+        datalist["test"] = datalist[part]
     patients = sorted({e["subject"] for e in datalist["test"]})[offset:]
     if limit:
         patients = patients[:limit]
     datalist["test"] = sorted((e for e in datalist["test"] if e["subject"] in patients), key=lambda e: e["case"])
     out.write_text(json.dumps(datalist, indent=2))
-    logger.info("%d test patients, %d frames: %s", len(patients), len(datalist["test"]), ", ".join(patients))
+    logger.info("%d %s patients, %d frames: %s", len(patients), part, len(datalist["test"]), ", ".join(patients))
     return str(out)
 
 
@@ -132,6 +133,14 @@ def main() -> None:
     ap.add_argument("--num-points", type=int, default=None, help="voxels per latent step (default: inference.json's)")
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
     ap.add_argument("--mesh-format", default="vtk", help="surface meshes written per structure (vtk, stl, obj) or none")
+    ap.add_argument(
+        "--part", choices=("test", "validation"), default="test", help="the split's patients measured (tune on validation)"
+    )
+    ap.add_argument(
+        "--blend",
+        action="store_true",
+        help="measure the written segmentation (the localiser's probabilities mixed in) instead of the code alone",
+    )
     ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
     ap.add_argument(
         "--offset", type=int, default=0, help="skip the first N test patients (to split them over processes)"
@@ -162,7 +171,7 @@ def main() -> None:
     if args.source == "nisf" and not model.is_file():
         sys.exit(f"no model at {model}")
     work = Path(args.work_dir) / args.source
-    datalist = test_datalist(data, work / "datalist.json", args.limit, args.offset)
+    datalist = test_datalist(data, work / "datalist.json", args.limit, args.offset, args.part)
 
     overrides = {
         "bundle_root": str(REPO / "bundle"),
@@ -175,6 +184,7 @@ def main() -> None:
         "measure_source": args.source,
         "mesh_format": None if args.mesh_format == "none" else args.mesh_format,
         "roi_margin_mm": args.roi_margin,
+        "measure_blend": args.blend,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if args.num_points is not None:

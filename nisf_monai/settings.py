@@ -313,6 +313,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     ),
     "volume_mode": partial(check_choice, choices=("label", "probability")),
     "measure_source": partial(check_choice, choices=("nisf", "labels")),
+    "measure_blend": check_flag,
     "mesh_format": partial(check_choice, choices=("vtk", "stl", "obj"), none_means="for no meshes"),
 }
 

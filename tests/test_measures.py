@@ -289,3 +289,17 @@ def test_bundle_measuring_config_runs(cohort: Path, tmp_path: Path) -> None:
     parser.get_parsed_content("measuring")
     rows = (tmp_path / "measures.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("synth000,labels,synth000_ED,synth000_ES")
+
+
+def test_weights_of_another_network_give_one_clear_error(tmp_path) -> None:
+    """A snapshot of another layout (here ``{"network", "latents"}``) or a file that is no state_dict names
+    ``ckpt_path`` instead of failing inside torch's ``load_state_dict``."""
+    from nisf_monai.errors import SettingsError
+
+    snapshot = tmp_path / "snapshot.pt"
+    torch.save({"network": NISFNet().state_dict(), "latents": {}}, snapshot)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    for path in (snapshot, tensor):
+        with pytest.raises(SettingsError, match="ckpt_path: the weights in .* do not fit this network"):
+            load_weights(NISFNet(), path)

@@ -336,6 +336,30 @@ def test_blend_hidden_reads_the_localiser_across_hidden_slices_from_the_kept_one
     assert not torch.equal(alone[0, ..., 2].long(), between)  # without the bridge the slice is NISF's
 
 
+def test_measuring_with_blend_reads_the_written_segmentation(tmp_path) -> None:
+    """``measure_blend``: the measures read the segmentation inference writes (the localiser mixed in), so on the
+    acquired grid the volumes are those of the blended labels; without it they are the code's alone."""
+    from nisf_monai.geometry import MeasureRun, measure_frame
+    from nisf_monai.geometry.measures import class_volumes
+
+    image, _ = heart_scan()
+    net = tiny_heart_net()
+    inferer = blend_inferer(1.0)
+    guide = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image).argmax(0).numpy()
+    voxel_ml = abs(np.linalg.det(oblique_affine()[:3, :3])) / 1000.0
+    volumes = {}
+    for blend in (True, False):
+        run = MeasureRun(net, inferer, lambda item: item, [], tmp_path, blend=blend, mesh_format=None)
+        (field,) = run._fields([{"image": image}])
+        result = measure_frame(field, oblique_affine(), SHAPE, spacing=None, roi_margin_mm=None)
+        labels = result.probabilities.argmax(0)
+        volumes[blend] = result.volumes
+        assert np.array_equal(labels, guide) == blend
+    expected = class_volumes(guide, voxel_ml)
+    assert volumes[True] == pytest.approx(expected, abs=1e-6)
+    assert volumes[False] != pytest.approx(expected, abs=1e-6)
+
+
 def test_streamed_labels_mix_the_localiser_as_fit_and_sample_does(tmp_path) -> None:
     from types import SimpleNamespace
 

@@ -41,18 +41,28 @@ class NetworkField:
         latent: the code, ``(latent_dim,)`` or ``(1, latent_dim)``.
         frame: the :class:`~nisf_monai.transforms.CoordinateMapping` of the image the code was fitted to
             (``inferer.frame_of(image)``).
+        blend: the localiser's probabilities of that image (``inferer.blend_source(image)``), mixed into the
+            network's with the inferer's ``localiser_blend`` wherever they are read; None reads the code alone.
     """
 
-    def __init__(self, network: nn.Module, inferer: Any, latent: torch.Tensor, frame: CoordinateMapping) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Any,
+        latent: torch.Tensor,
+        frame: CoordinateMapping,
+        blend: Any | None = None,
+    ) -> None:
         self.network = network
         self.inferer = inferer
         self.latent = latent.reshape(1, -1)
         self.frame = frame
+        self.blend = blend
         self.num_classes = int(network.num_classes)
 
     def sample(self, affine: np.ndarray, spatial_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         probs, intensity = self.inferer.sample(
-            self.network, self.latent, self.frame, affine, spatial_shape, probabilities=True
+            self.network, self.latent, self.frame, affine, spatial_shape, probabilities=True, blend=self.blend
         )
         return probs[0].numpy(), intensity[0, 0].numpy()
 

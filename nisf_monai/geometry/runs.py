@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset, report_failed_cases, write_failed_cases
-from nisf_monai.errors import InputDataError, MissingFileError
+from nisf_monai.errors import InputDataError, MissingFileError, SettingsError
 from nisf_monai.geometry.fields import LabelField, NetworkField, measure_frame, structure_meshes
 from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_figure
 from nisf_monai.geometry.grids import footprint_grid
@@ -50,7 +50,17 @@ def load_weights(network: nn.Module, path: str | os.PathLike | None, device: Any
         state = torch.load(str(path), map_location=device or "cpu", weights_only=True)
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
-        network.load_state_dict(state)
+        try:
+            if not isinstance(state, Mapping):
+                raise TypeError(f"expected a state_dict, found {type(state).__name__}")
+            network.load_state_dict(state)
+        except (RuntimeError, TypeError) as error:
+            raise SettingsError(
+                "ckpt_path",
+                f"the weights in {path} do not fit this network ({str(error).splitlines()[0]})",
+                "pass a model.pt written by the bundle's training, with the latent_dim, hidden_dim, num_layers and"
+                " activation it was trained with",
+            ) from error
     return network.eval()
 
 
@@ -157,6 +167,8 @@ class MeasureRun(_FittedRun):
         source: ``"nisf"`` (the network) or ``"labels"`` (the manual labels through the same fine-grid path:
             a check of the pipeline, which must reproduce the disc sums).
         mesh_format: ``vtk``, ``stl``, ``obj`` or None (no meshes).
+        blend: read the segmentation the inference run writes, the localiser's probabilities mixed into the
+            network's with the inferer's ``localiser_blend``, instead of the code alone (needs a localiser).
         save_segmentations: write the fine label maps.
         max_surface_figures: subjects that get a surface figure.
     """
@@ -176,6 +188,7 @@ class MeasureRun(_FittedRun):
         volume_mode: str = "label",
         source: str = "nisf",
         mesh_format: str | None = "vtk",
+        blend: bool = False,
         save_segmentations: bool = True,
         max_surface_figures: int = 4,
     ) -> None:
@@ -190,6 +203,7 @@ class MeasureRun(_FittedRun):
         self.volume_mode = volume_mode
         self.source = source
         self.mesh_format = mesh_format
+        self.blend = bool(blend)
         self.save_segmentations = save_segmentations
         self.max_surface_figures = max_surface_figures
 
@@ -204,10 +218,12 @@ class MeasureRun(_FittedRun):
             ]
         images = [item["image"].to(self.device) for item in items]
         latents = self.inferer.fit(images, self.network)
-        return [
-            NetworkField(self.network, self.inferer, latents[b], self.inferer.frame_of(images[b][None]))
-            for b in range(len(images))
-        ]
+        fields = []
+        for image, latent in zip(images, latents):
+            case = image[None]
+            blend = self.inferer.blend_source(case) if self.blend else None
+            fields.append(NetworkField(self.network, self.inferer, latent, self.inferer.frame_of(case), blend))
+        return fields
 
     def run(self) -> dict[str, Any]:
         self._prepare_network()
@@ -383,6 +399,7 @@ class MeasureRun(_FittedRun):
                 "roi_margin_mm": self.roi_margin_mm,
                 "roi_spacing_mm": self.roi_spacing,
                 "volume_mode": self.volume_mode,
+                "blend": self.blend,
                 "myocardial_density_g_per_ml": MYOCARDIAL_DENSITY,
                 "inference_steps": getattr(self.inferer, "num_steps", None),
                 "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None,
