@@ -42,8 +42,8 @@ logger = logging.getLogger("acdc_measures")
 
 
 def test_datalist(data: Path, out: Path, limit: int, offset: int = 0, part: str = "test") -> str:
-    """A MONAI datalist (section ``test``) of the ``part`` patients with ED / ES phases (from the data's own ``datalist.json``,
-    where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s split and the
+    """A MONAI datalist (section ``test``) of the ``part`` patients with ED / ES phases (from the data's own
+    ``datalist.json``, where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s split and the
     measuring run's own rule (largest / smallest manual LV blood pool) give the same pairing."""
     source = data / "datalist.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,10 @@ def main() -> None:
     ap.add_argument("--roi-margin", type=float, default=10.0, help="mm around the coarse foreground read finely")
     ap.add_argument("--mesh-format", default="vtk", help="surface meshes written per structure (vtk, stl, obj) or none")
     ap.add_argument(
-        "--part", choices=("test", "validation"), default="test", help="the split's patients measured (tune on validation)"
+        "--part",
+        choices=("test", "validation"),
+        default="test",
+        help="the split's patients measured (tune on validation)",
     )
     ap.add_argument(
         "--blend",
