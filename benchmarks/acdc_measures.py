@@ -43,8 +43,8 @@ logger = logging.getLogger("acdc_measures")
 
 def test_datalist(data: Path, out: Path, limit: int, offset: int = 0, part: str = "test") -> str:
     """A MONAI datalist (section ``test``) of the ``part`` patients with ED / ES phases (from the data's own
-    ``datalist.json``, where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s split and the
-    measuring run's own rule (largest / smallest manual LV blood pool) give the same pairing."""
+    ``datalist.json``, where ED is the frame with the larger LV blood pool); without it, ``nisf-monai datalist``'s
+    split and the measuring run's own rule (largest / smallest manual LV blood pool) give the same pairing."""
     source = data / "datalist.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if source.is_file():
