@@ -1,0 +1,173 @@
+"""How the clinical measures should read a fitted frame: several readings compared from one latent fit per frame.
+
+On the ACDC patients of one part of the data README's split (tune on ``validation``), fits a code to each ED and ES
+frame once, as the ``measuring`` run does (``inference.json`` + ``measure.json``), and reads the same fit several
+ways:
+
+- ``code``: the code alone on the fine grid (``measure_spacing``), argmax volumes (the measuring run's default);
+- ``code_soft``: the same probabilities summed (``volume_mode: probability``);
+- ``blend``: the localiser's probabilities mixed in as inference writes them (``measure_blend``), fine grid;
+- ``blend_soft``: the same, summed probabilities;
+- ``written``: the blend on the acquired grid with each structure's largest component kept, i.e. the disc sums of
+  the segmentation ``run inference`` writes.
+
+Each reading's LV / RV volumes, ejection fractions and LV mass are compared with the manual labels' disc sums
+(MAE, bias, r). Prints a table and writes ``measure_variants.json`` (per frame volumes too) to --work-dir.
+
+    python benchmarks/measure_variants.py --part validation --model M.pt --localiser L.pt --work-dir OUT
+    python benchmarks/measure_variants.py ... --offset 5 --limit 5        # half the patients (two processes)
+    python benchmarks/measure_variants.py --combine OUT_A OUT_B --work-dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from acdc_measures import test_datalist
+from monai.bundle import ConfigParser
+from monai.transforms import KeepLargestConnectedComponent
+
+from nisf_monai.geometry import NetworkField, load_weights, measure_frame
+from nisf_monai.geometry.measures import agreement_table, cardiac_measures, class_volumes
+from nisf_monai.io import json_safe
+from nisf_monai.spatial import affine_array, voxel_volume_ml
+from nisf_monai.transforms import world_grid
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_ef_pct", "lv_mass_g")
+READINGS = ("code", "code_soft", "blend", "blend_soft", "written")
+logger = logging.getLogger("measure_variants")
+
+
+def read_frame(parser: ConfigParser, network: torch.nn.Module, image, spacing: float) -> dict[str, dict[str, float]]:
+    """Every reading's structure volumes (ml) of one frame, from one fit of its code and one fine read of it (the
+    blend mixes the localiser into those probabilities as ``inferer.sample`` does)."""
+    inferer = parser.get_parsed_content("inferer")
+    affine, shape = affine_array(image), list(image.shape[1:])
+    case = image[None]
+    latent = inferer.fit([image], network)[0]
+    frame, blend = inferer.frame_of(case), inferer.blend_source(case)
+    fine = measure_frame(NetworkField(network, inferer, latent, frame), affine, shape, spacing)
+    if fine.probabilities is None:
+        empty = {name: 0.0 for name in fine.volumes}
+        return {reading: dict(empty) for reading in READINGS}
+    code = torch.as_tensor(fine.probabilities)
+    guide, weight = blend.at(world_grid(fine.affine, fine.roi_shape))
+    mixed = code + inferer.localiser_blend * weight.reshape(code.shape[1:]) * (guide.reshape(code.shape) - code)
+    voxel_ml = voxel_volume_ml(fine.affine)
+    volumes = {}
+    for name, probs in (("code", code), ("blend", mixed)):
+        volumes[name] = class_volumes(probs.numpy(), voxel_ml, mode="label")
+        volumes[f"{name}_soft"] = class_volumes(probs.numpy(), voxel_ml, mode="probability")
+    acquired, _ = NetworkField(network, inferer, latent, frame, blend).sample(affine, shape)
+    labels = torch.as_tensor(acquired.argmax(axis=0))[None]
+    cleaned = KeepLargestConnectedComponent(applied_labels=[1, 2, 3], independent=True)(labels)
+    volumes["written"] = class_volumes(np.asarray(cleaned)[0], voxel_volume_ml(affine))
+    return volumes
+
+
+def agreement_of(frames: list[dict]) -> dict[str, dict]:
+    """Per reading, the agreement of the patients' measures (ED / ES from the datalist) with the manual ones."""
+    by_subject: dict[str, dict[str, dict]] = defaultdict(dict)
+    for f in frames:
+        by_subject[f["subject"]][f["phase"]] = f
+    paired = {s: p for s, p in by_subject.items() if "ED" in p and "ES" in p}
+    manual = {s: cardiac_measures(p["ED"]["manual"], p["ES"]["manual"]) for s, p in paired.items()}
+    return {
+        reading: agreement_table(
+            {s: cardiac_measures(p["ED"][reading], p["ES"][reading]) for s, p in paired.items()}, manual, SHOWN
+        )
+        for reading in READINGS
+    }
+
+
+def print_table(table: dict[str, dict], patients: int) -> None:
+    print(f"{patients} patients: MAE / bias (r) per reading")
+    print("reading".ljust(12) + "".join(m.ljust(22) for m in SHOWN))
+    for reading, rows in table.items():
+        cells = [f"{rows[m]['mae']:.1f} / {rows[m]['bias']:+.1f} ({rows[m]['pearson_r']:.2f})" for m in SHOWN]
+        print(reading.ljust(12) + "".join(c.ljust(22) for c in cells))
+
+
+def write_summary(frames: list[dict], out: Path, extra: dict) -> None:
+    table = agreement_of(frames)
+    patients = len({f["subject"] for f in frames})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure_variants.json").write_text(
+        json.dumps(json_safe({**extra, "patients": patients, "agreement": table, "frames": frames}), indent=2)
+    )
+    print_table(table, patients)
+    print(f"written {out / 'measure_variants.json'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
+    ap.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
+    ap.add_argument("--localiser", default=str(REPO / "bundle" / "models" / "localiser.pt"))
+    ap.add_argument("--part", choices=("validation", "test"), default="validation")
+    ap.add_argument("--inference-steps", type=int, default=200)
+    ap.add_argument("--spacing", type=float, default=1.0, help="fine spacing in mm")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "measure_variants"))
+    ap.add_argument("--combine", nargs="+", default=[], metavar="WORK_DIR", help="only merge earlier runs' frames")
+    args = ap.parse_args()
+    out = Path(args.work_dir)
+    if args.combine:
+        runs = [json.loads((Path(d) / "measure_variants.json").read_text()) for d in args.combine]
+        frames = [f for run in runs for f in run["frames"]]
+        write_summary(frames, out, {"combined": args.combine})
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    torch.manual_seed(0)
+    datalist = test_datalist(Path(args.data), out / "datalist.json", args.limit, args.offset, args.part)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "measure.json")])
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundle"),
+            "datalist_file": datalist,
+            "section": "test",
+            "ckpt_dir": str(Path(args.model).parent),
+            "localiser_path": args.localiser,
+            "inference_steps": args.inference_steps,
+            "device": "cpu",
+        }
+    )
+    network = load_weights(parser.get_parsed_content("network"), args.model)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    entries = json.loads(Path(datalist).read_text())["test"]
+    frames, start = [], time.perf_counter()
+    for entry in entries:
+        item = preprocessing(dict(entry))
+        volumes = read_frame(parser, network, item["image"], args.spacing)
+        label = np.asarray(item["label"])[0]
+        volumes["manual"] = class_volumes(label, voxel_volume_ml(affine_array(item["image"])))
+        frames.append({"subject": entry["subject"], "case": entry["case"], "phase": entry["phase"], **volumes})
+        logger.info("%s: %s", entry["case"], {k: round(v["lv_myocardium"], 1) for k, v in volumes.items()})
+    write_summary(
+        frames,
+        out,
+        {
+            "part": args.part,
+            "model": args.model,
+            "localiser": args.localiser,
+            "inference_steps": args.inference_steps,
+            "spacing_mm": args.spacing,
+            "seconds": time.perf_counter() - start,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
