@@ -9,7 +9,9 @@ ways:
 - ``blend``: the localiser's probabilities mixed in as inference writes them (``measure_blend``), fine grid;
 - ``blend_soft``: the same, summed probabilities;
 - ``written``: the blend on the acquired grid with each structure's largest component kept, i.e. the disc sums of
-  the segmentation ``run inference`` writes.
+  the segmentation ``run inference`` writes;
+- ``code_acquired``: the code alone on the acquired grid (disc sums), which separates what the fine grid adds
+  between the slices from what the code itself predicts.
 
 Each reading's LV / RV volumes, ejection fractions and LV mass are compared with the manual labels' disc sums
 (MAE, bias, r). Prints a table and writes ``measure_variants.json`` (per frame volumes too) to --work-dir.
@@ -44,7 +46,7 @@ from nisf_monai.transforms import world_grid
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_ef_pct", "lv_mass_g")
-READINGS = ("code", "code_soft", "blend", "blend_soft", "written")
+READINGS = ("code", "code_soft", "blend", "blend_soft", "written", "code_acquired")
 logger = logging.getLogger("measure_variants")
 
 
@@ -72,6 +74,8 @@ def read_frame(parser: ConfigParser, network: torch.nn.Module, image, spacing: f
     labels = torch.as_tensor(acquired.argmax(axis=0))[None]
     cleaned = KeepLargestConnectedComponent(applied_labels=[1, 2, 3], independent=True)(labels)
     volumes["written"] = class_volumes(np.asarray(cleaned)[0], voxel_volume_ml(affine))
+    code_acquired, _ = NetworkField(network, inferer, latent, frame).sample(affine, shape)
+    volumes["code_acquired"] = class_volumes(code_acquired, voxel_volume_ml(affine), mode="label")
     return volumes
 
 

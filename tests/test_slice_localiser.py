@@ -336,7 +336,7 @@ def test_blend_hidden_reads_the_localiser_across_hidden_slices_from_the_kept_one
     assert not torch.equal(alone[0, ..., 2].long(), between)  # without the bridge the slice is NISF's
 
 
-def test_measuring_with_blend_reads_the_written_segmentation(tmp_path) -> None:
+def test_measuring_with_blend_reads_the_written_segmentation(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """``measure_blend``: the measures read the segmentation inference writes (the localiser mixed in), so on the
     acquired grid the volumes are those of the blended labels; without it they are the code's alone."""
     from nisf_monai.geometry import MeasureRun, measure_frame
@@ -358,6 +358,10 @@ def test_measuring_with_blend_reads_the_written_segmentation(tmp_path) -> None:
     expected = class_volumes(guide, voxel_ml)
     assert volumes[True] == pytest.approx(expected, abs=1e-6)
     assert volumes[False] != pytest.approx(expected, abs=1e-6)
+    run = MeasureRun(net, blend_inferer(0.0), lambda item: item, [], tmp_path, blend=True, mesh_format=None)
+    with caplog.at_level(logging.WARNING):
+        (field,) = run._fields([{"image": image}])
+    assert field.blend is None and "the measures read the code alone" in caplog.text
 
 
 def test_streamed_labels_mix_the_localiser_as_fit_and_sample_does(tmp_path) -> None:
