@@ -11,7 +11,10 @@ ways:
 - ``written``: the blend on the acquired grid with each structure's largest component kept, i.e. the disc sums of
   the segmentation ``run inference`` writes;
 - ``code_acquired``: the code alone on the acquired grid (disc sums), which separates what the fine grid adds
-  between the slices from what the code itself predicts.
+  between the slices from what the code itself predicts;
+- ``code_myo<d>`` (``--myo-offsets``): the code alone on the fine grid with the myocardium's log-probability
+  lowered by ``d`` before the argmax, a calibration of its wall thickness; each frame's Dice on the acquired grid
+  (code alone, with and without the offset) is recorded beside it.
 
 Each reading's LV / RV volumes, ejection fractions and LV mass are compared with the manual labels' disc sums
 (MAE, bias, r). Prints a table and writes ``measure_variants.json`` (per frame volumes too) to --work-dir.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections import defaultdict
@@ -33,10 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from acdc_measures import test_datalist
 from monai.bundle import ConfigParser
+from monai.metrics import DiceMetric
 from monai.transforms import KeepLargestConnectedComponent
 
+from nisf_monai.classes import LABELS
 from nisf_monai.geometry import NetworkField, load_weights, measure_frame
 from nisf_monai.geometry.measures import agreement_table, cardiac_measures, class_volumes
 from nisf_monai.io import json_safe
@@ -46,13 +53,35 @@ from nisf_monai.transforms import world_grid
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_ef_pct", "lv_mass_g")
-READINGS = ("code", "code_soft", "blend", "blend_soft", "written", "code_acquired")
 logger = logging.getLogger("measure_variants")
 
 
-def read_frame(parser: ConfigParser, network: torch.nn.Module, image, spacing: float) -> dict[str, dict[str, float]]:
+def lowered_myocardium(probs: torch.Tensor, offset: float) -> torch.Tensor:
+    """Class probabilities ``(M, ...)`` with the myocardium's scaled by ``exp(-offset)`` (argmax use only)."""
+    scaled = probs.clone()
+    scaled[LABELS["lv_myocardium"]] *= math.exp(-offset)
+    return scaled
+
+
+def dice_of(probs: np.ndarray | torch.Tensor, label: np.ndarray) -> list[float]:
+    """LV, Myo, RV Dice of the argmax of ``probs`` ``(M, X, Y, Z)`` against ``label`` (MONAI DiceMetric)."""
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    pred = F.one_hot(torch.as_tensor(probs).argmax(0), 4).movedim(-1, 0)[None]
+    truth = F.one_hot(torch.as_tensor(label).long(), 4).movedim(-1, 0)[None]
+    return metric(pred, truth)[0].tolist()
+
+
+def read_frame(
+    parser: ConfigParser,
+    network: torch.nn.Module,
+    image,
+    label: np.ndarray,
+    spacing: float,
+    myo_offsets: tuple[float, ...] = (),
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
     """Every reading's structure volumes (ml) of one frame, from one fit of its code and one fine read of it (the
-    blend mixes the localiser into those probabilities as ``inferer.sample`` does)."""
+    blend mixes the localiser into those probabilities as ``inferer.sample`` does), and the code's Dice on the
+    acquired grid with each myocardium offset."""
     inferer = parser.get_parsed_content("inferer")
     affine, shape = affine_array(image), list(image.shape[1:])
     case = image[None]
@@ -60,8 +89,7 @@ def read_frame(parser: ConfigParser, network: torch.nn.Module, image, spacing: f
     frame, blend = inferer.frame_of(case), inferer.blend_source(case)
     fine = measure_frame(NetworkField(network, inferer, latent, frame), affine, shape, spacing)
     if fine.probabilities is None:
-        empty = {name: 0.0 for name in fine.volumes}
-        return {reading: dict(empty) for reading in READINGS}
+        raise RuntimeError("the code found no heart in this frame: nothing to compare")
     code = torch.as_tensor(fine.probabilities)
     guide, weight = blend.at(world_grid(fine.affine, fine.roi_shape))
     mixed = code + inferer.localiser_blend * weight.reshape(code.shape[1:]) * (guide.reshape(code.shape) - code)
@@ -76,7 +104,12 @@ def read_frame(parser: ConfigParser, network: torch.nn.Module, image, spacing: f
     volumes["written"] = class_volumes(np.asarray(cleaned)[0], voxel_volume_ml(affine))
     code_acquired, _ = NetworkField(network, inferer, latent, frame).sample(affine, shape)
     volumes["code_acquired"] = class_volumes(code_acquired, voxel_volume_ml(affine), mode="label")
-    return volumes
+    dice = {"code_acquired": dice_of(code_acquired, label)}
+    for offset in myo_offsets:
+        volumes[f"code_myo{offset:g}"] = class_volumes(lowered_myocardium(code, offset).numpy(), voxel_ml)
+        lowered = lowered_myocardium(torch.as_tensor(code_acquired), offset)
+        dice[f"code_acquired_myo{offset:g}"] = dice_of(lowered, label)
+    return volumes, dice
 
 
 def agreement_of(frames: list[dict]) -> dict[str, dict]:
@@ -90,7 +123,8 @@ def agreement_of(frames: list[dict]) -> dict[str, dict]:
         reading: agreement_table(
             {s: cardiac_measures(p["ED"][reading], p["ES"][reading]) for s, p in paired.items()}, manual, SHOWN
         )
-        for reading in READINGS
+        for reading in frames[0]
+        if reading not in ("subject", "case", "phase", "manual", "dice")
     }
 
 
@@ -105,11 +139,13 @@ def print_table(table: dict[str, dict], patients: int) -> None:
 def write_summary(frames: list[dict], out: Path, extra: dict) -> None:
     table = agreement_of(frames)
     patients = len({f["subject"] for f in frames})
+    dice = {k: np.nanmean([f["dice"][k] for f in frames], axis=0).tolist() for k in frames[0].get("dice", {})}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "measure_variants.json").write_text(
-        json.dumps(json_safe({**extra, "patients": patients, "agreement": table, "frames": frames}), indent=2)
-    )
+    summary = {**extra, "patients": patients, "agreement": table, "dice_mean": dice, "frames": frames}
+    (out / "measure_variants.json").write_text(json.dumps(json_safe(summary), indent=2))
     print_table(table, patients)
+    for reading, (lv, myo, rv) in dice.items():
+        print(f"Dice {reading}: LV {lv:.3f} Myo {myo:.3f} RV {rv:.3f} mean {(lv + myo + rv) / 3:.3f}")
     print(f"written {out / 'measure_variants.json'}")
 
 
@@ -121,6 +157,9 @@ def main() -> None:
     ap.add_argument("--part", choices=("validation", "test"), default="validation")
     ap.add_argument("--inference-steps", type=int, default=200)
     ap.add_argument("--spacing", type=float, default=1.0, help="fine spacing in mm")
+    ap.add_argument(
+        "--myo-offsets", default="", help="comma-separated myocardium log-probability offsets to try, e.g. 0.5,1,2"
+    )
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "measure_variants"))
@@ -134,6 +173,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     torch.manual_seed(0)
+    offsets = tuple(float(v) for v in args.myo_offsets.split(",") if v)
     datalist = test_datalist(Path(args.data), out / "datalist.json", args.limit, args.offset, args.part)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "measure.json")])
@@ -154,10 +194,12 @@ def main() -> None:
     frames, start = [], time.perf_counter()
     for entry in entries:
         item = preprocessing(dict(entry))
-        volumes = read_frame(parser, network, item["image"], args.spacing)
         label = np.asarray(item["label"])[0]
+        volumes, dice = read_frame(parser, network, item["image"], label, args.spacing, offsets)
         volumes["manual"] = class_volumes(label, voxel_volume_ml(affine_array(item["image"])))
-        frames.append({"subject": entry["subject"], "case": entry["case"], "phase": entry["phase"], **volumes})
+        frames.append(
+            {"subject": entry["subject"], "case": entry["case"], "phase": entry["phase"], **volumes, "dice": dice}
+        )
         logger.info("%s: %s", entry["case"], {k: round(v["lv_myocardium"], 1) for k, v in volumes.items()})
     write_summary(
         frames,
