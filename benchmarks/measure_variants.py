@@ -84,8 +84,8 @@ def read_frame(
     acquired grid with each myocardium offset."""
     inferer = parser.get_parsed_content("inferer")
     affine, shape = affine_array(image), list(image.shape[1:])
-    case = image[None]
     latent = inferer.fit([image], network)[0]
+    case = image[None]  # made after the fit, so that it carries the heart pose the fit stored in the image's meta
     frame, blend = inferer.frame_of(case), inferer.blend_source(case)
     fine = measure_frame(NetworkField(network, inferer, latent, frame), affine, shape, spacing)
     if fine.probabilities is None:

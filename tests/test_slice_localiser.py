@@ -395,7 +395,10 @@ def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -
         assert inferer.blend_source(image) is None
     assert "no localiser" in caplog.text
     blended = blend_inferer(0.5)
-    mapping = blended.frame_of(image[None])
+    with pytest.raises(ValueError, match="carries no heart pose"):  # not located yet: no frame to sample in
+        blended.frame_of(image[None])
+    blended.locate([image], tiny_heart_net())
+    mapping = blended.frame_of(image[None])  # a view made after locating carries the pose
     with pytest.raises(ValueError, match="one case"):  # one localiser volume cannot serve two codes
         blended.sample(
             tiny_heart_net(), torch.zeros(2, 8), mapping, mapping.affine, SHAPE, blend=blended.blend_source(image)

@@ -169,10 +169,15 @@ class LatentOptimisationInferer(Inferer):
     def frame_of(self, image: MetaTensor) -> CoordinateMapping:
         """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation and the
         heart pose its metadata carries (``POSE_KEY``), if any. (The name predates the mapping's rename; kept
-        for existing callers.)"""
-        return CoordinateMapping(
-            _grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose_of(image)
-        )
+        for existing callers.) A heart-frame inferer needs the pose :meth:`locate` or :meth:`fit` stored: without
+        it the coordinates would silently be the volume's, where the code was not fitted."""
+        pose = pose_of(image)
+        if self.heart_frame and pose is None:
+            raise ValueError(
+                "this image carries no heart pose: call locate() or fit() on it first. They store the pose in the"
+                " metadata of the image they are given; a view made before (e.g. image[None]) does not get it."
+            )
+        return CoordinateMapping(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose)
 
     @staticmethod
     def _check_input(inputs: torch.Tensor) -> MetaTensor:
