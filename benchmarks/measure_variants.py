@@ -37,10 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from acdc import dice_of
 from acdc_measures import test_datalist
 from monai.bundle import ConfigParser
-from monai.metrics import DiceMetric
 from monai.transforms import KeepLargestConnectedComponent
 
 from nisf_monai.classes import LABELS
@@ -63,12 +62,9 @@ def lowered_myocardium(probs: torch.Tensor, offset: float) -> torch.Tensor:
     return scaled
 
 
-def dice_of(probs: np.ndarray | torch.Tensor, label: np.ndarray) -> list[float]:
-    """LV, Myo, RV Dice of the argmax of ``probs`` ``(M, X, Y, Z)`` against ``label`` (MONAI DiceMetric)."""
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    pred = F.one_hot(torch.as_tensor(probs).argmax(0), 4).movedim(-1, 0)[None]
-    truth = F.one_hot(torch.as_tensor(label).long(), 4).movedim(-1, 0)[None]
-    return metric(pred, truth)[0].tolist()
+def label_dice(probs: np.ndarray | torch.Tensor, label: np.ndarray) -> list[float]:
+    """LV, Myo, RV Dice of the argmax of ``probs`` ``(M, X, Y, Z)`` (``acdc.py``'s MONAI DiceMetric)."""
+    return dice_of(torch.as_tensor(probs).argmax(0), torch.as_tensor(label)).tolist()
 
 
 def read_frame(
@@ -91,8 +87,8 @@ def read_frame(
     if fine.probabilities is None:
         raise RuntimeError("the code found no heart in this frame: nothing to compare")
     code = torch.as_tensor(fine.probabilities)
-    guide, weight = blend.at(world_grid(fine.affine, fine.roi_shape))
-    mixed = code + inferer.localiser_blend * weight.reshape(code.shape[1:]) * (guide.reshape(code.shape) - code)
+    world = world_grid(fine.affine, fine.roi_shape)
+    mixed = inferer.blended(code.reshape(1, code.shape[0], -1), blend, world).reshape(code.shape)
     voxel_ml = voxel_volume_ml(fine.affine)
     volumes = {}
     for name, probs in (("code", code), ("blend", mixed)):
@@ -104,11 +100,11 @@ def read_frame(
     volumes["written"] = class_volumes(np.asarray(cleaned)[0], voxel_volume_ml(affine))
     code_acquired, _ = NetworkField(network, inferer, latent, frame).sample(affine, shape)
     volumes["code_acquired"] = class_volumes(code_acquired, voxel_volume_ml(affine), mode="label")
-    dice = {"code_acquired": dice_of(code_acquired, label)}
+    dice = {"code_acquired": label_dice(code_acquired, label)}
     for offset in myo_offsets:
         volumes[f"code_myo{offset:g}"] = class_volumes(lowered_myocardium(code, offset).numpy(), voxel_ml)
         lowered = lowered_myocardium(torch.as_tensor(code_acquired), offset)
-        dice[f"code_acquired_myo{offset:g}"] = dice_of(lowered, label)
+        dice[f"code_acquired_myo{offset:g}"] = label_dice(lowered, label)
     return volumes, dice
 
 

@@ -223,7 +223,7 @@ class MeasureRun(_FittedRun):
             case = image[None]
             blend = self.inferer.blend_source(case) if self.blend else None
             if self.blend and blend is None:
-                logger.warning("measure_blend is set but localiser_blend is 0: the measures read the code alone.")
+                logger.warning("measure_blend is set but nothing is blended: the measures read the code alone.")
             fields.append(NetworkField(self.network, self.inferer, latent, self.inferer.frame_of(case), blend))
         return fields
 

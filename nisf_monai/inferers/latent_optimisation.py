@@ -509,7 +509,7 @@ class LatentOptimisationInferer(Inferer):
                 if probabilities or blend is not None:
                     probs = torch.softmax(seg_logits.float(), dim=1).cpu()
                     if blend is not None:
-                        probs = self._blended(probs, blend, world_grid(affine, shape, start, stop))
+                        probs = self.blended(probs, blend, world_grid(affine, shape, start, stop))
                     seg[:, :, start:stop] = (
                         probs if probabilities else probs.argmax(dim=1, keepdim=True).to(torch.uint8)
                     )
@@ -518,8 +518,9 @@ class LatentOptimisationInferer(Inferer):
                 intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
 
-    def _blended(self, probs: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
-        """NISF's class probabilities ``(1, M, N)`` mixed with the localiser's at the world points ``(N, 3)``."""
+    def blended(self, probs: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
+        """NISF's class probabilities ``(1, M, N)`` mixed with the localiser's at the world points ``(N, 3)`` (what
+        :meth:`sample` writes with ``blend``; public so probabilities already read can be mixed without a re-read)."""
         guide, weight = blend.at(world)
         return probs + self.localiser_blend * weight * (guide[None] - probs)
 
