@@ -173,6 +173,12 @@ BAD = [
         "measure_source: 'manual' is not one of the accepted values; give one of 'nisf', 'labels'",
     ),
     (
+        "measure_blend",
+        "yes",
+        "measure_blend: 'yes' is text, not True or False; give True or False, capitalised on the command line"
+        " (e.g. --measure_blend True)",
+    ),
+    (
         "mesh_format",
         "ply",
         "mesh_format: 'ply' is not one of the accepted values; give one of 'vtk', 'stl', 'obj', or None for no meshes",
@@ -230,6 +236,7 @@ GOOD = [
     ("heart_reference_volume_ml", 250.0),
     ("volume_mode", "probability"),
     ("measure_source", "labels"),
+    ("measure_blend", True),
     ("mesh_format", None),
     ("mesh_format", "stl"),
 ]
