@@ -460,8 +460,10 @@ class LeftHalfIsLV(nn.Module):
 
 def test_rotations_average_the_slices_predicted_turned_and_turned_back() -> None:
     image = MetaTensor(torch.rand(1, 64, 64, 3), affine=torch.eye(4) * torch.tensor([2.0, 2.0, 8.0, 1.0]))
-    once = SliceLocaliser(LeftHalfIsLV(), divisor=1).coarse_probabilities(image)
-    both_ways = SliceLocaliser(LeftHalfIsLV(), divisor=1, rotations=(0.0, math.pi)).coarse_probabilities(image)
+    once = SliceLocaliser(LeftHalfIsLV(), in_plane_mm=2.0, divisor=1).coarse_probabilities(image)  # the image's grid
+    both_ways = SliceLocaliser(
+        LeftHalfIsLV(), in_plane_mm=2.0, divisor=1, rotations=(0.0, math.pi)
+    ).coarse_probabilities(image)
     assert float(once[1, 20:44, 8:24].min()) > 0.99 and float(once[1, 20:44, 40:56].max()) < 0.01
     # half turned: the stand-in's left half lands on the right once turned back, so LV and background average out
     torch.testing.assert_close(both_ways[1, 20:44, 8:56], torch.full((24, 48, 3), 0.5), atol=0.02, rtol=0)
