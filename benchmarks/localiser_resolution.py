@@ -3,7 +3,7 @@
 The localiser predicts each slice at ``localiser_in_plane_mm`` and its softmax is brought back to the image's own
 grid bilinearly (``SliceLocaliser.probabilities``). Even a perfect prediction loses boundary detail on that round
 trip. This script sends the manual labels themselves through it: one-hot labels resampled to ``s`` mm in-plane
-(bilinear, MONAI ``Spacing``, slice spacing kept), back onto the acquired grid (bilinear ``SpatialResample``), argmax,
+(``to_in_plane_spacing``, slice spacing kept), back onto the acquired grid (``onto_grid``), argmax,
 then MONAI ``DiceMetric`` against the labels (per frame, background excluded). The gap below 1 is what no
 localiser at that spacing can win back on its own, however long it trains; the blend with the code (sampled on
 the acquired grid) is what can.
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from acdc import dice_of
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Spacing, SpatialResample
 
 from nisf_monai.classes import STRUCTURES
 from nisf_monai.data import build_datalist, load_datalist
+from nisf_monai.inferers.slice_localiser import onto_grid, to_in_plane_spacing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -36,12 +36,9 @@ DATA = REPO.parent / "shared" / "data" / "acdc"
 
 def round_trip(label: MetaTensor, spacing_mm: float, num_classes: int) -> torch.Tensor:
     """``label`` (1, X, Y, Z) one-hot, to ``spacing_mm`` in-plane and back to its own grid; the argmax (X, Y, Z)."""
-    onehot = F.one_hot(label[0].long(), num_classes).movedim(-1, 0).float()
-    coarse = Spacing(pixdim=(spacing_mm, spacing_mm, -1.0), mode="bilinear")(MetaTensor(onehot, affine=label.affine))
-    back = SpatialResample(mode="bilinear", padding_mode="border")(
-        coarse, dst_affine=torch.as_tensor(label.affine, dtype=torch.float64), spatial_size=label.shape[1:]
-    )
-    return torch.as_tensor(back).argmax(0)
+    onehot = F.one_hot(label.as_tensor()[0].long(), num_classes).movedim(-1, 0).float()
+    coarse = to_in_plane_spacing(MetaTensor(onehot, affine=label.affine), spacing_mm)
+    return onto_grid(coarse, label.affine, label.shape[1:]).argmax(0)
 
 
 def main() -> None:

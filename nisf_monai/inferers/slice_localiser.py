@@ -45,6 +45,21 @@ def localiser_network(
     )
 
 
+def to_in_plane_spacing(volume: MetaTensor, spacing_mm: float, mode: str = "bilinear") -> MetaTensor:
+    """``volume`` (C, X, Y, Z) at ``spacing_mm`` in-plane, slice spacing unchanged (-1 keeps it): the grid the
+    localiser sees."""
+    return Spacing(pixdim=(spacing_mm, spacing_mm, -1.0), mode=mode)(volume)
+
+
+def onto_grid(values: MetaTensor, affine: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """``values`` (C, ...) resampled bilinearly onto the grid of ``affine`` and ``spatial_size``, edges extended:
+    how the localiser's probabilities come back to another grid."""
+    out = SpatialResample(mode="bilinear", padding_mode="border")(
+        values, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=spatial_size
+    )
+    return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+
 def localiser_stride(channels: tuple[int, ...]) -> int:
     """The total stride of :func:`localiser_network` with ``channels``: slices are padded to a multiple of it."""
     return 2 ** (len(channels) - 1)
@@ -124,8 +139,7 @@ class SliceLocaliser:
     def resample(self, volume: MetaTensor, mode: str = "bilinear", spacing_mm: float | None = None) -> MetaTensor:
         """``volume`` (C, X, Y, Z) at the localiser's in-plane spacing (or ``spacing_mm``), slice spacing unchanged
         (-1 keeps it)."""
-        spacing = self.in_plane_mm if spacing_mm is None else spacing_mm
-        return Spacing(pixdim=(spacing, spacing, -1.0), mode=mode)(volume)
+        return to_in_plane_spacing(volume, self.in_plane_mm if spacing_mm is None else spacing_mm, mode)
 
     @staticmethod
     def _one_image(image: MetaTensor) -> MetaTensor:
@@ -157,9 +171,7 @@ class SliceLocaliser:
         for zoom in self.zooms:
             probs = reference if zoom == 1.0 else self._predicted(image, self.in_plane_mm * zoom)
             if zoom != 1.0:  # onto the localiser's own grid
-                probs = SpatialResample(mode="bilinear", padding_mode="border")(
-                    probs, dst_affine=grid.affine, spatial_size=grid.shape[1:]
-                )
+                probs = onto_grid(probs, grid.affine, grid.shape[1:])
             total = total + (probs.as_tensor() if isinstance(probs, MetaTensor) else probs)
         return MetaTensor(total / len(self.zooms), affine=grid.affine)
 
@@ -203,11 +215,7 @@ class SliceLocaliser:
         """Class probabilities ``(M, X, Y, Z)`` on the image's own grid: the coarse softmax resampled back
         (bilinearly in-plane; slices map onto themselves, so each slice's values come from that slice alone)."""
         image = self._one_image(image)
-        probs = self.coarse_probabilities(image)
-        back = SpatialResample(mode="bilinear", padding_mode="border")(
-            probs, dst_affine=torch.as_tensor(image.affine, dtype=torch.float64), spatial_size=image.shape[1:]
-        )
-        back = back.as_tensor() if isinstance(back, MetaTensor) else back
+        back = onto_grid(self.coarse_probabilities(image), image.affine, image.shape[1:])
         return back / back.sum(0, keepdim=True).clamp_min(1e-6)
 
     def pose(self, image: MetaTensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
