@@ -25,6 +25,10 @@ class NISFLoss(nn.Module):
 
     ``dice_weight`` and ``bce_weight`` scale the two segmentation terms (1 in the paper).
 
+    ``labelled`` (optional, ``(B,)`` booleans) marks the samples that have a manual label: the segmentation terms
+    are taken over those alone, so the frames of a cine without a label train the intensity head only (and a batch
+    with no labelled sample has segmentation terms of 0).
+
     Shapes (channel-first point sets or volumes): ``seg_logits (B, M, *S)``, ``intensity_logit (B, 1, *S)``,
     ``label (B, 1, *S)`` class indices, ``intensity (B, 1, *S)`` in [0, 1], ``latents (B, L)``.
     ``self.terms`` holds the last call's unweighted terms (floats) for logging: ``dice``, ``bce_seg``,
@@ -49,18 +53,20 @@ class NISFLoss(nn.Module):
         label: torch.Tensor,
         intensity: torch.Tensor,
         latents: torch.Tensor,
+        labelled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        num_classes = seg_logits.shape[1]
         label = label.long()
         if label.shape[0] != seg_logits.shape[0] or label.shape[1] != 1 or label.shape[2:] != seg_logits.shape[2:]:
             raise ValueError(
                 f"label must be (B, 1, *spatial) matching {tuple(seg_logits.shape)}, got {tuple(label.shape)}."
             )
-        probs = torch.softmax(seg_logits.float(), dim=1)
-        onehot = F.one_hot(label[:, 0], num_classes).movedim(-1, 1).to(probs.dtype)
-        eps = 1e-6
-        dice = self.dice(seg_logits.float(), label)
-        bce_seg = F.binary_cross_entropy(probs.clamp(eps, 1.0 - eps), onehot)
+        if labelled is not None:
+            keep = torch.as_tensor(labelled, dtype=torch.bool, device=seg_logits.device).reshape(-1)
+            seg_logits, label = seg_logits[keep], label[keep]
+        if seg_logits.shape[0]:
+            dice, bce_seg = self._segmentation_terms(seg_logits, label)
+        else:
+            dice = bce_seg = seg_logits.new_zeros((), dtype=torch.float32)
         bce_intensity = intensity_loss(intensity_logit.float(), intensity)
         latent_l2 = latents.float().pow(2).mean()
         total = (
@@ -76,3 +82,12 @@ class NISFLoss(nn.Module):
             "latent_l2": float(latent_l2.detach()),
         }
         return total
+
+    def _segmentation_terms(self, seg_logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft Dice and per-class BCE of the softmax against the one-hot label."""
+        probs = torch.softmax(seg_logits.float(), dim=1)
+        onehot = F.one_hot(label[:, 0], seg_logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+        eps = 1e-6
+        dice = self.dice(seg_logits.float(), label)
+        bce_seg = F.binary_cross_entropy(probs.clamp(eps, 1.0 - eps), onehot)
+        return dice, bce_seg

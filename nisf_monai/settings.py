@@ -315,6 +315,11 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "measure_source": partial(check_choice, choices=("nisf", "labels")),
     "measure_blend": check_flag,
     "mesh_format": partial(check_choice, choices=("vtk", "stl", "obj"), none_means="for no meshes"),
+    "curve_phases": partial(check_count, minimum=0, what="phases of the cine volume curve (0: no curve; not 1)"),
+    "curve_spacing": check_spacing,
+    # the cine model
+    "cine_model": check_flag,
+    "assumed_cine_length": partial(check_count, minimum=1, what="frames per cardiac cycle"),
 }
 
 

@@ -33,6 +33,8 @@ SHARED = [
     "hidden_dim",
     "num_layers",
     "activation",
+    "coord_dim",
+    "assumed_cine_length",
     "coordinate_mode",
     "heart_frame",
     "extent_mm",

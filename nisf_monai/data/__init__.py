@@ -1,5 +1,14 @@
 from nisf_monai.data.builder import ACDC_LABEL_MAPPING, build_datalist, read_label_mapping, split_of
-from nisf_monai.data.datalist import case_id, case_ids, case_name, expand_cine_datalist, list_images, load_datalist
+from nisf_monai.data.datalist import (
+    case_id,
+    case_ids,
+    case_name,
+    expand_cine_datalist,
+    labelled_entries,
+    list_images,
+    load_datalist,
+    subject_of_case,
+)
 from nisf_monai.data.dataset import (
     FAILED_CASES_FILENAME,
     SKIPPED_KEY,
@@ -7,8 +16,22 @@ from nisf_monai.data.dataset import (
     report_failed_cases,
     write_failed_cases,
 )
+from nisf_monai.data.phases import (
+    ASSUMED_CINE_LENGTH,
+    assign_cardiac_phases,
+    cardiac_phase,
+    frame_index_from_name,
+)
+from nisf_monai.data.sampler import GroupBatchSampler
 
 __all__ = [
+    "ASSUMED_CINE_LENGTH",
+    "GroupBatchSampler",
+    "assign_cardiac_phases",
+    "cardiac_phase",
+    "frame_index_from_name",
+    "labelled_entries",
+    "subject_of_case",
     "FAILED_CASES_FILENAME",
     "SKIPPED_KEY",
     "SkippingDataset",

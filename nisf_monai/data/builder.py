@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from nisf_monai.classes import DATALIST_LABELS
-from nisf_monai.data.datalist import case_name
+from nisf_monai.data.datalist import _num_frames, case_name, subject_of_case
+from nisf_monai.data.phases import CINE_LENGTH_KEY, assign_cardiac_phases
 from nisf_monai.errors import DatalistError, MissingFileError
 from nisf_monai.io import atomic_write_json
 
-__all__ = ["ACDC_LABEL_MAPPING", "build_datalist", "read_label_mapping", "split_of"]
+__all__ = ["ACDC_LABEL_MAPPING", "build_datalist", "cine_length_of", "read_label_mapping", "split_of"]
 
 logger = logging.getLogger("nisf_monai")
 
 # ACDC labels 1 RV blood pool, 2 LV myocardium, 3 LV blood pool -> the bundle's classes
 ACDC_LABEL_MAPPING = {1: 3, 2: 2, 3: 1}
-_FRAME = re.compile(r"^(?P<subject>.+?)_frame\d+$")
 _NUMBER = re.compile(r"(\d+)$")
 
 
@@ -36,10 +36,25 @@ def split_of(number: int) -> str:
 
 def _subject_of(label_path: Path, data_dir: Path) -> str:
     case = case_name(label_path)[: -len("_gt")]
-    match = _FRAME.match(case)
-    if match:
-        return match.group("subject")
+    if subject_of_case(case) != case:
+        return subject_of_case(case)
     return label_path.parent.name if label_path.parent != data_dir else case
+
+
+def cine_length_of(folder: Path) -> int | None:
+    """The number of frames of the cine the files in ``folder`` were cut from, when the folder says: ACDC's
+    ``Info.cfg`` (``NbFrame: 30``), else the header of a ``*_4d.nii.gz`` beside them; None otherwise."""
+    info = folder / "Info.cfg"
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "nbframe" and value.strip().isdigit():
+                return int(value.strip())
+    for cine in sorted(folder.glob("*_4d.nii*")):
+        length = _num_frames(str(cine))
+        if length:
+            return length
+    return None
 
 
 def build_datalist(
@@ -49,6 +64,9 @@ def build_datalist(
 ) -> str:
     """Write a MONAI datalist of every ``NAME_gt.nii.gz`` label under ``data_dir`` with its image
     ``NAME.nii.gz``, split by subject into ``training`` / ``validation`` / ``test``.
+
+    Each entry records its cardiac phase and how it was found (``cardiac_phase``, ``phase_source``; see
+    :mod:`nisf_monai.data.phases`), with the cine's length from ACDC's ``Info.cfg`` when the folder has one.
 
     Subjects are the part before ``_frameNN`` (ACDC), else the containing folder, else the case name. A
     subject ending in digits is split by that number as in the ACDC README (:func:`split_of`); the others by
@@ -75,14 +93,16 @@ def build_datalist(
         image = label.with_name(label.name[: -len("_gt" + suffix)] + suffix)
         if not image.is_file():
             raise MissingFileError(f"{label}: no image {image.name} beside it.")
-        entries.append(
-            {
-                "image": os.path.relpath(image, out.parent),
-                "label": os.path.relpath(label, out.parent),
-                "case": case_name(image),
-                "subject": _subject_of(label, root),
-            }
-        )
+        entry = {
+            "image": os.path.relpath(image, out.parent),
+            "label": os.path.relpath(label, out.parent),
+            "case": case_name(image),
+            "subject": _subject_of(label, root),
+        }
+        length = cine_length_of(label.parent)
+        if length is not None:
+            entry[CINE_LENGTH_KEY] = length
+        entries.append(entry)
     if not entries:
         raise MissingFileError(f"data_dir {root} holds no *_gt.nii.gz labels.")
     subjects = sorted({e["subject"] for e in entries})
@@ -95,7 +115,7 @@ def build_datalist(
         "validation": [],
         "test": [],
     }
-    for entry in sorted(entries, key=lambda e: (e["subject"], e["case"])):
+    for entry in assign_cardiac_phases(sorted(entries, key=lambda e: (e["subject"], e["case"]))):
         datalist[split_of(number[entry["subject"]])].append(entry)
     atomic_write_json(out, datalist)
     counts = {part: len({e["subject"] for e in datalist[part]}) for part in ("training", "validation", "test")}

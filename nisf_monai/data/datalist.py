@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -13,9 +14,26 @@ from monai.data import load_decathlon_datalist
 
 from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError
 
-__all__ = ["load_datalist", "list_images", "case_id", "case_ids", "case_name", "expand_cine_datalist"]
+__all__ = [
+    "load_datalist",
+    "list_images",
+    "case_id",
+    "case_ids",
+    "case_name",
+    "expand_cine_datalist",
+    "labelled_entries",
+    "subject_of_case",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_FRAME_SUFFIX = re.compile(r"^(?P<subject>.+?)_frame\d+$")
+
+
+def subject_of_case(case: str) -> str:
+    """The subject a case name belongs to by ACDC's pattern ``<subject>_frameKK`` (else the case itself), so that a
+    folder of per-frame files groups into subjects: ``patient001_frame12 -> patient001``."""
+    match = _FRAME_SUFFIX.match(case)
+    return match.group("subject") if match else case
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -87,10 +105,13 @@ def load_datalist(
                 )
         item.setdefault("case", case_name(item[keys[0]]))
         item.setdefault("subject", item["case"])
-    repeated = [name for name, n in Counter(str(item[keys[0]]) for item in items).items() if n > 1]
+    # one cine file may be listed several times with disjoint "frames" (labelled frames apart from the others)
+    repeated = [
+        name for (name, _), n in Counter((str(item[keys[0]]), _frames(item)) for item in items).items() if n > 1
+    ]
     if repeated:
         raise DatalistError(f"datalist {path}: {section!r} lists the same image more than once: {repeated[:3]}.")
-    cases = [name for name, n in Counter(item["case"] for item in items).items() if n > 1]
+    cases = [name for (name, _), n in Counter((item["case"], _frames(item)) for item in items).items() if n > 1]
     if cases:
         raise DatalistError(
             f"datalist {path}: {section!r} has duplicate case IDs {cases[:3]}; case IDs key the latent codes."
@@ -98,16 +119,29 @@ def load_datalist(
     return items
 
 
+def labelled_entries(items: Sequence[Mapping[Hashable, Any]], label_key: str = "label") -> list[dict[str, Any]]:
+    """The entries that have a label, e.g. to score a validation section whose cines hold unlabelled frames too."""
+    return [dict(item) for item in items if item.get(label_key) is not None]
+
+
+def _frames(item: Mapping[Hashable, Any]) -> tuple[int, ...] | None:
+    """The frames an entry takes from its (cine) image, or None for all of them."""
+    frames = item.get("frames")
+    return None if frames is None else tuple(int(t) for t in frames)
+
+
 def list_images(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every NIfTI image in a folder (labels named ``*_gt.nii.gz`` are skipped), sorted by name, as
-    datalist entries ``{"image": path, "case": name}`` for inference."""
+    datalist entries ``{"image": path, "case": name, "subject": ...}`` for inference; the subject comes from the
+    file name (:func:`subject_of_case`), so the cine model fits one code to ``patient001_frame01`` and
+    ``patient001_frame12`` together."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise MissingFileError(f"dataset_dir {folder} is not a folder.")
     images = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt"))
     if not images:
         raise MissingFileError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
-    return [{"image": str(p), "case": case_name(p)} for p in images]
+    return [{"image": str(p), "case": case_name(p), "subject": subject_of_case(case_name(p))} for p in images]
 
 
 def _num_frames(path: str) -> int | None:
@@ -137,8 +171,10 @@ def expand_cine_datalist(
     ``T`` entries that point to the same file and say which frame to keep; add
     :class:`nisf_monai.transforms.SelectFramed` after loading to cut it out. Each frame gets its own case
     ID ``<case>_tNN`` (hence its own latent code when codes are keyed by case) and keeps the entry's
-    ``subject``. A 3D entry is a series of one frame: it keeps its case ID and gets ``frame`` 0, so that
-    every entry has the same keys and a batch mixing 3D and cine frames collates. Only headers are read.
+    ``subject`` and records the series' length in ``cine_length`` (frame ``t`` lies at cardiac phase
+    ``t / cine_length``, see :mod:`nisf_monai.data.phases`). A 3D entry is a series of one frame: it keeps its case
+    ID and gets ``frame`` 0, so that every entry has the same keys and a batch mixing 3D and cine frames collates.
+    Only headers are read.
 
     An entry may list the frames to use in ``frames_key`` (e.g. ``"frames": [0, 11]`` for ED and ES). Its
     label is either 4D with the image's frames (the same frame is cut from both) or 3D, the label of one
@@ -191,6 +227,8 @@ def expand_cine_datalist(
                     "subject": str(item.get("subject", case)),
                 }
             )
+            if num_frames > 1:
+                entry["cine_length"] = num_frames  # the cycle's frame count: frame t lies at phase t / num_frames
             expanded.append(entry)
     repeated = [name for name, n in Counter(e["case"] for e in expanded).items() if n > 1]
     if repeated:

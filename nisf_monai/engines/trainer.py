@@ -28,7 +28,8 @@ class NISFTrainer(SupervisedTrainer):
     come from ``latent_table`` by case ID, and one iteration steps both the network's optimizer and the
     table's own (``SparseAdam`` by default, so only the batch's codes move).
 
-    Batch keys (from ``CoordinateGridd`` + ``RandPointSampled``): ``coords (B, 3, N)``, ``image (B, 1, N)``
+    Batch keys (from ``CoordinateGridd`` + ``RandPointSampled``): ``coords (B, 3, N)`` (``(B, 4, N)`` with the
+    cardiac phase for the cine model), ``image (B, 1, N)``
     intensities in [0, 1], ``label (B, 1, N)`` class indices and ``latent_key`` (case IDs). The engine's
     output holds ``pred`` (segmentation logits), ``label``, ``loss`` and the loss terms.
 
@@ -48,6 +49,9 @@ class NISFTrainer(SupervisedTrainer):
         loss_function: a :class:`NISFLoss`.
         latent_key: batch key of the case IDs that index the table.
         coords_key, image_key, label_key: batch keys of the point sets.
+        labelled_key: batch key of the per-sample flag "has a manual label"
+            (:class:`~nisf_monai.transforms.FlagLabelledd`; absent: every sample is labelled); unlabelled samples train
+            the intensity head only.
         kwargs: passed to ``SupervisedTrainer`` (handlers, amp, postprocessing, ...).
     """
 
@@ -65,6 +69,7 @@ class NISFTrainer(SupervisedTrainer):
         coords_key: str = "coords",
         image_key: str = "image",
         label_key: str = "label",
+        labelled_key: str = "labelled",
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -84,6 +89,7 @@ class NISFTrainer(SupervisedTrainer):
         self.coords_key = coords_key
         self.image_key = image_key
         self.label_key = label_key
+        self.labelled_key = labelled_key
         if isinstance(network, DistributedDataParallel) and not isinstance(network.module, NISFHeads):
             raise ValueError(
                 "NISFTrainer needs both network heads through DDP: wrap the network with "
@@ -124,6 +130,7 @@ class NISFTrainer(SupervisedTrainer):
         intensity = torch.as_tensor(batchdata[self.image_key]).to(device, non_blocking=non_blocking)
         label = torch.as_tensor(batchdata[self.label_key]).to(device, non_blocking=non_blocking)
         case_ids = _as_list(batchdata[self.latent_key])
+        labelled = batchdata.get(self.labelled_key)  # cine frames without a label: intensity only
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -134,7 +141,7 @@ class NISFTrainer(SupervisedTrainer):
             seg_logits, intensity_logit = self._heads(engine.network)(coords, latents)
             engine.state.output = {Keys.IMAGE: coords, Keys.LABEL: label, Keys.PRED: seg_logits}
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = engine.loss_function(seg_logits, intensity_logit, label, intensity, latents)
+            loss = engine.loss_function(seg_logits, intensity_logit, label, intensity, latents, labelled)
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.scaler is not None and engine.amp:

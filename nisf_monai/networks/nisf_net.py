@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from nisf_monai.networks.activations import GaborLayer, make_layer
 from nisf_monai.networks.fused import autocast_enabled, gabor_network
 
-__all__ = ["NISFNet"]
+__all__ = ["NISFNet", "saved_coord_dim"]
+
+
+def saved_coord_dim(path: str | os.PathLike, latent_dim: int = 128, default: int = 3) -> int:
+    """The coordinates per point (3, or 4 for a cine model) a saved network reads, from its first layer's width;
+    ``default`` when there is no file yet (before training) or it holds no NISF network. Lets an inference config
+    follow the weights it is given, so a per-frame ``model.pt`` and a cine one both load without a setting."""
+    if not os.path.isfile(path):
+        return default
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for wrapper in ("model", "network"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        return default
+    for name in ("layers.0.freq.weight", "layers.0.linear.weight"):
+        weight = state.get(name)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return int(weight.shape[1]) - int(latent_dim)
+    return default
 
 
 class NISFNet(nn.Module):

@@ -4,6 +4,10 @@ A voxel's position is ``affine @ [i, j, k, 1]`` in millimetres (the MetaTensor's
 loads it), never its array index alone: anisotropic spacing, flipped or oblique axes and other views of
 the same subject then all land in one consistent space.
 
+A cine network (``coord_dim=4``) also sees time: the frame's cardiac phase ``t`` in [0, 1) (``PHASE_KEY`` in the
+image's metadata, set by :class:`~nisf_monai.transforms.CardiacPhased`) is appended to every point as a fourth
+coordinate, so that one code describes a subject's whole cycle.
+
 The network sees normalised coordinates, the same mapping for every scan (``mode='world'``)::
 
     c = (x_world - centre) / extent_mm
@@ -16,6 +20,7 @@ in every scan. ``mode='voxel'`` gives the published NISF code's per-axis ``index
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -33,13 +38,16 @@ __all__ = [
     "CoordinateMapping",
     "RandPointSampled",
     "COORDINATE_MODES",
+    "PHASE_KEY",
     "POSE_KEY",
+    "phase_of",
     "pose_of",
     "world_grid",
 ]
 
 COORDINATE_MODES = ("world", "voxel")
 POSE_KEY = "heart_pose"  # MetaTensor meta key of a case's world -> heart frame similarity (4 x 4)
+PHASE_KEY = "cardiac_phase"  # MetaTensor meta (and datalist) key of a frame's phase in the cycle, in [0, 1)
 
 
 def pose_of(image: torch.Tensor) -> torch.Tensor | None:
@@ -49,6 +57,15 @@ def pose_of(image: torch.Tensor) -> torch.Tensor | None:
         return None
     pose = torch.as_tensor(image.meta[POSE_KEY], dtype=torch.float64)
     return pose[0] if pose.ndim == 3 else pose
+
+
+def phase_of(image: torch.Tensor) -> float | None:
+    """The cardiac phase carried in an image's metadata (``PHASE_KEY``), or None. A batch of one case may carry it
+    as a one-element list or tensor."""
+    if not isinstance(image, MetaTensor) or image.meta.get(PHASE_KEY) is None:
+        return None
+    value = image.meta[PHASE_KEY]
+    return float(np.asarray(torch.as_tensor(value)).reshape(-1)[0])
 
 
 class CoordinateMapping:
@@ -65,6 +82,8 @@ class CoordinateMapping:
         pose: optional 4 x 4 similarity from world millimetres to a case's heart frame (millimetres, see
             :mod:`nisf_monai.transforms.heart_frame`); in 'world' mode the network then sees
             ``(pose @ x_world) / extent_mm`` instead of coordinates relative to the volume centre.
+        phase: the frame's cardiac phase in [0, 1) for a cine network: appended to every point as a fourth
+            coordinate. None (a per-frame network) gives three coordinates.
     """
 
     def __init__(
@@ -74,6 +93,7 @@ class CoordinateMapping:
         extent_mm: float = 400.0,
         mode: str = "world",
         pose: torch.Tensor | np.ndarray | None = None,
+        phase: float | None = None,
     ) -> None:
         if mode not in COORDINATE_MODES:
             raise ValueError(f"coordinate mode must be one of {COORDINATE_MODES}, got {mode!r}.")
@@ -94,6 +114,18 @@ class CoordinateMapping:
                 raise ValueError(
                     f"expected a 4 x 4 pose (world mm -> heart frame mm), got shape {tuple(self.pose.shape)}."
                 )
+        self.phase = None if phase is None else float(phase)
+
+    @property
+    def coord_dim(self) -> int:
+        """Coordinates per point the network sees: 3, or 4 with the cardiac phase."""
+        return 3 if self.phase is None else 4
+
+    def with_phase(self, phase: float | None) -> CoordinateMapping:
+        """The same mapping at another cardiac phase (a cine code read at any point of its cycle)."""
+        mapping = copy.copy(self)
+        mapping.phase = None if phase is None else float(phase)
+        return mapping
 
     def index_to_world(self, index: torch.Tensor) -> torch.Tensor:
         """World millimetres ``(N, 3)`` of continuous voxel indices ``(N, 3)`` of the reference scan."""
@@ -107,18 +139,22 @@ class CoordinateMapping:
         return world @ inverse[:3, :3].T + inverse[:3, 3]
 
     def from_world(self, world: torch.Tensor) -> torch.Tensor:
-        """Network coordinates ``(N, 3)`` (float32) of world positions ``(N, 3)``."""
+        """Network coordinates ``(N, coord_dim)`` (float32) of world positions ``(N, 3)``."""
         world = torch.as_tensor(world, dtype=torch.float64)
         if self.mode == "voxel":
-            return (self.world_to_index(world) / self.spatial_shape).float()
-        if self.pose is not None:
-            return ((world @ self.pose[:3, :3].T + self.pose[:3, 3]) / self.extent_mm).float()
-        return ((world - self.centre) / self.extent_mm).float()
+            space = self.world_to_index(world) / self.spatial_shape
+        elif self.pose is not None:
+            space = (world @ self.pose[:3, :3].T + self.pose[:3, 3]) / self.extent_mm
+        else:
+            space = (world - self.centre) / self.extent_mm
+        if self.phase is not None:
+            space = torch.cat([space, space.new_full((space.shape[0], 1), self.phase)], dim=1)
+        return space.float()
 
     def grid(
         self, affine: torch.Tensor | np.ndarray, spatial_shape: Sequence[int], start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Network coordinates ``(N, 3)`` of the voxel centres of a grid (any affine, any shape), for the
+        """Network coordinates ``(N, coord_dim)`` of the voxel centres of a grid (any affine, any shape), for the
         flat voxel range ``[start, stop)`` in C order, so large grids can be visited in chunks."""
         return self.from_world(world_grid(affine, spatial_shape, start, stop))
 
@@ -151,7 +187,8 @@ class CoordinateGridd(MapTransform):
     """Adds ``coords_key``: the network coordinates of every voxel of ``keys[0]``, channel-first
     ``(3, X, Y, Z)`` float32, computed from its MetaTensor affine (see module docstring) and, when its
     metadata holds one (``POSE_KEY``, from :class:`~nisf_monai.transforms.HeartPosed`), the case's heart-frame
-    pose. Deterministic, so a ``CacheDataset`` keeps it.
+    pose; ``(4, X, Y, Z)`` with the frame's cardiac phase when its metadata holds one (``PHASE_KEY``, from
+    :class:`~nisf_monai.transforms.CardiacPhased`). Deterministic, so a ``CacheDataset`` keeps it.
 
     Args:
         keys: the image whose grid and affine define the coordinates.
@@ -183,8 +220,10 @@ class CoordinateGridd(MapTransform):
         if len(spatial_shape) != 3:
             raise ValueError(f"expected a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}.")
         affine = _affine_of(img)
-        mapping = CoordinateMapping(affine, spatial_shape, self.extent_mm, self.mode, pose=pose_of(img))
-        coords = mapping.grid(affine, spatial_shape).T.reshape(3, *spatial_shape)
+        mapping = CoordinateMapping(
+            affine, spatial_shape, self.extent_mm, self.mode, pose=pose_of(img), phase=phase_of(img)
+        )
+        coords = mapping.grid(affine, spatial_shape).T.reshape(mapping.coord_dim, *spatial_shape)
         d[self.coords_key] = MetaTensor(coords, affine=affine, meta={"coordinate_mode": self.mode})
         return d
 

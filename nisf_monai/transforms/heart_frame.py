@@ -14,14 +14,19 @@ is. The heart frame is a map of world millimetres per case:
   ventricle's volume being blood pool plus myocardium). The frame's millimetres are then the reference heart's.
 
 Training takes it from the labels (:class:`HeartPosed`); inference has no labels and estimates it from the
-image (see :class:`~nisf_monai.inferers.LatentOptimisationInferer`). The pose travels in the image's
+image (see :class:`~nisf_monai.inferers.LatentOptimisationInferer`). The cine model has one pose per subject, taken
+from its reference frame (the labelled frame earliest in the cycle, end-diastole for an R-wave-triggered cine) and
+shared by all its frames (:func:`with_subject_poses`), so the heart's motion over the cycle is the network's to
+describe, not the frame's. The pose travels in the image's
 metadata (``POSE_KEY``), where :class:`~nisf_monai.transforms.CoordinateGridd` and the inferer read it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +34,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from nisf_monai.errors import DatalistError
 from nisf_monai.spatial import voxel_volume_ml
-from nisf_monai.transforms.coordinates import POSE_KEY
+from nisf_monai.transforms.coordinates import PHASE_KEY, POSE_KEY
 
-__all__ = ["HeartPosed", "checked_reference_volume", "heart_pose", "pose_matrix", "split_pose"]
+__all__ = ["HeartPosed", "checked_reference_volume", "heart_pose", "pose_matrix", "split_pose", "with_subject_poses"]
 
 logger = logging.getLogger("nisf_monai")
 
@@ -107,8 +113,44 @@ def heart_pose(
     return pose_matrix(lv, rotation, scale)
 
 
+def with_subject_poses(
+    items: Sequence[Mapping[Hashable, Any]],
+    load: Callable[[dict], Mapping[Hashable, Any]],
+    subject_key: str = "subject",
+    label_key: str = "label",
+    reference_volume_ml: float | None = None,
+) -> list[dict[Hashable, Any]]:
+    """Copies of datalist entries, each holding its subject's heart pose (``POSE_KEY``, a 4 x 4 nested list), which
+    :class:`HeartPosed` then uses instead of the frame's own label. The pose is that of the subject's reference frame:
+    its labelled frame with the lowest ``cardiac_phase`` (then the first by case ID), loaded by ``load`` (the bundle's
+    loading transforms: the label in the bundle's classes, with its affine).
+
+    Raises:
+        DatalistError: a subject with no labelled frame, or whose reference label holds no left ventricle.
+    """
+    entries = [dict(item) for item in items]
+    by_subject: dict[str, list[dict]] = defaultdict(list)
+    for entry in entries:
+        by_subject[str(entry.get(subject_key, entry.get("case")))].append(entry)
+    for subject, frames in by_subject.items():
+        labelled = [e for e in frames if e.get(label_key) is not None]
+        if not labelled:
+            raise DatalistError(f"subject {subject!r} has no labelled frame to place its heart frame by.")
+        reference = min(labelled, key=lambda e: (float(e.get(PHASE_KEY) or 0.0), str(e.get("case", ""))))
+        label = load(dict(reference))[label_key]
+        if not isinstance(label, MetaTensor):
+            raise TypeError("the heart frame needs the label's affine: load it as a MetaTensor (MONAI LoadImaged).")
+        pose = heart_pose(label.as_tensor(), label.affine, reference_volume_ml=reference_volume_ml)
+        if pose is None:
+            raise DatalistError(f"{reference[label_key]}: subject {subject!r}'s reference label has no left ventricle.")
+        for entry in frames:
+            entry[POSE_KEY] = pose.tolist()
+    return entries
+
+
 class HeartPosed(MapTransform):
     """Puts each case's heart-frame pose, computed from its label, into the metadata of ``keys`` (``POSE_KEY``).
+    An entry that carries a pose already (``POSE_KEY``, from :func:`with_subject_poses`) keeps that one.
 
     Args:
         keys: images that get the pose (the image whose grid ``CoordinateGridd`` reads, and the label).
@@ -139,6 +181,12 @@ class HeartPosed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        if d.get(POSE_KEY) is not None:
+            pose = torch.as_tensor(d[POSE_KEY], dtype=torch.float64)
+            for key in self.key_iterator(d):
+                if isinstance(d[key], MetaTensor):
+                    d[key].meta[POSE_KEY] = pose.clone()
+            return d
         label = d[self.label_key]
         if not isinstance(label, MetaTensor):
             raise TypeError("the heart frame needs the label's affine: load it as a MetaTensor (MONAI LoadImaged).")
