@@ -41,6 +41,8 @@ from monai.transforms import (
 )
 
 from nisf_monai.data import build_datalist, load_datalist, read_label_mapping
+from nisf_monai.geometry.measures import class_volumes
+from nisf_monai.spatial import voxel_volume_ml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -252,7 +254,15 @@ def unet_evaluate(net: torch.nn.Module, items: list[dict], mapping: dict[int, in
         padded = torch.stack([torch.as_tensor(pad(s)) for s in slices])
         logits = net(padded)[..., : image.shape[1], : image.shape[2]]
         pred = logits.argmax(1).movedim(0, -1)
-        cases.append({"case": Path(item["image"]).name, "dice": dice_of(pred, label).tolist()})
+        voxel_ml = voxel_volume_ml(image.affine)  # the clinical disc sums: voxel counts on the acquired grid
+        cases.append(
+            {
+                "case": Path(item["image"]).name,
+                "dice": dice_of(pred, label).tolist(),
+                "volumes_ml": class_volumes(pred.numpy(), voxel_ml),
+                "manual_volumes_ml": class_volumes(label.numpy(), voxel_ml),
+            }
+        )
     return cases, time.perf_counter() - start
 
 

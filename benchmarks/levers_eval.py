@@ -26,7 +26,7 @@ from monai.transforms import KeepLargestConnectedComponent
 
 from nisf_monai.data import case_ids
 from nisf_monai.networks import LatentTable
-from nisf_monai.transforms import HeartPosed, heart_pose, pose_of, split_pose
+from nisf_monai.transforms import POSE_KEY, HeartPosed, heart_pose, phase_of, pose_of, split_pose
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
@@ -129,6 +129,7 @@ def evaluate_cases(
     inferer = parser.get_parsed_content("validate#inferer")
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     heart_frame = bool(config_overrides.get("heart_frame", False))
+    cine = bool(config_overrides.get("cine_model", False))
     images, labels, names = [], [], []
     for case in cases:
         d = preprocessing(dict(case))
@@ -137,20 +138,24 @@ def evaluate_cases(
         images.append(d["image"])
         labels.append(d["label"])
         names.append(case_ids([case])[0])
+    groups = [str(case["subject"]) for case in cases] if cine else None
+    if cine and heart_frame and pose == "label":
+        _share_reference_poses(images, groups)
     recorder = _Recorder(
         inferer, network, images, labels, steps, blends if objective == "intensity" else (), largest_component
     )
     if objective == "intensity":
         every = reduce(math.gcd, [s for s in steps if s > 0], 0) or 1
-        inferer.fit(images, network, monitor=recorder, monitor_every=every)
+        inferer.fit(images, network, monitor=recorder, monitor_every=every, groups=groups)
     elif objective == "segmentation":
         _fit_to_labels(inferer, network, images, labels, steps, recorder)
     elif objective == "trained":
-        table = LatentTable(case_ids(cases), network.latent_dim)
+        keys = groups if cine else names
+        table = LatentTable(keys, network.latent_dim)
         table.load_state_dict(saved["latents"])
         with torch.no_grad():
             recorder.steps = {0}
-            recorder(0, table(names))
+            recorder(0, table(keys))
         steps = [0]
     elif objective == "localiser":
         localiser = getattr(inferer.heart_locator, "localiser", None)
@@ -177,6 +182,16 @@ def evaluate_cases(
             str(w): _summary({s: recorder.cleaned[w][s] for s in steps}) for w in recorder.cleaned
         },
     }
+
+
+def _share_reference_poses(images: list, groups: list[str]) -> None:
+    """The cine model's oracle pose: each subject's frames take the labels' pose of its frame earliest in the cycle,
+    as training placed them (``with_subject_poses``)."""
+    for subject in dict.fromkeys(groups):
+        members = [b for b, g in enumerate(groups) if g == subject]
+        reference = min(members, key=lambda b: (phase_of(images[b]) or 0.0, b))
+        for b in members:
+            images[b].meta[POSE_KEY] = pose_of(images[reference]).clone()
 
 
 def _summary(dice_by_step: dict[int, list[np.ndarray]]) -> dict:

@@ -9,6 +9,9 @@ NIfTI grid, so labels, images and affines are consistent by construction:
   it is shorter than the LV, so apical slices show LV myocardium only.
 - ES: the cavity shrinks (ejection fraction 50-65 %), the base descends towards the fixed apex, the wall thickens so
   that the myocardial volume stays constant, and the RV crescent narrows.
+- A whole cycle (:func:`generate_cine`): every frame is the heart at a contraction between ED (0) and ES (1), rising
+  smoothly from frame 0 (ED) to the subject's ES frame (at 30-40 % of the cycle) and relaxing back by the cycle's
+  end, so the LV volume curve has its maximum at frame 0 and its minimum at the ES frame.
 
 The anatomy depends on the seed only, never on the grid: the same seed sampled at another spacing, shape or
 orientation (``oblique=True``) gives the same heart, which makes high-resolution reference segmentations possible.
@@ -42,7 +45,9 @@ __all__ = [
     "PHASES",
     "DATALIST_NAME",
     "generate_subject",
+    "generate_cine",
     "generate_cohort",
+    "contraction_at",
     "ensure_synthetic_cohort",
     "main",
 ]
@@ -138,11 +143,16 @@ def _draw_parameters(seed: int) -> dict[str, Any]:
     p["oblique_inplane"] = u(-math.pi, math.pi)
     p["oblique_tilt"] = math.radians(u(5.0, 15.0))
     p["oblique_tilt_axis"] = u(-math.pi, math.pi)
+    # the cycle (drawn last, so that the draws above, and every subject's ED and ES, stay as they were)
+    p["es_phase"] = u(0.3, 0.4)
     return p
 
 
-def _heart(p: dict[str, Any], phase: str) -> _Heart:
-    """Phase geometry: ES keeps the apex fixed, ejects ``ejection_fraction`` and conserves myocardial volume."""
+def _heart(p: dict[str, Any], phase: str | float) -> _Heart:
+    """Phase geometry at a contraction ``s`` in [0, 1] (``"ED"`` is 0, ``"ES"`` 1): the apex stays fixed, the cavity
+    ejects ``s`` times the subject's ejection fraction, the long axis and the RV shorten by ``s`` times their ES
+    change, and the myocardial volume is conserved at every ``s``."""
+    s = {"ED": 0.0, "ES": 1.0}[phase] if isinstance(phase, str) else float(phase)
     epi_r_ed = p["endo_radius"] + p["wall"]
     epi_l_ed = p["epi_length"]
     cyl_ed = p["cylinder_fraction"] * epi_l_ed
@@ -151,21 +161,22 @@ def _heart(p: dict[str, Any], phase: str) -> _Heart:
     rv_tangential_ed = p["rv_tangential_fraction"] * epi_r_ed
     rv_l_ed = p["rv_length_fraction"] * epi_l_ed
     base_ed = epi_l_ed / 2.0
-    if phase == "ED":
+    if s == 0.0:
         endo_r, epi_r, epi_l, cyl, endo_l = p["endo_radius"], epi_r_ed, epi_l_ed, cyl_ed, endo_l_ed
         rv_width, rv_radial, rv_tangential, rv_l, base = p["rv_width"], rv_radial_ed, rv_tangential_ed, rv_l_ed, base_ed
     else:
-        shortening = p["long_axis_shortening"]
+        shortening = 1.0 - s * (1.0 - p["long_axis_shortening"])
         epi_l, cyl, rv_l = epi_l_ed * shortening, cyl_ed * shortening, rv_l_ed * shortening
-        endo_l = epi_l - p["apex_wall"] * p["apex_thickening"]
+        endo_l = epi_l - p["apex_wall"] * (1.0 + s * (p["apex_thickening"] - 1.0))
         base = base_ed - epi_l_ed + epi_l  # the apex stays where it is
         k_endo_ed, k_endo = _bullet_factor(endo_l_ed, cyl_ed), _bullet_factor(endo_l, cyl)
-        endo_r = p["endo_radius"] * math.sqrt((1.0 - p["ejection_fraction"]) * k_endo_ed / k_endo)
+        endo_r = p["endo_radius"] * math.sqrt((1.0 - s * p["ejection_fraction"]) * k_endo_ed / k_endo)
         myo = epi_r_ed**2 * _bullet_factor(epi_l_ed, cyl_ed) - p["endo_radius"] ** 2 * k_endo_ed
         epi_r = math.sqrt((myo + endo_r**2 * k_endo) / _bullet_factor(epi_l, cyl))
-        rv_width = p["rv_width"] * p["rv_contraction"]
-        rv_radial = rv_radial_ed * math.sqrt(p["rv_contraction"])
-        rv_tangential = rv_tangential_ed * 0.88
+        rv_contraction = 1.0 - s * (1.0 - p["rv_contraction"])
+        rv_width = p["rv_width"] * rv_contraction
+        rv_radial = rv_radial_ed * math.sqrt(rv_contraction)
+        rv_tangential = rv_tangential_ed * (1.0 - 0.12 * s)
     return _Heart(
         center=np.asarray(p["lv_center"], dtype=np.float64),
         rotation=p["rotation"],
@@ -366,9 +377,59 @@ def generate_subject(
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
     spacing, shape = _validate_grid(spacing, shape)
     p = _draw_parameters(seed)
-    heart = _heart(p, phase)
-    affine = _make_affine(p, spacing, shape, oblique)
+    image, label, affine, info = _render(p, _heart(p, phase), [seed, 1 + PHASES.index(phase)], spacing, shape, oblique)
+    return image, label, affine, {"seed": int(seed), "phase": phase, **info}
 
+
+def contraction_at(phase: float, es_phase: float) -> float:
+    """The heart's contraction (0 at ED, 1 at ES) at cardiac phase ``phase`` in [0, 1): a half cosine up to the ES
+    phase (systole), another back down to 0 at the cycle's end (diastole)."""
+    t = float(phase) % 1.0
+    if t <= es_phase:
+        return 0.5 * (1.0 - math.cos(math.pi * t / es_phase))
+    return 0.5 * (1.0 + math.cos(math.pi * (t - es_phase) / (1.0 - es_phase)))
+
+
+def generate_cine(
+    seed: int,
+    num_frames: int = 20,
+    *,
+    spacing: Sequence[float] = (1.5, 1.5, 8.0),
+    shape: Sequence[int] = (96, 96, 10),
+    oblique: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """A whole beating cycle of subject ``seed``: ``num_frames`` frames at phases ``k / num_frames``.
+
+    Frame 0 is ED and frame ``es_frame`` (the subject's ES phase, 30-40 % of the cycle, rounded to a frame) is ES,
+    with the same geometry as :func:`generate_subject` gives for ``"ED"`` and ``"ES"``; the frames between follow
+    :func:`contraction_at`. Each frame has noise of its own.
+
+    Returns:
+        image (float32 ``[X, Y, Z, T]``), label (uint8 ``[X, Y, Z, T]``), the affine, and ``info`` with ``ed_frame``
+        (0), ``es_frame``, ``num_frames`` and per-frame ``contraction`` and reference volumes ``frames``.
+    """
+    num_frames = int(num_frames)
+    if num_frames < 2:
+        raise ValueError(f"a cine needs at least 2 frames, got {num_frames}.")
+    spacing, shape = _validate_grid(spacing, shape)
+    p = _draw_parameters(seed)
+    es_frame = min(max(int(round(p["es_phase"] * num_frames)), 1), num_frames - 1)
+    images, labels, frames = [], [], []
+    for k in range(num_frames):
+        contraction = contraction_at(k / num_frames, es_frame / num_frames)
+        image, label, affine, info = _render(p, _heart(p, contraction), [seed, 100 + k], spacing, shape, oblique)
+        images.append(image)
+        labels.append(label)
+        frames.append({"frame": k, "contraction": contraction, **{n: info[f"{n}_ml"] for n in STRUCTURES}})
+    info.update({"seed": int(seed), "num_frames": num_frames, "ed_frame": 0, "es_frame": es_frame, "frames": frames})
+    return np.stack(images, axis=-1), np.stack(labels, axis=-1), affine, info
+
+
+def _render(
+    p: dict[str, Any], heart: _Heart, noise_seed: list[int], spacing: tuple, shape: tuple, oblique: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """One frame of the heart ``heart`` of subject ``p`` on a grid: image, label, affine and reference volumes."""
+    affine = _make_affine(p, spacing, shape, oblique)
     points = _world_points(affine, np.arange(shape[0]), np.arange(shape[1]), np.arange(shape[2]))
     label = _label_points(points, heart).reshape(shape)
     fractions = _label_fractions(label, affine, heart)
@@ -377,12 +438,12 @@ def generate_subject(
     blood = fractions[LABELS["lv_blood_pool"]] + fractions[LABELS["rv_blood_pool"]]
     image = fractions[0] * tissue + blood * p["blood"] + fractions[LABELS["lv_myocardium"]] * p["myocardium"]
     image = _blur_in_plane(image * _bias_field(points, p).reshape(shape), p["blur_sigma"])
-    noise = np.random.default_rng([seed, 1 + PHASES.index(phase)]).normal(0.0, p["noise_std"], (2,) + shape)
+    noise = np.random.default_rng(noise_seed).normal(0.0, p["noise_std"], (2,) + shape)
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
     image = (image * p["intensity_scale"]).astype(np.float32)
 
     voxel_ml = voxel_volume_ml(affine)
-    info: dict[str, Any] = {"seed": int(seed), "phase": phase}
+    info: dict[str, Any] = {}
     for name in STRUCTURES:
         info[f"{name}_ml"] = float(fractions[LABELS[name]].sum() * voxel_ml)
     info.update(_continuous_lv_volumes(heart))
@@ -451,6 +512,8 @@ def generate_cohort(
     shape: Sequence[int] = (96, 96, 10),
     phases: str | Sequence[str] = PHASES,
     num_validation: int = 2,
+    num_frames: int | None = None,
+    cine_labels: str = "all",
 ) -> str:
     """Write ``synth{NNN}_{phase}.nii.gz`` images, ``*_gt.nii.gz`` labels and a MONAI ``datalist.json``.
 
@@ -460,12 +523,20 @@ def generate_cohort(
     marks a complete cohort. Subject ``i`` is ``generate_subject(s)`` with ``s`` derived from ``(seed, i)`` and
     stored as ``"seed"`` in its entries, so it can be regenerated, e.g. on a finer grid.
 
+    With ``num_frames``, each subject is instead a whole cycle (:func:`generate_cine`): a 4D ``synth{NNN}_cine.nii.gz``
+    with, for ``cine_labels="all"``, a 4D label ``synth{NNN}_cine_gt.nii.gz`` (one entry), or for ``"ed_es"`` 3D labels
+    of the ED and ES frames only (``synth{NNN}_cine_ED_gt.nii.gz``, ``_ES_gt``: one entry each, with ``frames``) and
+    one unlabelled entry for the other frames, whose intensities train the cine model too. Entries record
+    ``ed_frame`` and ``es_frame``; ``phases`` is not used.
+
     Returns:
         the path of the datalist.
     """
     num_subjects = int(num_subjects)
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be at least 1, got {num_subjects}.")
+    if cine_labels not in ("all", "ed_es"):
+        raise ValueError(f"cine_labels must be 'all' or 'ed_es', got {cine_labels!r}.")
     phases = _as_phases(phases)
     num_val = min(max(int(num_validation), 0), num_subjects - 1)
     if num_val != num_validation:
@@ -476,7 +547,7 @@ def generate_cohort(
     datalist: dict[str, Any] = {
         "name": "nisf_monai synthetic SAX cine",
         "description": "Synthetic short-axis cardiac cine MRI (nisf_monai.data.synthetic); volumes by disc summation.",
-        "tensorImageSize": "3D",
+        "tensorImageSize": "3D" if num_frames is None else "4D",
         "modality": {"0": "MRI"},
         "labels": DATALIST_LABELS,
         "training": [],
@@ -485,6 +556,9 @@ def generate_cohort(
     for index in range(num_subjects):
         subject, subject_seed = f"synth{index:03d}", _subject_seed(seed, index)
         section = "validation" if index >= num_subjects - num_val else "training"
+        if num_frames is not None:
+            datalist[section] += _write_cine(out, subject, subject_seed, int(num_frames), spacing, shape, cine_labels)
+            continue
         for phase in phases:
             image, label, affine, info = generate_subject(subject_seed, phase, spacing=spacing, shape=shape)
             case = f"{subject}_{phase}"
@@ -496,6 +570,26 @@ def generate_cohort(
             datalist[section].append(entry)
     datalist["numTraining"] = len(datalist["training"])
     return atomic_write_json(out / DATALIST_NAME, datalist)
+
+
+def _write_cine(
+    out: Path, subject: str, seed: int, num_frames: int, spacing: Sequence[float], shape: Sequence[int], labels: str
+) -> list[dict[str, Any]]:
+    """Write one subject's cycle (and its labels, ``labels`` as in :func:`generate_cohort`); its datalist entries."""
+    image, label, affine, info = generate_cine(seed, num_frames, spacing=spacing, shape=shape)
+    case = f"{subject}_cine"
+    save_nifti(image, affine, out / f"{case}.nii.gz", time_unit="sec")
+    common = {"image": f"{case}.nii.gz", "subject": subject, "case": case, "seed": seed}
+    common.update({"ed_frame": info["ed_frame"], "es_frame": info["es_frame"]})
+    if labels == "all":
+        save_nifti(label, affine, out / f"{case}_gt.nii.gz", time_unit="sec")
+        return [{**common, "label": f"{case}_gt.nii.gz"}]
+    entries = []
+    for phase, frame in (("ED", info["ed_frame"]), ("ES", info["es_frame"])):
+        save_nifti(label[..., frame], affine, out / f"{case}_{phase}_gt.nii.gz", time_unit="sec")
+        entries.append({**common, "label": f"{case}_{phase}_gt.nii.gz", "frames": [frame], "phase": phase})
+    others = [k for k in range(num_frames) if k not in (info["ed_frame"], info["es_frame"])]
+    return entries + [{**common, "frames": others}]
 
 
 def ensure_synthetic_cohort(dataset_dir: str, **kwargs: Any) -> str:

@@ -47,6 +47,9 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         monitor_every: record Dice every this many latent steps (0: never).
         monitor_points: voxels per case for those records.
         mask_key: key of the optional per-case mask of voxels to fit to.
+        group_key: key of the cases' group label (``subject`` for the cine model): the cases of a batch with the same
+            label share one code (see :meth:`LatentOptimisationInferer.fit`); the batches must hold whole groups
+            (:class:`~nisf_monai.data.GroupBatchSampler`). None: every case has its own code.
         sample_outputs: sample ``pred`` and ``recon`` on the inferer's target grid; False leaves only the
             fitted ``latent`` (with ``image``), for a handler that samples and writes the outputs itself
             (:class:`~nisf_monai.handlers.StreamingSegmentationSaver`, whose memory does not grow with the grid).
@@ -60,6 +63,7 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         monitor_every: int = 0,
         monitor_points: int = 32768,
         mask_key: str = "mask",
+        group_key: str | None = None,
         sample_outputs: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -68,6 +72,7 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         self.monitor_every = int(monitor_every)
         self.monitor_points = int(monitor_points)
         self.mask_key = mask_key
+        self.group_key = group_key
         self.add_event_handler(Events.STARTED, self._reset_cases)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_nothing_usable)
 
@@ -146,7 +151,8 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
         masks = [case.get(self.mask_key) for case in cases]
         kept = masks if any(m is not None for m in masks) else None
-        engine.inferer.locate(images, engine.network, kept)  # heart-frame networks: poses first, for every frame below
+        groups = [str(case.get(self.group_key, b)) for b, case in enumerate(cases)] if self.group_key else None
+        engine.inferer.locate(images, engine.network, kept, groups)  # poses first, for every frame below
         recorder = None
         if self.monitor_every > 0 and all(Keys.LABEL in case for case in cases):
             mappings = [engine.inferer.frame_of(image[None]) for image in images]
@@ -160,9 +166,11 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
                 seed=engine.inferer.seed,
             )
         if self.sample_outputs:
-            outputs = engine.inferer.fit_and_sample(images, engine.network, recorder, self.monitor_every, masks=kept)
+            outputs = engine.inferer.fit_and_sample(
+                images, engine.network, recorder, self.monitor_every, masks=kept, groups=groups
+            )
         else:
-            latent = engine.inferer.fit(images, engine.network, recorder, self.monitor_every, masks=kept)
+            latent = engine.inferer.fit(images, engine.network, recorder, self.monitor_every, masks=kept, groups=groups)
             outputs = [{"latent": code} for code in latent]
         for b, (case, output) in enumerate(zip(cases, outputs)):
             output[Keys.IMAGE] = images[b]

@@ -16,10 +16,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
+from nisf_monai.data.datalist import subject_of_case
 from nisf_monai.data.dataset import SKIPPED_KEY, SkippingDataset, report_failed_cases, write_failed_cases
 from nisf_monai.errors import InputDataError, MissingFileError, SettingsError
+from nisf_monai.geometry.cycle import curve_phases, cycle_extremes, volume_curve, volume_curve_figure
 from nisf_monai.geometry.fields import LabelField, NetworkField, measure_frame, structure_meshes
 from nisf_monai.geometry.figures import agreement_figure, plane_figure, surface_figure
 from nisf_monai.geometry.grids import footprint_grid
@@ -36,6 +39,7 @@ from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
 from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image
 from nisf_monai.io import atomic_write_json, json_safe, save_nifti
 from nisf_monai.spatial import affine_array, voxel_sizes, voxel_volume_ml
+from nisf_monai.transforms.coordinates import phase_of
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
 
@@ -149,10 +153,17 @@ class MeasureRun(_FittedRun):
     else ED is the frame with the largest and ES the one with the smallest LV blood pool (manual labels
     if every frame has one, else NISF's), the clinical definition.
 
+    With a cine network (``coord_dim=4``) a subject's frames get one code, fitted to all of them, and that code is
+    also read at ``curve_phases`` evenly spread phases of the cycle (at ``curve_spacing`` mm): the LV and RV volume
+    curves (``volume_curves.csv``, ``figures/<subject>_volume_curve.png``). When the datalist does not name ED and
+    ES, they are the phases of the curve's largest and smallest LV blood pool, read again at ``spacing``, so they
+    may fall between the acquired frames.
+
     Outputs in ``output_dir``: ``measures.csv`` (one row per subject and source), ``volumes.csv`` (per
     frame), ``agreement.csv``, ``measures.json`` (all of it and the settings), ``meshes/<case>_<structure>.<fmt>``,
     ``segmentations/<case>_fine_seg.nii.gz`` (the fine labels over the region read), and
-    ``figures/{bland_altman,scatter,<subject>_surfaces}.png``.
+    ``figures/{bland_altman,scatter,<subject>_surfaces}.png``; with a cine network also ``volume_curves.csv``
+    (one row per subject and phase) and ``figures/<subject>_volume_curve.png``.
 
     Args:
         network, inferer, preprocessing, datalist: as in ``inference.json`` (entries with ``image`` and
@@ -171,6 +182,8 @@ class MeasureRun(_FittedRun):
             network's with the inferer's ``localiser_blend``, instead of the code alone (needs a localiser).
         save_segmentations: write the fine label maps.
         max_surface_figures: subjects that get a surface figure.
+        curve_phases: phases of a cine code's volume curve (0: no curve).
+        curve_spacing: spacing (mm) the curve is read at.
     """
 
     def __init__(
@@ -191,6 +204,8 @@ class MeasureRun(_FittedRun):
         blend: bool = False,
         save_segmentations: bool = True,
         max_surface_figures: int = 4,
+        curve_phases: int = 20,
+        curve_spacing: float | Sequence[float] = 2.0,
     ) -> None:
         if source not in ("nisf", "labels"):
             raise ValueError(f"source must be 'nisf' or 'labels', got {source!r}.")
@@ -206,8 +221,18 @@ class MeasureRun(_FittedRun):
         self.blend = bool(blend)
         self.save_segmentations = save_segmentations
         self.max_surface_figures = max_surface_figures
+        if curve_phases == 1:
+            raise SettingsError("curve_phases", "1 phase is no curve", "give 0 for no curve, or 2 or more phases")
+        self.curve_phases = int(curve_phases)
+        self.curve_spacing = curve_spacing
+        self._curve_rows: list[dict] = []
 
-    def _fields(self, items: list[dict]) -> list[Any]:
+    @property
+    def _cine(self) -> bool:
+        """Whether the run reads a cine code (one per subject, any phase)."""
+        return self.source == "nisf" and int(getattr(self.network, "coord_dim", 3)) == 4
+
+    def _fields(self, items: list[dict], subject: str = "") -> list[Any]:
         if self.source == "labels":
             missing = [i for i, item in enumerate(items) if "label" not in item]
             if missing:
@@ -217,7 +242,7 @@ class MeasureRun(_FittedRun):
                 for item in items
             ]
         images = [item["image"].to(self.device) for item in items]
-        latents = self.inferer.fit(images, self.network)
+        latents = self.inferer.fit(images, self.network, groups=[subject] * len(images) if self._cine else None)
         fields = []
         for image, latent in zip(images, latents):
             case = image[None]
@@ -229,6 +254,7 @@ class MeasureRun(_FittedRun):
 
     def run(self) -> dict[str, Any]:
         self._prepare_network()
+        self._curve_rows = []
         subjects = self._subjects()
         frames_rows: list[dict] = []
         measures: dict[str, dict[str, dict[str, float]]] = {self.source: {}, "manual": {}}
@@ -239,7 +265,8 @@ class MeasureRun(_FittedRun):
             entries, items = [c[0] for c in cases], [c[1] for c in cases]
             names = [_name(e, i) for e, i in cases]
             measured, manual, meshes = [], [], []
-            for name, entry, item, source in zip(names, entries, items, self._fields(items)):
+            fields = self._fields(items, subject)
+            for name, entry, item, source in zip(names, entries, items, fields):
                 volumes, manual_volumes, figure_meshes, rows = self._measure_frame(subject, name, entry, item, source)
                 measured.append(volumes)
                 meshes.append(figure_meshes)
@@ -247,15 +274,21 @@ class MeasureRun(_FittedRun):
                 if manual_volumes is not None:
                     manual.append(manual_volumes)
             ed, es, rule = self._phases(entries, measured, manual if len(manual) == len(items) else None)
-            measures[self.source][subject] = cardiac_measures(measured[ed], measured[es] if es is not None else None)
+            ed_volumes, es_volumes = measured[ed], measured[es] if es is not None else None
+            info = {"ed_case": names[ed], "es_case": names[es] if es is not None else None}
+            if self._cine and self.curve_phases:
+                cycle = self._cycle(subject, items, fields, measured, manual if len(manual) == len(items) else None)
+                info.update({"ed_phase": cycle["ed_phase"], "es_phase": cycle["es_phase"]})
+                if rule != "datalist phase":  # the cycle's extremes, between the acquired frames if need be
+                    ed_volumes, es_volumes = cycle["ed_volumes"], cycle["es_volumes"]
+                    rule = f"largest / smallest LV blood pool of the code over {self.curve_phases} phases"
+                    info.update(
+                        {"ed_case": f"phase {cycle['ed_phase']:.3f}", "es_case": f"phase {cycle['es_phase']:.3f}"}
+                    )
+            measures[self.source][subject] = cardiac_measures(ed_volumes, es_volumes)
             if len(manual) == len(items):
                 measures["manual"][subject] = cardiac_measures(manual[ed], manual[es] if es is not None else None)
-            subject_info[subject] = {
-                "ed_case": names[ed],
-                "es_case": names[es] if es is not None else None,
-                "phase_rule": rule,
-                "seconds": time.perf_counter() - start,
-            }
+            subject_info[subject] = {**info, "phase_rule": rule, "seconds": time.perf_counter() - start}
             _log_measures(subject, measures[self.source][subject], subject_info[subject]["seconds"])
             if figures < self.max_surface_figures and meshes[ed]:
                 surface_figure(
@@ -265,6 +298,47 @@ class MeasureRun(_FittedRun):
         report = self._write(measures, frames_rows, subject_info)
         self._account_for_failures(sum(len(cases) for cases in subjects.values()))
         return report
+
+    def _cycle(
+        self, subject: str, items: list[dict], fields: list[Any], measured: list[dict], manual: list[dict] | None
+    ) -> dict[str, Any]:
+        """A cine code's volume curve over the cycle (kept for ``volume_curves.csv``, drawn per subject), its ED and
+        ES phases, and the volumes at those phases read at the run's fine spacing."""
+        phases = [phase_of(item["image"]) or 0.0 for item in items]
+        reference = int(np.argmin(phases))
+        image = items[reference]["image"]
+        affine, shape = affine_array(image), list(image.shape[1:])
+        base = fields[reference]
+
+        def field_at(phase: float) -> NetworkField:
+            return NetworkField(self.network, self.inferer, base.latent, base.frame.with_phase(phase))
+
+        curve = volume_curve(
+            field_at,
+            curve_phases(self.curve_phases),
+            affine,
+            shape,
+            self.curve_spacing,
+            self.roi_margin_mm,
+            self.volume_mode,
+        )
+        self._curve_rows.extend(curve.rows(subject))
+        ed_phase, es_phase = cycle_extremes(curve)
+        fine = {
+            phase: measure_frame(
+                field_at(phase), affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode
+            ).volumes
+            for phase in (ed_phase, es_phase)
+        }
+        volume_curve_figure(
+            self.output_dir / "figures" / f"{subject}_volume_curve.png",
+            curve,
+            f"{subject}: ED at phase {ed_phase:.2f}, ES at {es_phase:.2f}",
+            acquired=dict(zip(phases, measured)),
+            manual=dict(zip(phases, manual)) if manual else None,
+            ed_es=(ed_phase, es_phase),
+        )
+        return {"ed_phase": ed_phase, "es_phase": es_phase, "ed_volumes": fine[ed_phase], "es_volumes": fine[es_phase]}
 
     def _subjects(self) -> dict[str, list[tuple[dict, dict]]]:
         """The loaded cases, grouped by the datalist's ``subject`` (a case without one is its own subject)."""
@@ -369,6 +443,8 @@ class MeasureRun(_FittedRun):
         rows.sort(key=lambda r: (r["subject"], r["source"] != self.source))
         write_csv(out / "measures.csv", rows)
         write_csv(out / "volumes.csv", frames_rows)
+        if self._curve_rows:
+            write_csv(out / "volume_curves.csv", self._curve_rows)
         agreement = {}
         if measures["manual"]:
             agreement = agreement_table(measures[self.source], measures["manual"])
@@ -402,6 +478,8 @@ class MeasureRun(_FittedRun):
                 "roi_spacing_mm": self.roi_spacing,
                 "volume_mode": self.volume_mode,
                 "blend": self.blend,
+                "curve_phases": self.curve_phases if self._cine else 0,
+                "curve_spacing_mm": np.asarray(self.curve_spacing, dtype=float).ravel().tolist(),
                 "myocardial_density_g_per_ml": MYOCARDIAL_DENSITY,
                 "inference_steps": getattr(self.inferer, "num_steps", None),
                 "ckpt_path": str(self.ckpt_path) if self.ckpt_path else None,
@@ -429,6 +507,10 @@ class PlaneRun(_FittedRun):
     along its slice axis (a plane across the short-axis slices), ``centre`` at the centroid of NISF's LV
     blood pool (read coarsely; the image centre if there is none), 1 mm spacing and a size that spans the
     image.
+
+    With a cine network the frames of a subject share one code (fitted to all of them), and ``phase`` (in [0, 1))
+    reads the subject's plane once at that point of the cycle, acquired or not (``<subject>_phase0.400_<name>``);
+    None reads every frame at its own phase.
     """
 
     def __init__(
@@ -449,9 +531,15 @@ class PlaneRun(_FittedRun):
         spacing: float | Sequence[float] = 1.0,
         size: Sequence[int] | None = None,
         name: str = "plane",
+        phase: float | None = None,
     ) -> None:
         if origin is not None and centre is not None:
             raise InputDataError("give the plane's origin or its centre, not both.")
+        if phase is not None and not 0.0 <= float(phase) < 1.0:
+            raise SettingsError(
+                "plane_phase", f"{phase} is not a phase of the cycle", "give a value in [0, 1), or None"
+            )
+        self.phase = None if phase is None else float(phase)
         super().__init__(network, inferer, preprocessing, datalist, output_dir, ckpt_path, device)
         self.reference = reference
         self.origin, self.centre, self.u, self.v, self.w = origin, centre, u, v, w
@@ -512,14 +600,36 @@ class PlaneRun(_FittedRun):
         data = data.reshape([int(s) for s in shape])
         return data[:, :, shape[2] // 2]
 
+    def _fitted(self) -> list[tuple[str, MetaTensor, NetworkField]]:
+        """(name, image, field) per plane to read: each case with its own code, or, for a cine network, the frames
+        of a subject with their shared code, each at its own phase or all read once at ``phase``."""
+        cases = self._load_cases()
+        if int(getattr(self.network, "coord_dim", 3)) != 4:
+            groups = [[case] for case in cases]
+        else:
+            by_subject: dict[str, list] = defaultdict(list)
+            for entry, item in cases:
+                by_subject[str(entry.get("subject", _name(entry, item)))].append((entry, item))
+            groups = list(by_subject.values())
+        planes = []
+        for group in groups:
+            images = [item["image"].to(self.device) for _, item in group]
+            latents = self.inferer.fit(images, self.network, groups=[0] * len(images))
+            for (entry, item), image, latent in zip(group, images, latents):
+                mapping = self.inferer.frame_of(image[None])
+                name = _name(entry, item)
+                if self.phase is not None:
+                    mapping = mapping.with_phase(self.phase)
+                    name = f"{entry.get('subject', subject_of_case(name))}_phase{self.phase:.3f}"
+                planes.append((name, image, NetworkField(self.network, self.inferer, latent, mapping)))
+                if self.phase is not None:
+                    break  # one plane per subject at the asked phase
+        return planes
+
     def run(self) -> list[dict[str, Any]]:
         self._prepare_network()
         written = []
-        for entry, item in self._load_cases():
-            name = _name(entry, item)
-            image = item["image"].to(self.device)
-            latent = self.inferer.fit([image], self.network)
-            field = NetworkField(self.network, self.inferer, latent[0], self.inferer.frame_of(image[None]))
+        for name, image, field in self._fitted():
             image_affine = affine_array(image)
             affine, shape = self.grid(field, image_affine, list(image.shape[1:]))
             probs, intensity = field.sample(affine, shape)

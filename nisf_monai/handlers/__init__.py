@@ -1,3 +1,4 @@
+from nisf_monai.handlers.cine_outputs import CineOutputJoiner, join_frames
 from nisf_monai.handlers.failed_cases import FailedCasesHandler
 from nisf_monai.handlers.hidden_slices import HiddenSliceReport
 from nisf_monai.handlers.metrics import class_dice_metrics
@@ -12,6 +13,8 @@ from nisf_monai.handlers.training_state import (
 )
 
 __all__ = [
+    "CineOutputJoiner",
+    "join_frames",
     "CheckpointError",
     "describe_state_mismatch",
     "FailedCasesHandler",

@@ -14,7 +14,8 @@ grid search as the single start (the grid search remains the fallback when it fi
    the heart axes, the slice normal included, and an in-plane angle) fitted jointly by Adam for
    ``refine_steps`` on the same weighted loss; the start with the lowest final loss wins.
 
-All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame. The search
+All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame. A cine network
+(``coord_dim=4``) is read at the image's cardiac phase throughout. The search
 runs through a :func:`frozen_view` of the network and leaves the network object itself untouched.
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import CoordinateMapping
+from nisf_monai.transforms.coordinates import CoordinateMapping, phase_of
 from nisf_monai.transforms.heart_frame import pose_matrix, split_pose
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
@@ -72,6 +73,13 @@ def frozen_view(network: nn.Module) -> nn.Module:
         if parameter.requires_grad:  # copied rather than taken from the memo (TorchScript): a copy of our own
             parameter.requires_grad_(False)
     return view
+
+
+def _with_phase(coords: torch.Tensor, phase: float | None) -> torch.Tensor:
+    """Network coordinates ``(K, 3, P)`` with a constant phase channel appended for a cine network (None: as is)."""
+    if phase is None:
+        return coords
+    return torch.cat([coords, coords.new_full((coords.shape[0], 1, coords.shape[2]), phase)], dim=1)
 
 
 def _in_plane_axes(affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,13 +178,20 @@ class HeartLocator:
 
     @torch.no_grad()
     def _scores(
-        self, network: nn.Module, coords: torch.Tensor, target: torch.Tensor, extent_mm: float, group: int
+        self,
+        network: nn.Module,
+        coords: torch.Tensor,
+        target: torch.Tensor,
+        extent_mm: float,
+        group: int,
+        phase: float | None = None,
     ) -> torch.Tensor:
         scores = []
         latent_dim = int(network.latent_dim)
         for start in range(0, coords.shape[0], group):
             chunk = coords[start : start + group]
-            _, logit = network.forward_heads(chunk, chunk.new_zeros((chunk.shape[0], latent_dim)))
+            inputs = _with_phase(chunk, phase)
+            _, logit = network.forward_heads(inputs, chunk.new_zeros((chunk.shape[0], latent_dim)))
             bce = F.binary_cross_entropy_with_logits(logit[:, 0], target.expand(chunk.shape[0], -1), reduction="none")
             scores.append((bce * heart_weights(chunk, extent_mm, self.sigma_mm)).mean(dim=-1))
         return torch.cat(scores)
@@ -210,7 +225,8 @@ class HeartLocator:
         world, target = self._voxels(image, generator, kept)
         coords = self._coords(world, origins, rotations, extent_mm).to(device)
         group = max(1, 16384 // self.score_points) if device.type == "cpu" else coords.shape[0]
-        return torch.argsort(self._scores(network, coords, target.to(device), extent_mm, group))
+        phase = _phase_for(network, image)
+        return torch.argsort(self._scores(network, coords, target.to(device), extent_mm, group, phase))
 
     def _refine(
         self, network, image, origins, rotations, extent_mm, generator, device, kept, scale: float = 1.0
@@ -232,11 +248,12 @@ class HeartLocator:
         )
         losses = torch.zeros(starts)
         axes = rotations * scale  # the frame's axes in frame mm per world mm
+        phase = _phase_for(network, image)
         for step in range(self.refine_steps + 1):
             world, target = self._voxels(image, generator, kept)
             base = self._coords(world, origins, axes, extent_mm).to(device)  # (S, 3, P)
             coords = _moved(base, shift * (self.step_mm / extent_mm), angle)
-            _, logit = network.forward_heads(coords, latent)
+            _, logit = network.forward_heads(_with_phase(coords, phase), latent)
             bce = F.binary_cross_entropy_with_logits(
                 logit[:, 0], target.to(device).expand(starts, -1), reduction="none"
             )
@@ -251,6 +268,13 @@ class HeartLocator:
         b = int(torch.argmin(losses))
         shift_mm = shift[b].detach().cpu().double() * self.step_mm
         return _corrected_pose(origins[b], rotations[b], shift_mm, float(angle[b].detach()), scale)
+
+
+def _phase_for(network: nn.Module, image: MetaTensor) -> float | None:
+    """The phase a cine network reads the image at (0 when it carries none), None for a per-frame network."""
+    if int(getattr(network, "coord_dim", 3)) != 4:
+        return None
+    return phase_of(image) or 0.0
 
 
 def _moved(coords: torch.Tensor, shift: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
 from nisf_monai.inferers.probability_volume import ProbabilityVolume
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import POSE_KEY, CoordinateMapping, pose_of, world_grid
+from nisf_monai.transforms.coordinates import PHASE_KEY, POSE_KEY, CoordinateMapping, phase_of, pose_of, world_grid
 from nisf_monai.transforms.heart_frame import split_pose
 
-__all__ = ["LatentOptimisationInferer", "spacing_triple", "target_grid"]
+__all__ = ["LatentOptimisationInferer", "code_groups", "spacing_triple", "target_grid"]
 
 CPU_GROUP_POINTS = 16384  # points per forward pass of a batched latent fit on a CPU (see ``_groups``)
 
@@ -53,6 +53,25 @@ def spacing_triple(spacing: Sequence[float] | float, name: str = "target_spacing
     if pixdim.size != 3 or not np.all(pixdim > 0):
         raise ValueError(f"{name} must be 3 positive millimetre values (or one), got {np.ravel(spacing).tolist()}.")
     return pixdim
+
+
+def code_groups(groups: Sequence[Any] | None, num_cases: int) -> list[list[int]]:
+    """The cases that share one code: indices grouped by equal ``groups`` values, in order of first appearance
+    (``None``: every case alone)."""
+    if groups is None:
+        return [[b] for b in range(num_cases)]
+    if len(groups) != num_cases:
+        raise ValueError(f"got {len(groups)} group labels for {num_cases} images.")
+    units: dict[Any, list[int]] = {}
+    for b, group in enumerate(groups):
+        units.setdefault(group, []).append(b)
+    return list(units.values())
+
+
+def _reference_case(images: Sequence[torch.Tensor], unit: Sequence[int]) -> int:
+    """The case of a group its heart pose is found on: the one earliest in the cycle (end-diastole, where the heart
+    is largest and a cine network's heart frame was placed in training), the first of them on a tie."""
+    return min(unit, key=lambda b: (phase_of(images[b]) or 0.0, b))
 
 
 class LatentOptimisationInferer(Inferer):
@@ -100,6 +119,11 @@ class LatentOptimisationInferer(Inferer):
             fitted to the labels reach 0.85); the localiser's coarse labels pull it toward this heart's shape while
             the network's prior keeps it a plausible heart that can be sampled anywhere. 0 (default): intensity
             alone, the paper's objective; without a localiser it is intensity alone, with a warning.
+
+    A cine network (``coord_dim=4``, one code per subject) reads each frame at its cardiac phase (``PHASE_KEY`` in the
+    image's metadata; 0, end-diastole, with a warning when a frame has none). Frames given the same ``groups`` label
+    in :meth:`fit` share one code, fitted to all of them at once (each step draws ``num_points`` from their voxels
+    together), and one heart pose, found on the group's frame earliest in the cycle.
         draw_near_heart: with ``heart_sigma_mm``, draw each step's points from that Gaussian (default) instead of
             weighting uniform draws by it: the same expected loss, with every point where the weight is.
         localiser_blend: weight ``w`` of the localiser's class probabilities in the segmentation written by
@@ -167,17 +191,20 @@ class LatentOptimisationInferer(Inferer):
         self.localiser_blend_hidden = bool(localiser_blend_hidden)
 
     def frame_of(self, image: MetaTensor) -> CoordinateMapping:
-        """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation and the
-        heart pose its metadata carries (``POSE_KEY``), if any. (The name predates the mapping's rename; kept
-        for existing callers.) A heart-frame inferer needs the pose :meth:`locate` or :meth:`fit` stored: without
-        it the coordinates would silently be the volume's, where the code was not fitted."""
+        """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation, the heart
+        pose its metadata carries (``POSE_KEY``), if any, and its cardiac phase (``PHASE_KEY``), if any. (The name
+        predates the mapping's rename; kept for existing callers.) A heart-frame inferer needs the pose :meth:`locate`
+        or :meth:`fit` stored: without it the coordinates would silently be the volume's, where the code was not
+        fitted."""
         pose = pose_of(image)
         if self.heart_frame and pose is None:
             raise ValueError(
                 "this image carries no heart pose: call locate() or fit() on it first. They store the pose in the"
                 " metadata of the image they are given; a view made before (e.g. image[None]) does not get it."
             )
-        return CoordinateMapping(_grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose)
+        return CoordinateMapping(
+            _grid_affine(image), image.shape[2:], self.extent_mm, self.coordinate_mode, pose=pose, phase=phase_of(image)
+        )
 
     @staticmethod
     def _check_input(inputs: torch.Tensor) -> MetaTensor:
@@ -207,13 +234,17 @@ class LatentOptimisationInferer(Inferer):
         inputs: torch.Tensor | Sequence[torch.Tensor],
         network: nn.Module,
         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[Any] | None = None,
     ) -> None:
         """Estimate the heart pose of every case that has none (``heart_frame`` networks) and store it in the
         case's metadata (``POSE_KEY``), where :meth:`frame_of` and every later step read it. ``masks`` as in
-        :meth:`fit`: only kept voxels are looked at. Does nothing for networks trained without the heart frame."""
+        :meth:`fit`: only kept voxels are looked at. Cases of one group (``groups`` as in :meth:`fit`) get one pose,
+        found on the group's frame earliest in the cycle. Does nothing for networks trained without the heart
+        frame. For a cine network, first gives a frame without a cardiac phase phase 0 (with a warning)."""
+        images = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        _check_phases(images, network)
         if not self.heart_frame:
             return
-        images = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] > 1 and pose_of(inputs) is None:
             raise ValueError(
                 "a heart-frame network locates each case on its own: pass a list of images (1, X, Y, Z), not a batch."
@@ -225,18 +256,23 @@ class LatentOptimisationInferer(Inferer):
             torch.autocast(self._device_type(network), enabled=False),
             flush_denormal(),
         ):
-            for image, mask in zip(images, case_masks):
-                if pose_of(image) is not None:
-                    continue
-                pose = self.heart_locator.locate(image, network, self.extent_mm, mask)
-                image.meta[POSE_KEY] = pose
-                origin, _, scale = split_pose(pose)
-                logger.debug(
-                    "heart frame of %s: origin %s mm, scale %.3f",
-                    image.meta.get("filename_or_obj", "a case"),
-                    np.round(origin.numpy(), 1).tolist(),
-                    scale,
-                )
+            for unit in code_groups(groups, len(images)):
+                reference = _reference_case(images, unit)
+                pose = pose_of(images[reference])
+                if pose is None:
+                    image = images[reference]
+                    pose = self.heart_locator.locate(image, network, self.extent_mm, case_masks[reference])
+                    image.meta[POSE_KEY] = pose
+                    origin, _, scale = split_pose(pose)
+                    logger.debug(
+                        "heart frame of %s: origin %s mm, scale %.3f",
+                        image.meta.get("filename_or_obj", "a case"),
+                        np.round(origin.numpy(), 1).tolist(),
+                        scale,
+                    )
+                for b in unit:
+                    if pose_of(images[b]) is None:
+                        images[b].meta[POSE_KEY] = pose.clone()
 
     @staticmethod
     def _device_type(network: nn.Module) -> str:
@@ -250,8 +286,9 @@ class LatentOptimisationInferer(Inferer):
         monitor: Callable[[int, torch.Tensor], None] | None = None,
         monitor_every: int = 0,
         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[Any] | None = None,
     ) -> torch.Tensor:
-        """Fitted codes ``(B, latent_dim)``; the network stays untouched (see the class docstring).
+        """Fitted codes ``(B, latent_dim)``, one row per case; the network stays untouched (see the class docstring).
 
         ``inputs`` is a batch ``(B, 1, X, Y, Z)`` on one grid or a list of images ``(1, X, Y, Z)`` on grids of
         their own. All cases are optimised together (one batched forward per step), each with its own
@@ -264,10 +301,18 @@ class LatentOptimisationInferer(Inferer):
         True where the voxel may be used. Only kept voxels are copied into the optimisation, so the loss
         never sees the others; points are drawn among them (all of them when ``num_points`` is None or at
         least their number). A mask keeping every voxel gives the code of no mask.
+
+        ``groups`` (one hashable label per case, e.g. the subject; None: every case alone): cases with the same label
+        are frames of one cine and share one code, fitted to all their voxels together (each step draws
+        ``num_points`` among them); their rows of the result are that code.
         """
-        self.locate(inputs, network, masks)
+        self.locate(inputs, network, masks, groups)
         cases = self._cases(inputs)
         case_masks = self._masks(masks, cases)
+        units = code_groups(groups, len(cases))
+        row_of_case = torch.empty(len(cases), dtype=torch.long)
+        for row, unit in enumerate(units):
+            row_of_case[unit] = row
         device = cases[0].device
         latent_dim = self.latent_dim or int(network.latent_dim)
         # callers may hold no_grad or inference_mode; the code needs autograd, the network does not. The fit
@@ -280,15 +325,18 @@ class LatentOptimisationInferer(Inferer):
             flush_denormal(),
         ):
             frozen = frozen_view(network)  # no weight gradients, and no flag of the shared network flipped
-            coords, targets = self._fit_points(cases, case_masks, device)
-            generators = [torch.Generator().manual_seed(self.seed) for _ in cases]  # as for each case alone
+            case_coords, case_targets = self._fit_points(cases, case_masks, device)
+            coords = [torch.cat([case_coords[b] for b in unit], dim=1) for unit in units]
+            targets = [torch.cat([case_targets[b] for b in unit], dim=1) for unit in units]
+            generators = [torch.Generator().manual_seed(self.seed) for _ in units]  # as for each case alone
             draw_cdfs = [self._draw_cdf(c) for c in coords]  # fixed for the fit: computed once, not every step
             initial = [torch.randn(1, latent_dim, generator=g) for g in generators]
             latent = (torch.cat(initial) * self.init_std).to(device).requires_grad_(True)
             optimizer = torch.optim.Adam([latent], lr=self.learning_rate)
+            rows = row_of_case.to(device)
             for step in range(self.num_steps):
                 if monitor is not None and monitor_every and step % monitor_every == 0:
-                    monitor(step, latent.detach())
+                    monitor(step, latent.detach()[rows])
                 loss = self._gradient(frozen, latent, coords, targets, generators, draw_cdfs)
                 optimizer.step()
                 if self.log_every and (step + 1) % self.log_every == 0:
@@ -296,11 +344,11 @@ class LatentOptimisationInferer(Inferer):
                         "latent optimisation step %d/%d: loss %.5f",
                         step + 1,
                         self.num_steps,
-                        float(loss.detach()) / len(cases),
+                        float(loss.detach()) / len(units),
                     )
             if monitor is not None and monitor_every:
-                monitor(self.num_steps, latent.detach())
-        return latent.detach()
+                monitor(self.num_steps, latent.detach()[rows])
+        return latent.detach()[rows]
 
     def _localiser_for(self, setting: str, weight: float, without: str) -> SliceLocaliser | None:
         """The heart locator's localiser when ``weight`` (the value of ``setting``) asks for it; without one, a
@@ -331,12 +379,12 @@ class LatentOptimisationInferer(Inferer):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per case, the network coordinates ``(3, P)`` of the voxels a code is fitted to (those its mask keeps)
         and their targets on ``device``: intensity ``(1, P)``, followed by the localiser's class probabilities
-        ``(1 + M, P)`` when it guides the fit."""
+        ``(1 + M, P)`` when it guides the fit. A cine network's coordinates are ``(4, P)``, the frame's phase last."""
         coords, targets = [], []
         guide = self._guide()
         for case, mask in zip(cases, case_masks):
             mapping = self.frame_of(case)
-            points = mapping.grid(mapping.affine, case.shape[2:]).T  # (3, P)
+            points = mapping.grid(mapping.affine, case.shape[2:]).T  # (3, P), or (4, P) with the phase
             values = case.as_tensor().reshape(1, -1).float()  # (1, P)
             if guide is not None:
                 probs = guide.probabilities(case[0]).reshape(-1, values.shape[-1])
@@ -531,6 +579,7 @@ class LatentOptimisationInferer(Inferer):
         monitor: Callable[[int, torch.Tensor], None] | None = None,
         monitor_every: int = 0,
         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[Any] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Fit codes, then sample labels and reconstruction at ``target_spacing``.
 
@@ -538,8 +587,9 @@ class LatentOptimisationInferer(Inferer):
         "latent": (B, L)}``. For a list of images ``(1, X, Y, Z)`` (grids may differ): one such dict per
         image, without the batch dimension. ``pred`` and ``recon`` are MetaTensors carrying the target grid's
         affine, so ``SaveImage`` writes them in place. ``monitor``, ``masks``: see :meth:`fit` (a mask
-        limits what the code is fitted to; the segmentation still covers the whole target grid)."""
-        latent = self.fit(inputs, network, monitor, monitor_every, masks)
+        limits what the code is fitted to; the segmentation still covers the whole target grid), ``groups``: see
+        :meth:`fit` (frames of one cine share a code; each is still sampled at its own phase)."""
+        latent = self.fit(inputs, network, monitor, monitor_every, masks, groups)
         if isinstance(inputs, torch.Tensor):
             image = self._check_input(inputs)
             affine, shape = target_grid(_grid_affine(image), image.shape[2:], self.target_spacing)
@@ -615,6 +665,26 @@ class LatentOptimisationInferer(Inferer):
             out.affine = affine
             out.meta["spatial_shape"] = shape
         return out
+
+
+def _check_phases(images: Sequence[torch.Tensor], network: nn.Module) -> None:
+    """Frames and network must agree on time: a cine network (``coord_dim=4``) reads each frame at its phase, so a
+    frame without one is read at phase 0 (end-diastole) with a warning; a per-frame network cannot read a phase."""
+    coord_dim = int(getattr(network, "coord_dim", 3))
+    for image in images:
+        phase = phase_of(image)
+        if coord_dim == 4 and phase is None:
+            logger.warning(
+                "%s has no cardiac phase (cardiac_phase): the cine network reads it as end-diastole (phase 0).",
+                image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image",
+            )
+            if isinstance(image, MetaTensor):
+                image.meta[PHASE_KEY] = 0.0
+        elif coord_dim == 3 and phase is not None:
+            raise ValueError(
+                "this network reads 3 coordinates (a per-frame model) but the image carries a cardiac phase: set "
+                "cine_model to false, or use a network trained with cine_model true."
+            )
 
 
 def _grid_affine(image: MetaTensor) -> torch.Tensor:

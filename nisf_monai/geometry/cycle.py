@@ -1,0 +1,108 @@
+"""The cardiac cycle read from one cine code: volume curves over the phases, and end-diastole and end-systole
+found on them.
+
+A cine network's code describes the subject's whole cycle, so its segmentation can be read at any phase ``t`` in
+[0, 1), between the acquired frames too. :func:`volume_curve` measures the structures at evenly spread phases; the
+clinical end-diastole and end-systole are the phases of the largest and smallest LV blood pool
+(:func:`cycle_extremes`), used when the data does not name its ED and ES frames.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nisf_monai.geometry.fields import Field, measure_frame
+from nisf_monai.geometry.measures import STRUCTURES
+from nisf_monai.plotting import CLASS_COLOURS, pyplot, save_figure
+
+__all__ = ["VolumeCurve", "curve_phases", "cycle_extremes", "volume_curve", "volume_curve_figure"]
+
+
+@dataclass
+class VolumeCurve:
+    """Structure volumes (ml) at phases of the cycle: ``volumes[name][i]`` at ``phases[i]``."""
+
+    phases: list[float]
+    volumes: dict[str, list[float]] = field(default_factory=dict)
+
+    def rows(self, subject: str) -> list[dict[str, Any]]:
+        """One row per phase, for a CSV."""
+        return [
+            {"subject": subject, "phase": phase, **{f"{name}_ml": v[i] for name, v in self.volumes.items()}}
+            for i, phase in enumerate(self.phases)
+        ]
+
+
+def curve_phases(num_phases: int) -> list[float]:
+    """``num_phases`` evenly spread phases ``k / num_phases`` of the cycle (the first is end-diastole, 0)."""
+    if num_phases < 2:
+        raise ValueError(f"a volume curve needs at least 2 phases, got {num_phases}.")
+    return [k / num_phases for k in range(num_phases)]
+
+
+def volume_curve(
+    field_at: Callable[[float], Field],
+    phases: Sequence[float],
+    image_affine: Any,
+    image_shape: Sequence[int],
+    spacing: float | Sequence[float] = 2.0,
+    roi_margin_mm: float | None = 10.0,
+    mode: str = "label",
+    structures: Mapping[str, int] = STRUCTURES,
+) -> VolumeCurve:
+    """Volumes of ``structures`` at each of ``phases``, read from ``field_at(phase)`` over the image's slab at
+    ``spacing`` mm (as :func:`~nisf_monai.geometry.measure_frame` reads a frame)."""
+    curve = VolumeCurve([float(p) for p in phases], {name: [] for name in structures})
+    for phase in curve.phases:
+        measured = measure_frame(
+            field_at(phase), image_affine, image_shape, spacing, roi_margin_mm, mode=mode, structures=structures
+        )
+        for name in structures:
+            curve.volumes[name].append(float(measured.volumes[name]))
+    return curve
+
+
+def cycle_extremes(curve: VolumeCurve, structure: str = "lv_blood_pool") -> tuple[float, float]:
+    """The phases of end-diastole and end-systole: the largest and the smallest volume of ``structure`` (the LV
+    blood pool, the clinical definition); the first such phase on a tie."""
+    volumes = np.asarray(curve.volumes[structure], dtype=float)
+    return curve.phases[int(np.argmax(volumes))], curve.phases[int(np.argmin(volumes))]
+
+
+def volume_curve_figure(
+    path: str | os.PathLike,
+    curve: VolumeCurve,
+    title: str = "",
+    acquired: Mapping[float, Mapping[str, float]] | None = None,
+    manual: Mapping[float, Mapping[str, float]] | None = None,
+    ed_es: tuple[float, float] | None = None,
+    shown: Sequence[str] = ("lv_blood_pool", "rv_blood_pool", "lv_myocardium"),
+) -> str:
+    """LV and RV blood pool (and LV myocardium) volumes against the phase: the curve, the acquired frames as read
+    from the same code (dots) and their manual labels (crosses), with ED and ES marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name in shown:
+        colour = CLASS_COLOURS[STRUCTURES[name]]
+        ax.plot(curve.phases, curve.volumes[name], "-", color=colour, label=name.replace("_", " "))
+        for marks, style in ((acquired, "o"), (manual, "x")):
+            if marks:
+                phases = sorted(marks)
+                ax.plot(phases, [marks[p][name] for p in phases], style, color=colour, markersize=6)
+    if ed_es is not None:
+        for phase, name in zip(ed_es, ("ED", "ES")):
+            ax.axvline(phase, color="grey", linestyle="--", linewidth=1)
+            ax.text(phase, ax.get_ylim()[1], f" {name}", fontsize=8, va="top")
+    ax.set_xlabel("cardiac phase (fraction of the cycle)", fontsize=9)
+    ax.set_ylabel("volume (ml)", fontsize=9)
+    ax.set_xlim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{title}\nlines: the code over the cycle; dots: acquired frames; crosses: manual labels", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
