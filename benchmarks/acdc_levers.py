@@ -255,10 +255,14 @@ def quality_reference(args: argparse.Namespace) -> None:
     network.load_state_dict(saved["network"])
     network.eval()
     training = load_datalist(datalist, "training")
-    table = LatentTable(case_ids(training), network.latent_dim)
+    key = parser.get_parsed_content("latent_key")  # the cine model's codes are its subjects'
+    table = LatentTable(case_ids(training, key), network.latent_dim)
     table.load_state_dict(saved["latents"])
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     picks = training[:: max(1, len(training) // args.frames)][: args.frames]
+    if key == "subject":  # whole subjects, fitted as inference fits them
+        chosen = {case["subject"] for case in picks}
+        picks = [case for case in training if case["subject"] in chosen]
     images = [preprocessing(dict(case))["image"] for case in picks]
     with flush_denormal():
         reference = qc_reference(
@@ -267,7 +271,8 @@ def quality_reference(args: argparse.Namespace) -> None:
             images,
             table.weight.detach(),
             parser.get_parsed_content("label_names"),
-            own_rows=table.rows(case_ids(picks)).tolist(),
+            own_rows=table.rows(case_ids(picks, key)).tolist(),
+            groups=case_ids(picks, key) if key == "subject" else None,
         )
     reference["cases"] = case_ids(picks)
     out = Path(args.output)

@@ -26,7 +26,7 @@ from nisf_monai.data.synthetic import generate_cine, generate_cohort, generate_s
 from nisf_monai.errors import DatalistError
 from nisf_monai.geometry import LabelField
 from nisf_monai.geometry.cycle import curve_phases, cycle_extremes, volume_curve
-from nisf_monai.handlers import join_frames
+from nisf_monai.handlers import join_frames, qc_reference
 from nisf_monai.inferers import LatentOptimisationInferer
 from nisf_monai.io import save_nifti
 from nisf_monai.losses import NISFLoss
@@ -224,6 +224,18 @@ def test_frames_of_one_subject_share_one_code_and_one_pose() -> None:
     assert not torch.allclose(apart[0].meta[POSE_KEY], apart[1].meta[POSE_KEY])  # ...and its own pose
     # the joint code is fitted to both frames: neither frame's own code
     assert not torch.allclose(codes[0], separate[0]) and not torch.allclose(codes[0], separate[1])
+
+
+def test_the_qc_reference_fits_a_subjects_frames_with_one_code() -> None:
+    network = tiny_net(coord_dim=4, num_classes=4)
+    fit = LatentOptimisationInferer(num_steps=3, num_points=64, extent_mm=100.0, log_every=0)
+    codes = torch.randn(3, network.latent_dim)
+    names = ["background", "lv", "myo", "rv"]
+    joint = qc_reference(fit, network, _cine_frames(), codes, names, groups=["s", "s"])
+    apart = qc_reference(fit, network, _cine_frames(), codes, names)
+    distance = joint["nearest_training_code_distance"]
+    assert distance[0] == pytest.approx(distance[1])  # one code: one distance
+    assert apart["nearest_training_code_distance"][0] != pytest.approx(apart["nearest_training_code_distance"][1])
 
 
 def test_a_cine_network_reads_a_frame_without_a_phase_at_end_diastole(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,7 @@ import torch
 from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
-from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
+from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, code_groups
 from nisf_monai.io import atomic_write_json
 from nisf_monai.spatial import voxel_volume_ml
 from nisf_monai.transforms.coordinates import pose_of
@@ -81,18 +81,24 @@ def qc_reference(
     training_codes: torch.Tensor,
     label_names: Sequence[str],
     own_rows: Sequence[int] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """The reference QC compares with: the training codes, and the reconstruction errors and code distances of
     ``images`` fitted as inference fits them. ``images`` are best cases the network was not trained on (e.g. the
     validation cases); when they are training cases, ``own_rows`` gives each one's row of ``training_codes``,
     which its distance leaves out: a refitted training case would otherwise be measured against its own code,
-    closer than any new case can be, and QC would warn about ordinary new cases."""
+    closer than any new case can be, and QC would warn about ordinary new cases. ``groups`` (the cine model:
+    each image's subject) fits the frames of a subject together, with one code, as inference does."""
     if own_rows is not None and len(own_rows) != len(images):
         raise ValueError(f"own_rows needs one row per image, got {len(own_rows)} for {len(images)} images.")
+    cases = [image[None] if image.dim() == 4 else image for image in images]
+    latents: list[torch.Tensor] = [torch.empty(0)] * len(cases)
+    for unit in code_groups(groups, len(cases)):
+        fitted = inferer.fit([cases[b] for b in unit], network, groups=[0] * len(unit))
+        for b, latent in zip(unit, fitted):
+            latents[b] = latent
     errors, distances = [], []
-    for i, image in enumerate(images):
-        case = image[None] if image.dim() == 4 else image
-        latent = inferer.fit(case, network)[0]
+    for i, (case, latent) in enumerate(zip(cases, latents)):
         others = training_codes
         if own_rows is not None:
             others = torch.cat([training_codes[: own_rows[i]], training_codes[own_rows[i] + 1 :]])
