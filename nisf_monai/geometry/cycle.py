@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from nisf_monai.geometry.fields import Field, measure_frame
-from nisf_monai.geometry.measures import STRUCTURES
+from nisf_monai.geometry.fields import Field
+from nisf_monai.geometry.grids import footprint_grid, roi_slices, sub_grid
+from nisf_monai.geometry.measures import STRUCTURES, class_volumes
 from nisf_monai.plotting import CLASS_COLOURS, pyplot, save_figure
+from nisf_monai.spatial import voxel_volume_ml
 
 __all__ = ["VolumeCurve", "curve_phases", "cycle_extremes", "volume_curve", "volume_curve_figure"]
 
@@ -50,20 +52,33 @@ def volume_curve(
     phases: Sequence[float],
     image_affine: Any,
     image_shape: Sequence[int],
-    spacing: float | Sequence[float] = 2.0,
+    spacing: float | Sequence[float] = 3.0,
     roi_margin_mm: float | None = 10.0,
+    roi_phase: float | None = None,
+    roi_spacing: float = 4.0,
     mode: str = "label",
     structures: Mapping[str, int] = STRUCTURES,
 ) -> VolumeCurve:
-    """Volumes of ``structures`` at each of ``phases``, read from ``field_at(phase)`` over the image's slab at
-    ``spacing`` mm (as :func:`~nisf_monai.geometry.measure_frame` reads a frame)."""
+    """Volumes of ``structures`` at each of ``phases``, read from ``field_at(phase)`` at ``spacing`` mm over the
+    image's slab (nested in its voxels, :func:`~nisf_monai.geometry.footprint_grid`). With ``roi_margin_mm`` only the
+    box around the heart at ``roi_phase`` (default: the first phase, end-diastole, when the heart is largest), found
+    by one coarse pass at ``roi_spacing`` mm and widened by the margin, is read at every phase."""
+    grid_affine, grid_shape = footprint_grid(image_affine, image_shape, spacing)
+    lower, upper = [0, 0, 0], list(grid_shape)
+    if roi_margin_mm is not None:
+        coarse_affine, coarse_shape = footprint_grid(image_affine, image_shape, roi_spacing)
+        coarse, _ = field_at(phases[0] if roi_phase is None else roi_phase).sample(coarse_affine, coarse_shape)
+        bounds = roi_slices(coarse.argmax(axis=0) > 0, coarse_affine, grid_affine, grid_shape, roi_margin_mm)
+        if bounds is not None:
+            lower, upper = bounds
+    roi_affine, roi_shape = sub_grid(grid_affine, lower, upper)
+    voxel_ml = voxel_volume_ml(roi_affine)
     curve = VolumeCurve([float(p) for p in phases], {name: [] for name in structures})
     for phase in curve.phases:
-        measured = measure_frame(
-            field_at(phase), image_affine, image_shape, spacing, roi_margin_mm, mode=mode, structures=structures
-        )
+        probabilities, _ = field_at(phase).sample(roi_affine, roi_shape)
+        volumes = class_volumes(probabilities, voxel_ml, structures, mode)
         for name in structures:
-            curve.volumes[name].append(float(measured.volumes[name]))
+            curve.volumes[name].append(float(volumes[name]))
     return curve
 
 

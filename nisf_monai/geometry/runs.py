@@ -154,7 +154,8 @@ class MeasureRun(_FittedRun):
     if every frame has one, else NISF's), the clinical definition.
 
     With a cine network (``coord_dim=4``) a subject's frames get one code, fitted to all of them, and that code is
-    also read at ``curve_phases`` evenly spread phases of the cycle (at ``curve_spacing`` mm): the LV and RV volume
+    also read at ``curve_phases`` evenly spread phases of the cycle (at ``curve_spacing`` mm, over the box around the
+    heart of its earliest frame): the LV and RV volume
     curves (``volume_curves.csv``, ``figures/<subject>_volume_curve.png``). When the datalist does not name ED and
     ES, they are the phases of the curve's largest and smallest LV blood pool, read again at ``spacing``, so they
     may fall between the acquired frames.
@@ -205,7 +206,7 @@ class MeasureRun(_FittedRun):
         save_segmentations: bool = True,
         max_surface_figures: int = 4,
         curve_phases: int = 20,
-        curve_spacing: float | Sequence[float] = 2.0,
+        curve_spacing: float | Sequence[float] = 3.0,
     ) -> None:
         if source not in ("nisf", "labels"):
             raise ValueError(f"source must be 'nisf' or 'labels', got {source!r}.")
@@ -277,7 +278,8 @@ class MeasureRun(_FittedRun):
             ed_volumes, es_volumes = measured[ed], measured[es] if es is not None else None
             info = {"ed_case": names[ed], "es_case": names[es] if es is not None else None}
             if self._cine and self.curve_phases:
-                cycle = self._cycle(subject, items, fields, measured, manual if len(manual) == len(items) else None)
+                complete = manual if len(manual) == len(items) else None
+                cycle = self._cycle(subject, items, fields, measured, complete, rule != "datalist phase")
                 info.update({"ed_phase": cycle["ed_phase"], "es_phase": cycle["es_phase"]})
                 if rule != "datalist phase":  # the cycle's extremes, between the acquired frames if need be
                     ed_volumes, es_volumes = cycle["ed_volumes"], cycle["es_volumes"]
@@ -300,10 +302,16 @@ class MeasureRun(_FittedRun):
         return report
 
     def _cycle(
-        self, subject: str, items: list[dict], fields: list[Any], measured: list[dict], manual: list[dict] | None
+        self,
+        subject: str,
+        items: list[dict],
+        fields: list[Any],
+        measured: list[dict],
+        manual: list[dict] | None,
+        read_extremes: bool,
     ) -> dict[str, Any]:
         """A cine code's volume curve over the cycle (kept for ``volume_curves.csv``, drawn per subject), its ED and
-        ES phases, and the volumes at those phases read at the run's fine spacing."""
+        ES phases, and, with ``read_extremes``, the volumes at those phases read at the run's fine spacing."""
         phases = [phase_of(item["image"]) or 0.0 for item in items]
         reference = int(np.argmin(phases))
         image = items[reference]["image"]
@@ -320,16 +328,20 @@ class MeasureRun(_FittedRun):
             shape,
             self.curve_spacing,
             self.roi_margin_mm,
-            self.volume_mode,
+            roi_phase=phases[reference],
+            roi_spacing=self.roi_spacing,
+            mode=self.volume_mode,
         )
         self._curve_rows.extend(curve.rows(subject))
         ed_phase, es_phase = cycle_extremes(curve)
-        fine = {
-            phase: measure_frame(
-                field_at(phase), affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode
-            ).volumes
-            for phase in (ed_phase, es_phase)
-        }
+        fine = {}
+        if read_extremes:
+            fine = {
+                phase: measure_frame(
+                    field_at(phase), affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode
+                ).volumes
+                for phase in (ed_phase, es_phase)
+            }
         volume_curve_figure(
             self.output_dir / "figures" / f"{subject}_volume_curve.png",
             curve,
@@ -338,7 +350,12 @@ class MeasureRun(_FittedRun):
             manual=dict(zip(phases, manual)) if manual else None,
             ed_es=(ed_phase, es_phase),
         )
-        return {"ed_phase": ed_phase, "es_phase": es_phase, "ed_volumes": fine[ed_phase], "es_volumes": fine[es_phase]}
+        return {
+            "ed_phase": ed_phase,
+            "es_phase": es_phase,
+            "ed_volumes": fine.get(ed_phase),
+            "es_volumes": fine.get(es_phase),
+        }
 
     def _subjects(self) -> dict[str, list[tuple[dict, dict]]]:
         """The loaded cases, grouped by the datalist's ``subject`` (a case without one is its own subject)."""
