@@ -295,6 +295,14 @@ def test_a_cine_cohort_with_ed_es_labels_lists_labelled_and_unlabelled_frames(tm
     assert sorted(i["case"] for i in items) == [f"synth000_cine_t{k:02d}" for k in range(10)]
 
 
+def test_the_default_cohort_places_its_ed_and_es_frames_in_the_cycle(tmp_path: Path) -> None:
+    path = generate_cohort(str(tmp_path), num_subjects=1, num_validation=0, **CINE_GRID)
+    ed, es = json.loads(Path(path).read_text())["training"]
+    _, _, _, info = generate_cine(ed["seed"], 20, **CINE_GRID)
+    assert (ed["phase"], ed["cardiac_phase"]) == ("ED", 0.0)
+    assert (es["phase"], es["cardiac_phase"]) == ("ES", info["es_frame"] / 20)  # where the cine puts its ES frame
+
+
 def test_frames_join_into_one_4d_file_with_the_cines_geometry(tmp_path: Path) -> None:
     affine = oblique_affine((2.0, 1.5, 6.0), (-10.0, 4.0, 20.0), 0.4)
     cine = nib.Nifti1Image(np.zeros((5, 4, 3, 3), np.float32), affine)

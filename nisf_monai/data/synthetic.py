@@ -517,6 +517,9 @@ def generate_cohort(
 ) -> str:
     """Write ``synth{NNN}_{phase}.nii.gz`` images, ``*_gt.nii.gz`` labels and a MONAI ``datalist.json``.
 
+    Each entry records its ``cardiac_phase`` (ED 0, ES where :func:`generate_cine` puts that subject's ES frame in a
+    cycle of 20), the cine model's time coordinate.
+
     The last ``num_validation`` subjects (all their phases) form the "validation" section, so no subject is split
     across sections; at least one subject is kept for training. Paths in the datalist are relative to its folder
     (``monai.data.load_decathlon_datalist`` resolves them), and the datalist is written last, so its presence
@@ -565,11 +568,20 @@ def generate_cohort(
             save_nifti(image, affine, out / f"{case}.nii.gz", time_unit="sec")
             save_nifti(label, affine, out / f"{case}_gt.nii.gz", time_unit="sec")
             entry = {"image": f"{case}.nii.gz", "label": f"{case}_gt.nii.gz", "subject": subject, "phase": phase}
-            entry.update({"case": case, "seed": subject_seed})
+            entry.update({"case": case, "seed": subject_seed, "cardiac_phase": _cycle_phase(subject_seed, phase)})
             entry.update({f"{name}_ml": round(info[f"{name}_ml"], 4) for name in STRUCTURES})
             datalist[section].append(entry)
     datalist["numTraining"] = len(datalist["training"])
     return atomic_write_json(out / DATALIST_NAME, datalist)
+
+
+def _cycle_phase(seed: int, phase: str, num_frames: int = 20) -> float:
+    """Where the ED or ES frame of subject ``seed`` lies in its cycle of ``num_frames`` frames (as
+    :func:`generate_cine` places them), for the cine model's time coordinate."""
+    if phase == "ED":
+        return 0.0
+    es_frame = min(max(int(round(_draw_parameters(seed)["es_phase"] * num_frames)), 1), num_frames - 1)
+    return es_frame / num_frames
 
 
 def _write_cine(
