@@ -48,27 +48,35 @@ CINE_GRID = {"spacing": (4.0, 4.0, 10.0), "shape": (28, 28, 6)}
 # ---------------------------------------------------------------------------------------------- time as a coordinate
 
 
-def test_the_mapping_appends_the_phase_as_a_fourth_coordinate() -> None:
+def test_the_mapping_appends_the_phase_as_a_point_on_the_cycle() -> None:
     affine = oblique_affine((2.0, 1.5, 6.0), (-10.0, 4.0, 20.0), 0.4)
     spatial = CoordinateMapping(affine, (5, 4, 3), extent_mm=50.0)
-    timed = CoordinateMapping(affine, (5, 4, 3), extent_mm=50.0, phase=0.35)
-    assert (spatial.coord_dim, timed.coord_dim) == (3, 4)
+    timed = CoordinateMapping(affine, (5, 4, 3), extent_mm=50.0, phase=0.25)
+    assert (spatial.coord_dim, timed.coord_dim) == (3, 5)
     a, b = spatial.grid(affine, (5, 4, 3)), timed.grid(affine, (5, 4, 3))
-    assert a.shape == (60, 3) and b.shape == (60, 4)
+    assert a.shape == (60, 3) and b.shape == (60, 5)
     torch.testing.assert_close(b[:, :3], a)  # the same place in space...
-    torch.testing.assert_close(b[:, 3], torch.full((60,), 0.35))  # ...at the frame's phase
+    quarter = torch.tensor([0.0, 1.0 / (2 * np.pi)]).expand(60, 2)
+    torch.testing.assert_close(b[:, 3:], quarter, atol=1e-7, rtol=0)  # ...a quarter of the way round the cycle
     later = timed.with_phase(0.8).grid(affine, (5, 4, 3))
     torch.testing.assert_close(later[:, :3], a)
-    assert float(later[0, 3]) == pytest.approx(0.8) and timed.phase == pytest.approx(0.35)  # a copy, not a change
+    assert timed.phase == pytest.approx(0.25)  # with_phase makes a copy
+    # the cycle wraps: the last frame of a cycle lies as close to the first as to the one before it
+    first, last, before = (
+        CoordinateMapping(affine, (5, 4, 3), phase=t).grid(affine, (5, 4, 3))[0, 3:] for t in (0.0, 0.95, 0.9)
+    )
+    assert float((last - first).norm()) == pytest.approx(float((last - before).norm()), rel=1e-5)
+    assert float((last - first).norm()) == pytest.approx(0.05, rel=0.01)  # circumference 1: a step of 0.05 in phase
 
 
 def test_the_coordinate_grid_reads_the_phase_from_the_metadata() -> None:
     image = MetaTensor(torch.rand(1, 4, 3, 2), affine=torch.as_tensor(AFFINE))
     assert CoordinateGridd("image")({"image": image})["coords"].shape == (3, 4, 3, 2)
-    image.meta[PHASE_KEY] = 0.25
+    image.meta[PHASE_KEY] = 0.5
     coords = CoordinateGridd("image")({"image": image})["coords"]
-    assert coords.shape == (4, 4, 3, 2)
-    assert torch.all(coords[3] == 0.25)
+    assert coords.shape == (5, 4, 3, 2)
+    torch.testing.assert_close(coords[3], torch.full((4, 3, 2), -1.0 / (2 * np.pi)))  # half way round the cycle
+    torch.testing.assert_close(coords[4], torch.zeros(4, 3, 2), atol=1e-7, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------- phases of frames
@@ -211,7 +219,7 @@ def _cine_frames(seed: int = 3) -> list[MetaTensor]:
 
 
 def test_frames_of_one_subject_share_one_code_and_one_pose() -> None:
-    network = tiny_net(coord_dim=4, num_classes=4)
+    network = tiny_net(coord_dim=5, num_classes=4)
     fit = LatentOptimisationInferer(num_steps=4, num_points=64, extent_mm=100.0, log_every=0, heart_frame=True)
     fit.heart_locator.refine_steps = 2
     joint = _cine_frames()
@@ -227,7 +235,7 @@ def test_frames_of_one_subject_share_one_code_and_one_pose() -> None:
 
 
 def test_the_qc_reference_fits_a_subjects_frames_with_one_code() -> None:
-    network = tiny_net(coord_dim=4, num_classes=4)
+    network = tiny_net(coord_dim=5, num_classes=4)
     fit = LatentOptimisationInferer(num_steps=3, num_points=64, extent_mm=100.0, log_every=0)
     codes = torch.randn(3, network.latent_dim)
     names = ["background", "lv", "myo", "rv"]
@@ -239,7 +247,7 @@ def test_the_qc_reference_fits_a_subjects_frames_with_one_code() -> None:
 
 
 def test_a_cine_network_reads_a_frame_without_a_phase_at_end_diastole(caplog: pytest.LogCaptureFixture) -> None:
-    network = tiny_net(coord_dim=4)
+    network = tiny_net(coord_dim=5)
     image = as_image(np.random.default_rng(0).random((6, 6, 2)), batch=False)
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
         LatentOptimisationInferer(num_steps=1, num_points=16, log_every=0).fit([image], network)
@@ -254,7 +262,7 @@ def test_a_per_frame_network_refuses_a_frame_with_a_phase() -> None:
 
 
 def test_the_coordinate_count_is_read_from_saved_weights(tmp_path: Path) -> None:
-    for coord_dim in (3, 4):
+    for coord_dim in (3, 5):
         path = tmp_path / f"model{coord_dim}.pt"
         torch.save(NISFNet(coord_dim=coord_dim, latent_dim=16, hidden_dim=16, num_layers=1).state_dict(), path)
         assert saved_coord_dim(path, latent_dim=16) == coord_dim
@@ -372,7 +380,7 @@ def test_a_cine_model_trains_with_one_code_per_subject(cine_bundle: tuple[Path, 
     state = torch.load(root / "models" / "training_state.pt", weights_only=False)
     table = state["latent_table"] if "latent_table" in state else state["latents"]
     assert table["_extra_state"]["case_ids"] == ["synth000"]  # one code for the 8 frames of the training subject
-    assert saved_coord_dim(root / "models" / "model.pt", latent_dim=16) == 4
+    assert saved_coord_dim(root / "models" / "model.pt", latent_dim=16) == 5
 
 
 def test_a_4d_cine_in_gives_a_4d_segmentation_out(cine_bundle: tuple[Path, Path], tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from nisf_monai.geometry.meshes import MESH_FORMATS, write_mesh
 from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, resample_image
 from nisf_monai.io import atomic_write_json, json_safe, save_nifti
 from nisf_monai.spatial import affine_array, voxel_sizes, voxel_volume_ml
-from nisf_monai.transforms.coordinates import phase_of
+from nisf_monai.transforms.coordinates import CINE_COORD_DIM, phase_of
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
 
@@ -153,7 +153,7 @@ class MeasureRun(_FittedRun):
     else ED is the frame with the largest and ES the one with the smallest LV blood pool (manual labels
     if every frame has one, else NISF's), the clinical definition.
 
-    With a cine network (``coord_dim=4``) a subject's frames get one code, fitted to all of them, and that code is
+    With a cine network (``coord_dim=5``) a subject's frames get one code, fitted to all of them, and that code is
     also read at ``curve_phases`` evenly spread phases of the cycle (at ``curve_spacing`` mm, over the box around the
     heart of its earliest frame): the LV and RV volume
     curves (``volume_curves.csv``, ``figures/<subject>_volume_curve.png``). When the datalist does not name ED and
@@ -231,7 +231,7 @@ class MeasureRun(_FittedRun):
     @property
     def _cine(self) -> bool:
         """Whether the run reads a cine code (one per subject, any phase)."""
-        return self.source == "nisf" and int(getattr(self.network, "coord_dim", 3)) == 4
+        return self.source == "nisf" and int(getattr(self.network, "coord_dim", 3)) == CINE_COORD_DIM
 
     def _fields(self, items: list[dict], subject: str = "") -> list[Any]:
         if self.source == "labels":
@@ -621,7 +621,7 @@ class PlaneRun(_FittedRun):
         """(name, image, field) per plane to read: each case with its own code, or, for a cine network, the frames
         of a subject with their shared code, each at its own phase or all read once at ``phase``."""
         cases = self._load_cases()
-        if int(getattr(self.network, "coord_dim", 3)) != 4:
+        if int(getattr(self.network, "coord_dim", 3)) != CINE_COORD_DIM:
             groups = [[case] for case in cases]
         else:
             by_subject: dict[str, list] = defaultdict(list)

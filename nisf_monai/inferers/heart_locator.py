@@ -15,7 +15,7 @@ grid search as the single start (the grid search remains the fallback when it fi
    ``refine_steps`` on the same weighted loss; the start with the lowest final loss wins.
 
 All positions are world millimetres; the result is the 4 x 4 map from world mm to the heart frame. A cine network
-(``coord_dim=4``) is read at the image's cardiac phase throughout. The search
+(``coord_dim=5``) is read at the image's cardiac phase throughout. The search
 runs through a :func:`frozen_view` of the network and leaves the network object itself untouched.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import CoordinateMapping, phase_of
+from nisf_monai.transforms.coordinates import CINE_COORD_DIM, CoordinateMapping, phase_channels, phase_of
 from nisf_monai.transforms.heart_frame import pose_matrix, split_pose
 
 __all__ = ["HeartLocator", "frozen_view", "heart_weights"]
@@ -76,10 +76,12 @@ def frozen_view(network: nn.Module) -> nn.Module:
 
 
 def _with_phase(coords: torch.Tensor, phase: float | None) -> torch.Tensor:
-    """Network coordinates ``(K, 3, P)`` with a constant phase channel appended for a cine network (None: as is)."""
+    """Network coordinates ``(K, 3, P)`` with the phase's channels (``phase_channels``) appended for a cine network
+    (None: as is)."""
     if phase is None:
         return coords
-    return torch.cat([coords, coords.new_full((coords.shape[0], 1, coords.shape[2]), phase)], dim=1)
+    channels = phase_channels(phase).to(coords)[None, :, None].expand(coords.shape[0], 2, coords.shape[2])
+    return torch.cat([coords, channels], dim=1)
 
 
 def _in_plane_axes(affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,7 +274,7 @@ class HeartLocator:
 
 def _phase_for(network: nn.Module, image: MetaTensor) -> float | None:
     """The phase a cine network reads the image at (0 when it carries none), None for a per-frame network."""
-    if int(getattr(network, "coord_dim", 3)) != 4:
+    if int(getattr(network, "coord_dim", 3)) != CINE_COORD_DIM:
         return None
     return phase_of(image) or 0.0
 

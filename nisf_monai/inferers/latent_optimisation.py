@@ -18,7 +18,15 @@ from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
 from nisf_monai.inferers.probability_volume import ProbabilityVolume
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
-from nisf_monai.transforms.coordinates import PHASE_KEY, POSE_KEY, CoordinateMapping, phase_of, pose_of, world_grid
+from nisf_monai.transforms.coordinates import (
+    CINE_COORD_DIM,
+    PHASE_KEY,
+    POSE_KEY,
+    CoordinateMapping,
+    phase_of,
+    pose_of,
+    world_grid,
+)
 from nisf_monai.transforms.heart_frame import split_pose
 
 __all__ = ["LatentOptimisationInferer", "code_groups", "spacing_triple", "target_grid"]
@@ -120,10 +128,6 @@ class LatentOptimisationInferer(Inferer):
             the network's prior keeps it a plausible heart that can be sampled anywhere. 0 (default): intensity
             alone, the paper's objective; without a localiser it is intensity alone, with a warning.
 
-    A cine network (``coord_dim=4``, one code per subject) reads each frame at its cardiac phase (``PHASE_KEY`` in the
-    image's metadata; 0, end-diastole, with a warning when a frame has none). Frames given the same ``groups`` label
-    in :meth:`fit` share one code, fitted to all of them at once (each step draws ``num_points`` from their voxels
-    together), and one heart pose, found on the group's frame earliest in the cycle.
         draw_near_heart: with ``heart_sigma_mm``, draw each step's points from that Gaussian (default) instead of
             weighting uniform draws by it: the same expected loss, with every point where the weight is.
         localiser_blend: weight ``w`` of the localiser's class probabilities in the segmentation written by
@@ -137,6 +141,11 @@ class LatentOptimisationInferer(Inferer):
             (``ProbabilityVolume(bridge_hidden=True)``); False (default) leaves hidden slices to NISF alone. With
             every other slice hidden, ACDC validation Dice on those slices rose from 0.825 to 0.831
             (``benchmarks/README.md``).
+
+    A cine network (``coord_dim=5``, one code per subject) reads each frame at its cardiac phase (``PHASE_KEY`` in the
+    image's metadata; 0, end-diastole, with a warning when a frame has none). Frames given the same ``groups`` label
+    in :meth:`fit` share one code, fitted to all of them at once (each step draws ``num_points`` from their voxels
+    together), and one heart pose, found on the group's frame earliest in the cycle.
     """
 
     def __init__(
@@ -668,12 +677,12 @@ class LatentOptimisationInferer(Inferer):
 
 
 def _check_phases(images: Sequence[torch.Tensor], network: nn.Module) -> None:
-    """Frames and network must agree on time: a cine network (``coord_dim=4``) reads each frame at its phase, so a
+    """Frames and network must agree on time: a cine network (``coord_dim=5``) reads each frame at its phase, so a
     frame without one is read at phase 0 (end-diastole) with a warning; a per-frame network cannot read a phase."""
     coord_dim = int(getattr(network, "coord_dim", 3))
     for image in images:
         phase = phase_of(image)
-        if coord_dim == 4 and phase is None:
+        if coord_dim == CINE_COORD_DIM and phase is None:
             logger.warning(
                 "%s has no cardiac phase (cardiac_phase): the cine network reads it as end-diastole (phase 0).",
                 image.meta.get("filename_or_obj", "an image") if isinstance(image, MetaTensor) else "an image",

@@ -14,7 +14,7 @@ __all__ = ["NISFNet", "saved_coord_dim"]
 
 
 def saved_coord_dim(path: str | os.PathLike, latent_dim: int = 128, default: int = 3) -> int:
-    """The coordinates per point (3, or 4 for a cine model) a saved network reads, from its first layer's width;
+    """The coordinates per point (3, or 5 for a cine model) a saved network reads, from its first layer's width;
     ``default`` when there is no file yet (before training) or it holds no NISF network. Lets an inference config
     follow the weights it is given, so a per-frame ``model.pt`` and a cine one both load without a setting."""
     if not os.path.isfile(path):
@@ -45,7 +45,7 @@ class NISFNet(nn.Module):
     1-D case ``(B, coord_dim, N)``; a grid of coordinates is ``(B, coord_dim, X, Y, Z)``.
 
     Args:
-        coord_dim: 3 for (x, y, z), 4 with time.
+        coord_dim: 3 for (x, y, z), 5 with the cardiac phase on a circle (the cine model).
         latent_dim: size of the per-case code.
         num_classes: segmentation classes, background included.
         hidden_dim: width of each residual layer.

@@ -1,5 +1,6 @@
 from nisf_monai.transforms.cine import LABELLED_KEY, CardiacPhased, FlagLabelledd
 from nisf_monai.transforms.coordinates import (
+    CINE_COORD_DIM,
     COORDINATE_MODES,
     PHASE_KEY,
     POSE_KEY,
@@ -7,6 +8,7 @@ from nisf_monai.transforms.coordinates import (
     CoordinateGridd,
     CoordinateMapping,
     RandPointSampled,
+    phase_channels,
     phase_of,
     pose_of,
     world_grid,
@@ -38,6 +40,8 @@ __all__ = [
     "FlagLabelledd",
     "LABELLED_KEY",
     "PHASE_KEY",
+    "CINE_COORD_DIM",
+    "phase_channels",
     "phase_of",
     "with_subject_poses",
     "COORDINATE_MODES",

@@ -4,9 +4,13 @@ A voxel's position is ``affine @ [i, j, k, 1]`` in millimetres (the MetaTensor's
 loads it), never its array index alone: anisotropic spacing, flipped or oblique axes and other views of
 the same subject then all land in one consistent space.
 
-A cine network (``coord_dim=4``) also sees time: the frame's cardiac phase ``t`` in [0, 1) (``PHASE_KEY`` in the
-image's metadata, set by :class:`~nisf_monai.transforms.CardiacPhased`) is appended to every point as a fourth
-coordinate, so that one code describes a subject's whole cycle.
+A cine network (``coord_dim=5``) also sees time: the frame's cardiac phase ``t`` in [0, 1) (``PHASE_KEY`` in the
+image's metadata, set by :class:`~nisf_monai.transforms.CardiacPhased`) is appended to every point, so that one code
+describes a subject's whole cycle. The cycle is periodic, so ``t`` enters as a point on a circle,
+``(cos 2 pi t, sin 2 pi t) / (2 pi)``: the last frame lies next to the first, and a cycle of circumference 1 keeps a
+small step in phase a step of the same size in the network's input. Trained on end-diastole and end-systole alone,
+the network then joins systole to the next diastole around the circle instead of extrapolating past the last phase
+it saw.
 
 The network sees normalised coordinates, the same mapping for every scan (``mode='world'``)::
 
@@ -37,9 +41,11 @@ __all__ = [
     "CoordinateGridd",
     "CoordinateMapping",
     "RandPointSampled",
+    "CINE_COORD_DIM",
     "COORDINATE_MODES",
     "PHASE_KEY",
     "POSE_KEY",
+    "phase_channels",
     "phase_of",
     "pose_of",
     "world_grid",
@@ -48,6 +54,14 @@ __all__ = [
 COORDINATE_MODES = ("world", "voxel")
 POSE_KEY = "heart_pose"  # MetaTensor meta key of a case's world -> heart frame similarity (4 x 4)
 PHASE_KEY = "cardiac_phase"  # MetaTensor meta (and datalist) key of a frame's phase in the cycle, in [0, 1)
+CINE_COORD_DIM = 5  # x, y, z and the phase on a circle (two channels)
+
+
+def phase_channels(phase: float) -> torch.Tensor:
+    """The two network inputs of a cardiac phase ``t``: ``(cos 2 pi t, sin 2 pi t) / (2 pi)`` (float64), the cycle as a
+    circle of circumference 1."""
+    angle = 2.0 * np.pi * float(phase)
+    return torch.tensor([np.cos(angle), np.sin(angle)], dtype=torch.float64) / (2.0 * np.pi)
 
 
 def pose_of(image: torch.Tensor) -> torch.Tensor | None:
@@ -82,8 +96,8 @@ class CoordinateMapping:
         pose: optional 4 x 4 similarity from world millimetres to a case's heart frame (millimetres, see
             :mod:`nisf_monai.transforms.heart_frame`); in 'world' mode the network then sees
             ``(pose @ x_world) / extent_mm`` instead of coordinates relative to the volume centre.
-        phase: the frame's cardiac phase in [0, 1) for a cine network: appended to every point as a fourth
-            coordinate. None (a per-frame network) gives three coordinates.
+        phase: the frame's cardiac phase in [0, 1) for a cine network: appended to every point as two more
+            coordinates (:func:`phase_channels`). None (a per-frame network) gives three coordinates.
     """
 
     def __init__(
@@ -118,8 +132,8 @@ class CoordinateMapping:
 
     @property
     def coord_dim(self) -> int:
-        """Coordinates per point the network sees: 3, or 4 with the cardiac phase."""
-        return 3 if self.phase is None else 4
+        """Coordinates per point the network sees: 3, or 5 with the cardiac phase."""
+        return 3 if self.phase is None else CINE_COORD_DIM
 
     def with_phase(self, phase: float | None) -> CoordinateMapping:
         """The same mapping at another cardiac phase (a cine code read at any point of its cycle)."""
@@ -148,7 +162,7 @@ class CoordinateMapping:
         else:
             space = (world - self.centre) / self.extent_mm
         if self.phase is not None:
-            space = torch.cat([space, space.new_full((space.shape[0], 1), self.phase)], dim=1)
+            space = torch.cat([space, phase_channels(self.phase).to(space).expand(space.shape[0], 2)], dim=1)
         return space.float()
 
     def grid(
@@ -187,7 +201,7 @@ class CoordinateGridd(MapTransform):
     """Adds ``coords_key``: the network coordinates of every voxel of ``keys[0]``, channel-first
     ``(3, X, Y, Z)`` float32, computed from its MetaTensor affine (see module docstring) and, when its
     metadata holds one (``POSE_KEY``, from :class:`~nisf_monai.transforms.HeartPosed`), the case's heart-frame
-    pose; ``(4, X, Y, Z)`` with the frame's cardiac phase when its metadata holds one (``PHASE_KEY``, from
+    pose; ``(5, X, Y, Z)`` with the frame's cardiac phase when its metadata holds one (``PHASE_KEY``, from
     :class:`~nisf_monai.transforms.CardiacPhased`). Deterministic, so a ``CacheDataset`` keeps it.
 
     Args:
