@@ -471,3 +471,30 @@ def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Pat
     subject = report["subjects"]["synth001"]
     assert subject["phase_rule"] == "datalist phase"  # the datalist names its ED and ES frames
     assert {"ed_phase", "es_phase"} <= set(subject) and report["settings"]["curve_phases"] == 5
+
+
+def test_evaluation_scores_the_labelled_frames_of_a_subjects_cine(
+    cine_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, datalist = cine_bundle
+    out = tmp_path / "eval"
+    result = run_bundle(
+        "evaluating",
+        ["inference.json", "evaluate.json"],
+        root,
+        "--datalist_file",
+        str(datalist),
+        "--section",
+        "validation",
+        "--output_dir",
+        str(out),
+        "--inference_steps",
+        "2",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
+    rows = (out / "mean_dice_raw.csv").read_text().splitlines()[1:]
+    es = json.loads(datalist.read_text())["validation"][0]["es_frame"]
+    scored = sorted(Path(row.split(",")[0]).name for row in rows)
+    assert scored == ["synth001_cine_t00.nii.gz", f"synth001_cine_t{es:02d}.nii.gz"]  # its ED and ES frames
+    assert "6 of 8 frames have no label and are left out of scoring" in result.stdout + result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -24,6 +25,8 @@ __all__ = [
     "labelled_entries",
     "subject_of_case",
 ]
+
+logger = logging.getLogger("nisf_monai")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _FRAME_SUFFIX = re.compile(r"^(?P<subject>.+?)_frame\d+$")
@@ -120,8 +123,14 @@ def load_datalist(
 
 
 def labelled_entries(items: Sequence[Mapping[Hashable, Any]], label_key: str = "label") -> list[dict[str, Any]]:
-    """The entries that have a label, e.g. to score a validation section whose cines hold unlabelled frames too."""
-    return [dict(item) for item in items if item.get(label_key) is not None]
+    """The entries that have a label, e.g. to score a section whose cines hold unlabelled frames too (how many were
+    left out is logged)."""
+    kept = [dict(item) for item in items if item.get(label_key) is not None]
+    if len(kept) < len(items):
+        logger.info("%d of %d frames have no label and are left out of scoring", len(items) - len(kept), len(items))
+    if not kept:
+        raise DatalistError(f"none of the {len(items)} entries has a {label_key!r}: there is nothing to score.")
+    return kept
 
 
 def _frames(item: Mapping[Hashable, Any]) -> tuple[int, ...] | None:
