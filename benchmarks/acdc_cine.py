@@ -16,7 +16,7 @@ grid, ``benchmarks/acdc.py --unet-only`` records them) and gives LV/RV EDV, ESV,
 labels, as ``acdc_measures.py`` does for NISF.
 
 ``dice`` reads ``acdc_levers.py evaluate`` records (pooled over the files of a run) and splits each run's Dice at
-its last step into the ED and the ES frames, for the code alone and for the written segmentation (the localiser's
+its last step (or ``--step``) into the ED and the ES frames, for the code alone and for the written segmentation (the localiser's
 blend with the largest components kept).
 
 ``mass-change`` reads ``volumes.csv`` of measuring runs and compares the LV mass at ED and at ES of each subject,
@@ -179,7 +179,7 @@ def dice(args: argparse.Namespace) -> None:
         per_phase: dict[str, dict[str, list]] = {"code": defaultdict(list), "written": defaultdict(list)}
         for path in files:
             result = json.loads(Path(path).read_text())
-            step = str(result["steps"][-1])
+            step = str(result["steps"][-1] if args.step is None else args.step)
             written = result["blends_largest_component"][args.blend]["per_case"][step]
             for case, code_dice, written_dice in zip(result["cases"], result["per_case"][step], written):
                 phase = phases[f"{case}.nii.gz"]
@@ -227,6 +227,7 @@ def main() -> None:
     d = sub.add_parser("dice")
     d.add_argument("--run", nargs="+", action="append", required=True, metavar="NAME_THEN_FILES")
     d.add_argument("--blend", default="0.5", help="the written segmentation's localiser weight")
+    d.add_argument("--step", type=int, default=None, help="the latent step read (default: each record's last)")
     d.add_argument("--output", default="", help="JSON to write")
     args = ap.parse_args()
     commands = {"timing": timing, "unet-measures": unet_measures, "mass-change": mass_change, "dice": dice}

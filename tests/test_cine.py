@@ -3,6 +3,7 @@ the cycle (issue 26)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -469,8 +470,47 @@ def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Pat
     assert (out / "figures" / "synth001_volume_curve.png").is_file()
     report = json.loads((out / "measures.json").read_text())
     subject = report["subjects"]["synth001"]
-    assert subject["phase_rule"] == "datalist phase"  # the datalist names its ED and ES frames
-    assert {"ed_phase", "es_phase"} <= set(subject) and report["settings"]["curve_phases"] == 5
+    assert subject["phase_rule"] == "datalist phase"  # the datalist names its ED and ES frames...
+    es = json.loads(datalist.read_text())["validation"][0]["es_frame"]
+    assert (subject["ed_phase"], subject["es_phase"]) == (0.0, es / 8)  # ...and the curve is marked at theirs
+    assert report["settings"]["curve_phases"] == 5
+
+
+def test_without_named_frames_ed_and_es_are_the_curves_extremes(cine_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = cine_bundle
+    unnamed = tmp_path / "datalist.json"
+    cine = str(datalist.parent / "synth001_cine.nii.gz")
+    unnamed.write_text(json.dumps({"validation": [{"image": cine, "subject": "s1"}]}))
+    out = tmp_path / "measures"
+    run_bundle(
+        "measuring",
+        ["inference.json", "measure.json"],
+        root,
+        "--datalist_file",
+        str(unnamed),
+        "--output_dir",
+        str(out),
+        "--inference_steps",
+        "1",
+        "--measure_spacing",
+        "4.0",
+        "--curve_phases",
+        "4",
+        "--curve_spacing",
+        "4.0",
+        "--mesh_format",
+        "None",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
+    report = json.loads((out / "measures.json").read_text())
+    subject = report["subjects"]["s1"]
+    assert subject["phase_rule"] == "largest / smallest LV blood pool of the code over 4 phases"
+    curve = [row for row in csv.DictReader((out / "volume_curves.csv").open())]
+    lv = [float(row["lv_blood_pool_ml"]) for row in curve]
+    phases = [float(row["phase"]) for row in curve]
+    assert subject["ed_phase"] == phases[int(np.argmax(lv))] and subject["es_phase"] == phases[int(np.argmin(lv))]
+    assert subject["ed_case"] == f"phase {subject['ed_phase']:.3f}"
 
 
 def test_evaluation_scores_the_labelled_frames_of_a_subjects_cine(

@@ -279,7 +279,8 @@ class MeasureRun(_FittedRun):
             info = {"ed_case": names[ed], "es_case": names[es] if es is not None else None}
             if self._cine and self.curve_phases:
                 complete = manual if len(manual) == len(items) else None
-                cycle = self._cycle(subject, items, fields, measured, complete, rule != "datalist phase")
+                named = (ed, es) if rule == "datalist phase" else None
+                cycle = self._cycle(subject, items, fields, measured, complete, named)
                 info.update({"ed_phase": cycle["ed_phase"], "es_phase": cycle["es_phase"]})
                 if rule != "datalist phase":  # the cycle's extremes, between the acquired frames if need be
                     ed_volumes, es_volumes = cycle["ed_volumes"], cycle["es_volumes"]
@@ -308,10 +309,11 @@ class MeasureRun(_FittedRun):
         fields: list[Any],
         measured: list[dict],
         manual: list[dict] | None,
-        read_extremes: bool,
+        named: tuple[int, int | None] | None,
     ) -> dict[str, Any]:
-        """A cine code's volume curve over the cycle (kept for ``volume_curves.csv``, drawn per subject), its ED and
-        ES phases, and, with ``read_extremes``, the volumes at those phases read at the run's fine spacing."""
+        """A cine code's volume curve over the cycle (kept for ``volume_curves.csv``, drawn per subject) and its ED and
+        ES phases: those of the frames the datalist ``named`` (their indices), else the curve's extremes, then read
+        again at the run's fine spacing."""
         phases = [phase_of(item["image"]) or 0.0 for item in items]
         reference = int(np.argmin(phases))
         image = items[reference]["image"]
@@ -333,9 +335,11 @@ class MeasureRun(_FittedRun):
             mode=self.volume_mode,
         )
         self._curve_rows.extend(curve.rows(subject))
-        ed_phase, es_phase = cycle_extremes(curve)
         fine = {}
-        if read_extremes:
+        if named is not None:
+            ed_phase, es_phase = phases[named[0]], phases[named[1]] if named[1] is not None else None
+        else:
+            ed_phase, es_phase = cycle_extremes(curve)
             fine = {
                 phase: measure_frame(
                     field_at(phase), affine, shape, self.spacing, self.roi_margin_mm, self.roi_spacing, self.volume_mode
@@ -345,10 +349,10 @@ class MeasureRun(_FittedRun):
         volume_curve_figure(
             self.output_dir / "figures" / f"{subject}_volume_curve.png",
             curve,
-            f"{subject}: ED at phase {ed_phase:.2f}, ES at {es_phase:.2f}",
+            f"{subject}: ED at phase {ed_phase:.2f}, ES at {es_phase:.2f}" if es_phase is not None else subject,
             acquired=dict(zip(phases, measured)),
             manual=dict(zip(phases, manual)) if manual else None,
-            ed_es=(ed_phase, es_phase),
+            ed_es=(ed_phase, es_phase) if es_phase is not None else None,
         )
         return {
             "ed_phase": ed_phase,
