@@ -342,6 +342,21 @@ def test_the_volume_curve_finds_end_diastole_and_end_systole() -> None:
     assert len(curve.rows("s")) == 20
 
 
+def test_the_curve_reads_a_box_around_the_heart_not_around_stray_blobs() -> None:
+    _, label, affine, info = generate_cine(5, 4, **CINE_GRID)
+    stray = label[..., 0].copy()
+    stray[0:2, 0:2, :] = 1  # an "LV" blob in the field of view's corner, far from the heart
+    field = LabelField(stray, affine)
+    whole = volume_curve(lambda _: field, [0.0, 0.5], affine, CINE_GRID["shape"], spacing=4.0)
+    centre = np.asarray(info["lv_center_mm"])
+    boxed = volume_curve(
+        lambda _: field, [0.0, 0.5], affine, CINE_GRID["shape"], spacing=4.0, heart_centre_mm=centre, heart_radius_mm=55
+    )
+    blob_ml = 4 * 4.0 * 4.0 * 10.0 * 6 / 1000.0
+    assert whole.volumes["lv_blood_pool"][0] - boxed.volumes["lv_blood_pool"][0] == pytest.approx(blob_ml)
+    assert boxed.volumes["lv_blood_pool"][0] == pytest.approx(info["frames"][0]["lv_blood_pool"], rel=0.1)
+
+
 # ------------------------------------------------------------------------------------------------------ end to end
 
 

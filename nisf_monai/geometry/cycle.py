@@ -21,6 +21,7 @@ from nisf_monai.geometry.grids import footprint_grid, roi_slices, sub_grid
 from nisf_monai.geometry.measures import STRUCTURES, class_volumes
 from nisf_monai.plotting import CLASS_COLOURS, pyplot, save_figure
 from nisf_monai.spatial import voxel_volume_ml
+from nisf_monai.transforms.coordinates import world_grid
 
 __all__ = ["VolumeCurve", "curve_phases", "cycle_extremes", "volume_curve", "volume_curve_figure"]
 
@@ -58,17 +59,25 @@ def volume_curve(
     roi_spacing: float = 4.0,
     mode: str = "label",
     structures: Mapping[str, int] = STRUCTURES,
+    heart_centre_mm: Sequence[float] | None = None,
+    heart_radius_mm: float = 80.0,
 ) -> VolumeCurve:
     """Volumes of ``structures`` at each of ``phases``, read from ``field_at(phase)`` at ``spacing`` mm over the
     image's slab (nested in its voxels, :func:`~nisf_monai.geometry.footprint_grid`). With ``roi_margin_mm`` only the
     box around the heart at ``roi_phase`` (default: the first phase, end-diastole, when the heart is largest), found
-    by one coarse pass at ``roi_spacing`` mm and widened by the margin, is read at every phase."""
+    by one coarse pass at ``roi_spacing`` mm and widened by the margin, is read at every phase; with
+    ``heart_centre_mm`` (world mm, e.g. the heart frame's origin) that pass ignores foreground farther than
+    ``heart_radius_mm``, so a stray blob at the field of view's edge does not stretch the box over every phase."""
     grid_affine, grid_shape = footprint_grid(image_affine, image_shape, spacing)
     lower, upper = [0, 0, 0], list(grid_shape)
     if roi_margin_mm is not None:
         coarse_affine, coarse_shape = footprint_grid(image_affine, image_shape, roi_spacing)
         coarse, _ = field_at(phases[0] if roi_phase is None else roi_phase).sample(coarse_affine, coarse_shape)
-        bounds = roi_slices(coarse.argmax(axis=0) > 0, coarse_affine, grid_affine, grid_shape, roi_margin_mm)
+        foreground = coarse.argmax(axis=0) > 0
+        if heart_centre_mm is not None:
+            world = world_grid(coarse_affine, coarse_shape).numpy().reshape(*coarse_shape, 3)
+            foreground &= np.linalg.norm(world - np.asarray(heart_centre_mm), axis=-1) <= heart_radius_mm
+        bounds = roi_slices(foreground, coarse_affine, grid_affine, grid_shape, roi_margin_mm)
         if bounds is not None:
             lower, upper = bounds
     roi_affine, roi_shape = sub_grid(grid_affine, lower, upper)

@@ -40,6 +40,7 @@ from nisf_monai.geometry.planes import grid_centre, plane_grid, reference_grid, 
 from nisf_monai.io import atomic_write_json, json_safe, save_nifti
 from nisf_monai.spatial import affine_array, voxel_sizes, voxel_volume_ml
 from nisf_monai.transforms.coordinates import CINE_COORD_DIM, phase_of
+from nisf_monai.transforms.heart_frame import split_pose
 
 __all__ = ["MeasureRun", "PlaneRun", "load_weights"]
 
@@ -333,6 +334,7 @@ class MeasureRun(_FittedRun):
             roi_phase=phases[reference],
             roi_spacing=self.roi_spacing,
             mode=self.volume_mode,
+            heart_centre_mm=None if base.frame.pose is None else split_pose(base.frame.pose)[0].numpy(),
         )
         self._curve_rows.extend(curve.rows(subject))
         fine = {}
