@@ -16,8 +16,8 @@ grid, ``benchmarks/acdc.py --unet-only`` records them) and gives LV/RV EDV, ESV,
 labels, as ``acdc_measures.py`` does for NISF.
 
 ``dice`` reads ``acdc_levers.py evaluate`` records (pooled over the files of a run) and splits each run's Dice at
-its last step (or ``--step``) into the ED and the ES frames, for the code alone and for the written segmentation (the localiser's
-blend with the largest components kept).
+its last step (or ``--step``) into the ED and the ES frames, for the code alone and for the written segmentation
+(the localiser's blend with the largest components kept).
 
 ``mass-change`` reads ``volumes.csv`` of measuring runs and compares the LV mass at ED and at ES of each subject,
 NISF's and the manual labels' (the myocardium does not change its mass in a heartbeat).
