@@ -54,7 +54,7 @@ def _inference(model: Path, localiser: str, data: Path, out: Path, threads: int)
         sys.executable, "-m", "monai.bundle", "run", "inference",
         "--config_file", str(REPO / "bundle" / "configs" / "inference.json"),
         "--bundle_root", str(REPO / "bundle"),
-        "--ckpt_path", str(model), "--localiser_path", localiser,
+        "--ckpt_dir", str(model.parent), "--ckpt_path", str(model), "--localiser_path", localiser,
         "--dataset_dir", str(data), "--output_dir", str(out),
     ]  # fmt: skip
     env = dict(os.environ, CI="true", OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
