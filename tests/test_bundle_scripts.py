@@ -113,6 +113,8 @@ def test_prepare_datalist_splits_an_acdc_folder_by_patient(tiny_cohort: Path, tm
         "label": "../acdc/patient004/patient004_frame01_gt.nii.gz",
         "case": "patient004_frame01",
         "subject": "patient004",
+        "cardiac_phase": 0.0,  # frame 1 of a cycle whose length no Info.cfg or 4D file gives
+        "phase_source": "file name, 30 frames assumed",
     }
     run_script(
         "prepare_datalist.py", "--data_dir", str(acdc), "--output", str(output), "--label_mapping", "None", cwd=tmp_path

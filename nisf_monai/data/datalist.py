@@ -13,6 +13,7 @@ from typing import Any
 import nibabel as nib
 from monai.data import load_decathlon_datalist
 
+from nisf_monai.data.phases import CINE_LENGTH_KEY
 from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError
 
 __all__ = [
@@ -182,7 +183,8 @@ def expand_cine_datalist(
     ID ``<case>_tNN`` (hence its own latent code when codes are keyed by case) and keeps the entry's
     ``subject`` and records the series' length in ``cine_length`` (frame ``t`` lies at cardiac phase
     ``t / cine_length``, see :mod:`nisf_monai.data.phases`). A 3D entry is a series of one frame: it keeps its case
-    ID and gets ``frame`` 0, so that every entry has the same keys and a batch mixing 3D and cine frames collates.
+    ID, gets ``frame`` 0 and keeps its ``cine_length`` (0 when not given), so that every entry has the same keys
+    and a batch mixing 3D and cine frames collates.
     Only headers are read.
 
     An entry may list the frames to use in ``frames_key`` (e.g. ``"frames": [0, 11]`` for ED and ES). Its
@@ -236,8 +238,9 @@ def expand_cine_datalist(
                     "subject": str(item.get("subject", case)),
                 }
             )
-            if num_frames > 1:
-                entry["cine_length"] = num_frames  # the cycle's frame count: frame t lies at phase t / num_frames
+            # the cycle's frame count (frame t lies at phase t / num_frames); 0 when a 3D entry does not say
+            # (the key is on every entry, so batches mixing 3D and 4D entries collate)
+            entry[CINE_LENGTH_KEY] = num_frames if num_frames > 1 else int(item.get(CINE_LENGTH_KEY) or 0)
             expanded.append(entry)
     repeated = [name for name, n in Counter(e["case"] for e in expanded).items() if n > 1]
     if repeated:

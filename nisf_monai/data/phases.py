@@ -79,7 +79,7 @@ def phase_and_source(entry: Mapping[Hashable, Any], image_key: str, assumed_cine
         index, how = frame_index_from_name(str(entry.get(image_key, ""))), "file name"
     if index is None:
         return 0.0, "none"
-    if length is None:
+    if not length:  # None or 0: not known
         length = max(assumed_cine_length, int(index) + 1)
         return cardiac_phase(int(index), length), f"{how}, {length} frames assumed"
     return cardiac_phase(int(index), int(length)), f"{how}, {int(length)} frames"
