@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from nisf_monai.data import expand_cine_datalist, load_datalist
+from nisf_monai.data import GroupBatchSampler, expand_cine_datalist, load_datalist
 from nisf_monai.data.synthetic import generate_cohort
 from nisf_monai.distributed import (
     NISFHeads,
@@ -255,6 +255,16 @@ def test_too_few_validation_items_for_the_ranks() -> None:
         )
     sampler = distributed_sampler(list(range(3)), shuffle=False, even_divisible=False, num_replicas=2, rank=1)
     assert list(sampler) == [1]  # validation shards cover each item once, without padding
+
+
+def test_too_few_validation_subjects_for_the_ranks() -> None:
+    """The validation batch sampler shares whole groups among ranks; a rank left without one is a setup error
+    (it would leave the others waiting in the metric's all-gather), and two groups on two ranks split evenly."""
+    frames = [{"case": f"p1_{t}", "subject": "p1"} for t in range(2)]
+    with pytest.raises(InputDataError, match="1 subject group.*2 ranks"):
+        GroupBatchSampler(frames, group_key="subject", num_replicas=2, rank=1)
+    both = frames + [{"case": "p2_0", "subject": "p2"}]
+    assert [list(GroupBatchSampler(both, "subject", num_replicas=2, rank=r)) for r in (0, 1)] == [[[0, 1]], [[2]]]
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from torch.utils.data import Sampler
 
 from nisf_monai.data.datalist import case_id
+from nisf_monai.errors import InputDataError
 
 __all__ = ["GroupBatchSampler"]
 
@@ -30,6 +31,10 @@ class GroupBatchSampler(Sampler[list[int]]):
         groups_per_batch: groups per batch.
         num_replicas: processes sharing the groups.
         rank: this process's share.
+
+    Raises:
+        InputDataError: fewer groups than processes, when there are several (one without any would leave the
+            others waiting for it in the metric's all-gather).
     """
 
     def __init__(
@@ -49,6 +54,11 @@ class GroupBatchSampler(Sampler[list[int]]):
             label = entry.get(group_key) if isinstance(entry, Mapping) else None
             name = str(label) if label is not None else case_id(entry) if isinstance(entry, Mapping) else str(index)
             groups.setdefault(name, []).append(index)
+        if num_replicas > 1 and len(groups) < num_replicas:
+            raise InputDataError(
+                f"{len(groups)} {group_key} group(s) to share among {num_replicas} ranks: each rank needs at least "
+                "one; add validation data or start fewer processes (torchrun --nproc_per_node)."
+            )
         ordered = list(groups.values())[rank::num_replicas]
         self.batches = [
             [i for group in ordered[start : start + groups_per_batch] for i in group]
