@@ -455,8 +455,8 @@ def test_per_frame_files_of_a_subject_are_fitted_together_and_written_apart(
     assert "no cardiac phase" not in result.stderr + result.stdout  # phases from the file names
 
 
-def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Path, Path], tmp_path: Path) -> None:
-    root, datalist = cine_bundle
+def _measure_cycle(root: Path, datalist: Path, tmp_path: Path, inference_steps: int, curve_phases: int) -> Path:
+    """The ``measuring`` run on a tiny grid with the tiny network; returns its output folder."""
     out = tmp_path / "measures"
     run_bundle(
         "measuring",
@@ -467,11 +467,11 @@ def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Pat
         "--output_dir",
         str(out),
         "--inference_steps",
-        "2",
+        str(inference_steps),
         "--measure_spacing",
         "4.0",
         "--curve_phases",
-        "5",
+        str(curve_phases),
         "--curve_spacing",
         "4.0",
         "--mesh_format",
@@ -479,6 +479,12 @@ def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Pat
         *TINY_NET_ARGS,
         cwd=tmp_path,
     )
+    return out
+
+
+def test_measures_over_the_cycle_come_with_a_volume_curve(cine_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, datalist = cine_bundle
+    out = _measure_cycle(root, datalist, tmp_path, inference_steps=2, curve_phases=5)
     curve = (out / "volume_curves.csv").read_text().splitlines()
     assert curve[0].startswith("subject,phase,lv_blood_pool_ml") and len(curve) == 1 + 5
     assert [line.split(",")[1] for line in curve[1:]] == ["0.0000", "0.2000", "0.4000", "0.6000", "0.8000"]
@@ -496,28 +502,7 @@ def test_without_named_frames_ed_and_es_are_the_curves_extremes(cine_bundle: tup
     unnamed = tmp_path / "datalist.json"
     cine = str(datalist.parent / "synth001_cine.nii.gz")
     unnamed.write_text(json.dumps({"validation": [{"image": cine, "subject": "s1"}]}))
-    out = tmp_path / "measures"
-    run_bundle(
-        "measuring",
-        ["inference.json", "measure.json"],
-        root,
-        "--datalist_file",
-        str(unnamed),
-        "--output_dir",
-        str(out),
-        "--inference_steps",
-        "1",
-        "--measure_spacing",
-        "4.0",
-        "--curve_phases",
-        "4",
-        "--curve_spacing",
-        "4.0",
-        "--mesh_format",
-        "None",
-        *TINY_NET_ARGS,
-        cwd=tmp_path,
-    )
+    out = _measure_cycle(root, unnamed, tmp_path, inference_steps=1, curve_phases=4)
     report = json.loads((out / "measures.json").read_text())
     subject = report["subjects"]["s1"]
     assert subject["phase_rule"] == "largest / smallest LV blood pool of the code over 4 phases"
