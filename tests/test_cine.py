@@ -24,7 +24,7 @@ from nisf_monai.data import (
     subject_of_case,
 )
 from nisf_monai.data.synthetic import generate_cine, generate_cohort, generate_subject
-from nisf_monai.errors import DatalistError
+from nisf_monai.errors import DatalistError, InputDataError
 from nisf_monai.geometry import LabelField
 from nisf_monai.geometry.cycle import curve_phases, cycle_extremes, volume_curve
 from nisf_monai.handlers import join_frames, qc_reference
@@ -205,6 +205,15 @@ def test_batches_hold_whole_subjects_and_processes_share_subjects_not_frames() -
     assert list(GroupBatchSampler(data, "case", 2)) == [[0, 1], [2, 3], [4]]  # the per-frame model's batches
     ranks = [list(GroupBatchSampler(data, "subject", 1, num_replicas=2, rank=r)) for r in (0, 1)]
     assert ranks == [[[0, 2], [3]], [[1, 4]]]
+    # the per-frame model under torchrun: each frame its own batch, a subject's frames on one process
+    ranks = [list(GroupBatchSampler(data, "case", 1, 2, r, shard_key="subject")) for r in (0, 1)]
+    assert ranks == [[[0], [2], [3]], [[1], [4]]]
+    with pytest.raises(InputDataError, match="3 subject group"):
+        GroupBatchSampler(data, "case", 1, 4, 0, shard_key="subject")
+    idle = [
+        list(GroupBatchSampler(data, "case", 1, 4, r, shard_key="subject", every_rank_busy=False)) for r in range(4)
+    ]
+    assert idle == [[[0], [2]], [[1], [4]], [[3]], []]  # an inference may start more processes than subjects
 
 
 def _cine_frames(seed: int = 3) -> list[MetaTensor]:

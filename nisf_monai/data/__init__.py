@@ -22,9 +22,12 @@ from nisf_monai.data.phases import (
     cardiac_phase,
     frame_index_from_name,
 )
+from nisf_monai.data.resume import is_written, pending_entries
 from nisf_monai.data.sampler import GroupBatchSampler
 
 __all__ = [
+    "is_written",
+    "pending_entries",
     "ASSUMED_CINE_LENGTH",
     "GroupBatchSampler",
     "assign_cardiac_phases",

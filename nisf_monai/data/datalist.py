@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
 logger = logging.getLogger("nisf_monai")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NON_DICOM_SUFFIXES = (*NIFTI_SUFFIXES, ".json", ".csv", ".txt", ".cfg", ".png", ".md", ".log", ".pt", ".yaml")
 _FRAME_SUFFIX = re.compile(r"^(?P<subject>.+?)_frame\d+$")
 
 
@@ -140,18 +142,41 @@ def _frames(item: Mapping[Hashable, Any]) -> tuple[int, ...] | None:
     return None if frames is None else tuple(int(t) for t in frames)
 
 
-def list_images(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def list_images(
+    dataset_dir: str | os.PathLike, dicom_output_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
     """Every NIfTI image in a folder (labels named ``*_gt.nii.gz`` are skipped), sorted by name, as
     datalist entries ``{"image": path, "case": name, "subject": ...}`` for inference; the subject comes from the
     file name (:func:`subject_of_case`), so the cine model fits one code to ``patient001_frame01`` and
-    ``patient001_frame12`` together."""
+    ``patient001_frame12`` together.
+
+    DICOM in the folder or its subfolders is grouped into scans and written as NIfTI into ``dicom_output_dir``
+    first (:func:`nisf_monai.data.dicom.convert_dicom_scans`; a temporary folder when not given), then listed
+    with the rest."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise MissingFileError(f"dataset_dir {folder} is not a folder.")
     images = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt"))
+    if _may_hold_dicom(folder):
+        from nisf_monai.data.dicom import convert_dicom_scans
+
+        if dicom_output_dir is None:
+            dicom_output_dir = tempfile.mkdtemp(prefix="nisf_dicom_")
+        converted = convert_dicom_scans(folder, dicom_output_dir)
+        if converted:
+            logger.info("%d DICOM scan(s) in %s, as NIfTI in %s", len(converted), folder, dicom_output_dir)
+        images = sorted(images + converted, key=lambda p: p.name)
     if not images:
-        raise MissingFileError(f"dataset_dir {folder} holds no NIfTI images (*.nii.gz or *.nii).")
+        raise MissingFileError(f"dataset_dir {folder} holds no images (NIfTI *.nii.gz, *.nii, or DICOM).")
     return [{"image": str(p), "case": case_name(p), "subject": subject_of_case(case_name(p))} for p in images]
+
+
+def _may_hold_dicom(folder: Path) -> bool:
+    """Whether any file under ``folder`` could be DICOM (a name that is not one of the kinds written here)."""
+    for _, _, names in os.walk(folder):
+        if any(not name.endswith(NON_DICOM_SUFFIXES) for name in names):
+            return True
+    return False
 
 
 def _num_frames(path: str) -> int | None:

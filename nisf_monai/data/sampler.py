@@ -22,8 +22,11 @@ class GroupBatchSampler(Sampler[list[int]]):
     batches are those of ``batch_size=groups_per_batch`` without shuffling. An entry without ``group_key`` is grouped
     by its case ID (:func:`~nisf_monai.data.case_id`).
 
-    Under ``torch.distributed`` each of ``num_replicas`` processes takes every ``num_replicas``-th group from its
-    ``rank`` on (uneven shares, as an evaluation needs), so a subject's frames stay on one process.
+    Under ``torch.distributed`` each of ``num_replicas`` processes takes every ``num_replicas``-th share from its
+    ``rank`` on (uneven shares, as an evaluation needs). A share is one group, or with ``shard_key`` all groups with
+    the same value of that key: ``shard_key="subject"`` keeps a subject's frames, and the frames of one 4D cine
+    file, on one process even when each frame is fitted alone (its outputs are joined by the process that wrote
+    them).
 
     Args:
         data: the dataset's datalist entries (dicts).
@@ -31,10 +34,12 @@ class GroupBatchSampler(Sampler[list[int]]):
         groups_per_batch: groups per batch.
         num_replicas: processes sharing the groups.
         rank: this process's share.
+        shard_key: entry key whose equal values go to one process (None: each group is a share).
+        every_rank_busy: with several processes, require a share for each (an evaluation's metric all-gather
+            waits for every process); False lets an inference run on more processes than shares.
 
     Raises:
-        InputDataError: fewer groups than processes, when there are several (one without any would leave the
-            others waiting for it in the metric's all-gather).
+        InputDataError: fewer shares than processes, when there are several and ``every_rank_busy``.
     """
 
     def __init__(
@@ -44,6 +49,8 @@ class GroupBatchSampler(Sampler[list[int]]):
         groups_per_batch: int = 1,
         num_replicas: int = 1,
         rank: int = 0,
+        shard_key: str | None = None,
+        every_rank_busy: bool = True,
     ) -> None:
         if groups_per_batch < 1:
             raise ValueError(f"groups_per_batch must be at least 1, got {groups_per_batch}.")
@@ -54,12 +61,17 @@ class GroupBatchSampler(Sampler[list[int]]):
             label = entry.get(group_key) if isinstance(entry, Mapping) else None
             name = str(label) if label is not None else case_id(entry) if isinstance(entry, Mapping) else str(index)
             groups.setdefault(name, []).append(index)
-        if num_replicas > 1 and len(groups) < num_replicas:
+        shares: dict[str, list[list[int]]] = {}
+        for name, group in groups.items():
+            entry = data[group[0]]
+            shard = entry.get(shard_key) if shard_key is not None and isinstance(entry, Mapping) else None
+            shares.setdefault(name if shard is None else f"shard:{shard}", []).append(group)
+        if num_replicas > 1 and every_rank_busy and len(shares) < num_replicas:
             raise InputDataError(
-                f"{len(groups)} {group_key} group(s) to share among {num_replicas} ranks: each rank needs at least "
-                "one; add validation data or start fewer processes (torchrun --nproc_per_node)."
+                f"{len(shares)} {shard_key or group_key} group(s) to share among {num_replicas} ranks: each rank "
+                "needs at least one; add validation data or start fewer processes (torchrun --nproc_per_node)."
             )
-        ordered = list(groups.values())[rank::num_replicas]
+        ordered = [group for share in list(shares.values())[rank::num_replicas] for group in share]
         self.batches = [
             [i for group in ordered[start : start + groups_per_batch] for i in group]
             for start in range(0, len(ordered), groups_per_batch)
