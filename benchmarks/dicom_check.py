@@ -73,13 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "seconds": seconds,
                 }
             )
-    print(
-        f"{'patient':12s} {'shape':>16s} {'agree':>7s} {'fg Dice':>8s} {'affine mm':>10s} {'dicom s':>8s} {'nifti s':>8s}"
-    )
+    header = ("patient", "shape", "agree", "fg Dice", "affine mm", "dicom s", "nifti s")
+    print(f"{header[0]:12s} {header[1]:>16s} " + " ".join(f"{h:>9s}" for h in header[2:]))
     for r in rows:
         print(
-            f"{r['patient']:12s} {str(r['shape']):>16s} {r['voxel_agreement']:7.4f} {r['foreground_dice']:8.4f} "
-            f"{r['affine_max_difference_mm']:10.2e} {r['seconds']['dicom']:8.1f} {r['seconds']['nifti']:8.1f}"
+            f"{r['patient']:12s} {str(r['shape']):>16s} {r['voxel_agreement']:9.4f} {r['foreground_dice']:9.4f} "
+            f"{r['affine_max_difference_mm']:9.2e} {r['seconds']['dicom']:9.1f} {r['seconds']['nifti']:9.1f}"
         )
     result = {"split": args.split, "rows": rows}
     Path(args.output).write_text(json.dumps(result, indent=1))

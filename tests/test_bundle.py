@@ -10,8 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_NET_ARGS, run_bundle
+from helpers import TINY_NET_ARGS, oblique_affine, run_bundle
 
+from nisf_monai.data.dicom import write_dicom_cine
 from nisf_monai.data.synthetic import generate_cohort
 from nisf_monai.inferers import localiser_network, target_grid
 
@@ -284,13 +285,67 @@ def test_inference_on_a_cine_series_writes_4d_outputs(trained_bundle: tuple[Path
     )
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     # the per-frame model fits each frame alone; its frames' outputs are joined into the input's 4D layout
-    assert written == ["cine_recon.nii.gz", "cine_seg.nii.gz", "cine_t00_qc.json", "cine_t01_qc.json"]
+    assert written == [
+        "cine_recon.nii.gz",
+        "cine_seg.nii.gz",
+        "cine_t00_qc.json",
+        "cine_t01_qc.json",
+        "qc_summary.csv",
+    ]
     qc = json.loads((tmp_path / "out" / "cine_t00_qc.json").read_text())  # quality control beside every frame
     assert {"reconstruction_error", "volume_ml", "warnings"} <= set(qc)
     for name in ("cine_seg.nii.gz", "cine_recon.nii.gz"):
         out = nib.load(str(tmp_path / "out" / name))
         assert out.shape == (*ed.shape, 2)
         np.testing.assert_allclose(out.affine, ed.affine, atol=1e-4)
+
+
+def test_inference_on_a_dicom_cine_matches_the_same_cine_as_nifti(
+    trained_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A scanner-like export (one series per slice, oblique orientation) runs with no conversion step of the user's
+    own, and its labels and geometry are those of the same voxels given as NIfTI."""
+    root, datalist = trained_bundle
+    ed, es = (nib.load(str(datalist.parent / f"synth000_{phase}.nii.gz")) for phase in ("ED", "ES"))
+    cine = np.stack([np.asarray(ed.dataobj), np.asarray(es.dataobj)], axis=-1)
+    cine = np.rint(cine / cine.max() * 1000.0).astype(np.float32)  # scanner-like integers
+    affine = oblique_affine(np.linalg.norm(ed.affine[:3, :3], axis=0), (-30.0, 70.0, 110.0), 0.6, 1.1)
+    write_dicom_cine(cine, affine, tmp_path / "dicom" / "patient1")
+    (tmp_path / "nifti").mkdir()
+    nib.save(nib.Nifti1Image(cine, affine), str(tmp_path / "nifti" / "patient1.nii.gz"))
+    outputs = {}
+    for kind in ("dicom", "nifti"):
+        args = ["--dataset_dir", str(tmp_path / kind), "--output_dir", str(tmp_path / f"out_{kind}")]
+        run_bundle("inference", "inference.json", root, *args, "--inference_steps", "2", *TINY_NET_ARGS, cwd=tmp_path)
+        outputs[kind] = nib.load(str(tmp_path / f"out_{kind}" / "patient1_seg.nii.gz"))
+    assert (tmp_path / "out_dicom" / "dicom_inputs" / "patient1.nii.gz").is_file()
+    dicom, nifti = outputs["dicom"], outputs["nifti"]
+    assert dicom.shape == nifti.shape == cine.shape
+    np.testing.assert_allclose(dicom.affine, affine, atol=1e-3)
+    agreement = (np.asarray(dicom.dataobj) == np.asarray(nifti.dataobj)).mean()
+    assert agreement >= 0.999, agreement
+
+
+def test_inference_rerun_writes_only_the_missing_cases(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """An interrupted cohort run, started again, fits only what is missing; ``--overwrite True`` redoes all."""
+    root, datalist = trained_bundle
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(datalist.parent.glob("synth00[01]_ED.nii.gz")):
+        (data / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    args = ["--dataset_dir", str(data), "--output_dir", str(out), "--inference_steps", "2", *TINY_NET_ARGS]
+    run_bundle("inference", "inference.json", root, *args, cwd=tmp_path)
+    kept = out / "synth000_ED_seg.nii.gz"
+    written = kept.stat().st_mtime_ns
+    (out / "synth001_ED_qc.json").unlink()  # as if stopped after this case's segmentation, before its QC
+    second = run_bundle("inference", "inference.json", root, *args, cwd=tmp_path)
+    assert "1 of 2 cases already written" in second.stdout + second.stderr
+    assert kept.stat().st_mtime_ns == written and (out / "synth001_ED_qc.json").is_file()
+    third = run_bundle("inference", "inference.json", root, *args, cwd=tmp_path)
+    assert "2 of 2 cases already written" in third.stdout + third.stderr and kept.stat().st_mtime_ns == written
+    run_bundle("inference", "inference.json", root, *args, "--overwrite", "True", cwd=tmp_path)
+    assert kept.stat().st_mtime_ns > written
 
 
 def _write_case(

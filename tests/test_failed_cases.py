@@ -122,6 +122,29 @@ def test_evaluator_with_some_failed_cases_scores_the_others(tmp_path: Path, capl
     )
 
 
+class FailingOn(LatentOptimisationInferer):
+    """Fails while fitting the case whose file name contains ``name``, as a NaN or too little memory would."""
+
+    def __init__(self, name: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+
+    def fit(self, inputs, network, *args, **kwargs):
+        if any(self.name in str(image.meta.get("filename_or_obj", "")) for image in inputs):
+            raise RuntimeError("the fit diverged\nsecond line")
+        return super().fit(inputs, network, *args, **kwargs)
+
+
+def test_a_case_failing_in_its_fit_is_listed_and_the_run_goes_on(tmp_path: Path) -> None:
+    cases = [write_case(tmp_path, "good1", 1), write_case(tmp_path, "bad", 2), write_case(tmp_path, "good2", 3)]
+    engine = evaluator(cases, tmp_path / "out", with_metric=True)
+    engine.inferer = FailingOn("bad", num_steps=1, num_points=32, log_every=0)
+    engine.run()
+    assert engine.state.num_cases_done == 2 and np.isfinite(engine.state.metrics["mean_dice"])
+    lines = (tmp_path / "out" / FAILED_CASES_FILENAME).read_text().splitlines()
+    assert lines == [f"{cases[1]['image']}\tRuntimeError: the fit diverged"]
+
+
 @pytest.mark.parametrize("with_metric", [True, False])
 def test_evaluator_where_every_case_failed_raises(tmp_path: Path, with_metric: bool) -> None:
     """Every case skipped: the run stops before its metrics (none can be computed) and raises, naming the list."""

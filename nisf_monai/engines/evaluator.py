@@ -147,7 +147,20 @@ class LatentOptimisationEvaluator(SupervisedEvaluator):
             engine.state.batch = cases
         if not cases:
             return []
+        try:
+            outputs = self._fit_cases(engine, cases)
+        except Exception as error:  # one case's failure (a NaN, too little memory, ...) must not end a cohort
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            sources = [str(case.get("source", case[Keys.IMAGE].meta.get("filename_or_obj", "?"))) for case in cases]
+            logger.error("fitting %s failed (%s): skipped, the run goes on", ", ".join(sources), reason)
+            engine.state.failed_cases += [(source, reason) for source in sources]
+            engine.state.batch = []
+            return []
         engine.state.num_cases_done += len(cases)
+        return outputs
+
+    def _fit_cases(self, engine: LatentOptimisationEvaluator, cases: list[dict]) -> list[dict]:
+        """Fit and sample one batch of usable cases; the outputs, one dict per case."""
         images = [case[Keys.IMAGE].to(engine.state.device) for case in cases]
         masks = [case.get(self.mask_key) for case in cases]
         kept = masks if any(m is not None for m in masks) else None

@@ -16,6 +16,7 @@ from torch import nn
 
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.inferers.heart_locator import HeartLocator, frozen_view, heart_weights
+from nisf_monai.inferers.output_region import HeartRegion
 from nisf_monai.inferers.probability_volume import ProbabilityVolume
 from nisf_monai.inferers.slice_localiser import SliceLocaliser
 from nisf_monai.transforms.coordinates import (
@@ -34,6 +35,8 @@ __all__ = ["LatentOptimisationInferer", "code_groups", "spacing_triple", "target
 CPU_GROUP_POINTS = 16384  # points per forward pass of a batched latent fit on a CPU (see ``_groups``)
 
 logger = logging.getLogger("nisf_monai")
+
+_FAR_LOGIT = 30.0  # a logit beyond the output region: probability 1 for background, 0 for intensity
 
 
 def target_grid(
@@ -141,6 +144,8 @@ class LatentOptimisationInferer(Inferer):
             (``ProbabilityVolume(bridge_hidden=True)``); False (default) leaves hidden slices to NISF alone. With
             every other slice hidden, ACDC validation Dice on those slices rose from 0.825 to 0.831
             (``benchmarks/README.md``).
+        output_region: a :class:`HeartRegion`: sampled outputs are read from the network only within it
+            (background and intensity 0 beyond); None reads every voxel.
 
     A cine network (``coord_dim=5``, one code per subject) reads each frame at its cardiac phase (``PHASE_KEY`` in the
     image's metadata; 0, end-diastole, with a warning when a frame has none). Frames given the same ``groups`` label
@@ -169,6 +174,7 @@ class LatentOptimisationInferer(Inferer):
         draw_near_heart: bool = True,
         localiser_blend: float = 0.0,
         localiser_blend_hidden: bool = False,
+        output_region: HeartRegion | None = None,
     ) -> None:
         super().__init__()
         if num_steps < 0:
@@ -198,6 +204,9 @@ class LatentOptimisationInferer(Inferer):
             raise ValueError(f"localiser_blend must lie in [0, 1], got {localiser_blend}.")
         self.localiser_blend = float(localiser_blend)
         self.localiser_blend_hidden = bool(localiser_blend_hidden)
+        if output_region is not None and not self.heart_frame:
+            raise ValueError("output_region is measured from the heart frame's axis: set heart_frame too.")
+        self.output_region = output_region
 
     def frame_of(self, image: MetaTensor) -> CoordinateMapping:
         """The :class:`CoordinateMapping` of an image (B, 1, X, Y, Z), with this inferer's normalisation, the heart
@@ -539,11 +548,15 @@ class LatentOptimisationInferer(Inferer):
         spatial_shape: Sequence[int],
         probabilities: bool = False,
         blend: ProbabilityVolume | None = None,
+        own_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate both heads on a grid in chunks of ``chunk_size`` points; ``frame`` is the
         :class:`CoordinateMapping` of the image the code was fitted to (:meth:`frame_of`). ``blend``: the
         localiser's probabilities of a single case (:meth:`blend_source`), mixed in with ``localiser_blend`` (the
         labels are then the mixture's argmax, and ``probabilities=True`` returns the mixture).
+
+        ``own_labels``: a uint8 tensor of ``prod(shape)`` elements filled, in the same pass, with NISF's own labels
+        (before any blend), for quality control, which compares them with the localiser's.
 
         Returns ``(seg, intensity)`` of shapes ``(B, 1, *shape)`` uint8 labels (argmax) and
         ``(B, 1, *shape)`` intensity in [0, 1]; with ``probabilities=True`` ``seg`` is ``(B, M, *shape)``
@@ -561,8 +574,9 @@ class LatentOptimisationInferer(Inferer):
         with flush_denormal():
             for start in range(0, total, self.chunk_size):
                 stop = min(start + self.chunk_size, total)
-                points = frame.grid(affine, shape, start, stop).T.to(latent.device).expand(batch, -1, -1)
-                seg_logits, intensity_logit = network.forward_heads(points, latent)
+                seg_logits, intensity_logit = self._read_heads(network, latent, frame.grid(affine, shape, start, stop))
+                if own_labels is not None:
+                    own_labels.view(-1)[start:stop] = seg_logits[0].argmax(dim=0).to(torch.uint8).cpu()
                 if probabilities or blend is not None:
                     probs = torch.softmax(seg_logits.float(), dim=1).cpu()
                     if blend is not None:
@@ -574,6 +588,26 @@ class LatentOptimisationInferer(Inferer):
                     seg[:, 0, start:stop] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
                 intensity[:, :, start:stop] = torch.sigmoid(intensity_logit.float()).cpu()
         return seg.reshape(batch, -1, *shape), intensity.reshape(batch, 1, *shape)
+
+    def _read_heads(
+        self, network: nn.Module, latent: torch.Tensor, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads' logits ``(B, M, N)``, ``(B, 1, N)`` at network coordinates ``(N, coord_dim)``; outside the
+        :class:`HeartRegion`, when one is set, background and intensity 0 without a network pass."""
+        inside = self.output_region.inside(points, self.extent_mm) if self.output_region is not None else None
+        if inside is None or bool(inside.all()):
+            return network.forward_heads(points.T.to(latent.device).expand(latent.shape[0], -1, -1), latent)
+        batch, count = latent.shape[0], points.shape[0]
+        seg = latent.new_full((batch, int(network.num_classes), count), -_FAR_LOGIT)
+        seg[:, 0] = _FAR_LOGIT
+        intensity = latent.new_full((batch, 1, count), -_FAR_LOGIT)
+        if bool(inside.any()):
+            read = points[inside].T.to(latent.device).expand(batch, -1, -1)
+            seg_inside, intensity_inside = network.forward_heads(read, latent)
+            where = inside.to(latent.device)
+            seg[:, :, where] = seg_inside.to(seg.dtype)
+            intensity[:, :, where] = intensity_inside.to(intensity.dtype)
+        return seg, intensity
 
     def blended(self, probs: torch.Tensor, blend: ProbabilityVolume, world: torch.Tensor) -> torch.Tensor:
         """NISF's class probabilities ``(1, M, N)`` mixed with the localiser's at the world points ``(N, 3)`` (what
@@ -613,14 +647,16 @@ class LatentOptimisationInferer(Inferer):
         for b, (case, mask) in enumerate(zip(cases, self._masks(masks, cases))):
             affine, shape = target_grid(_grid_affine(case), case.shape[2:], self.target_spacing)
             mapping, blend = self.frame_of(case), self.blend_source(case, mask)
-            labels, recon = self.sample(network, latent[b : b + 1], mapping, affine, shape, blend=blend)
-            outputs.append(
-                {
-                    "pred": self._as_meta(labels, case, affine)[0],
-                    "recon": self._as_meta(recon, case, affine)[0],
-                    "latent": latent[b],
-                }
-            )
+            own = torch.empty(shape, dtype=torch.uint8) if blend is not None else None
+            labels, recon = self.sample(network, latent[b : b + 1], mapping, affine, shape, blend=blend, own_labels=own)
+            output = {
+                "pred": self._as_meta(labels, case, affine)[0],
+                "recon": self._as_meta(recon, case, affine)[0],
+                "latent": latent[b],
+            }
+            # NISF's own labels, read in the same pass: quality control needs them (the blend hides them in pred)
+            output["code_labels"] = labels[0, 0] if own is None else own
+            outputs.append(output)
         return outputs
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:

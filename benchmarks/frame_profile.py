@@ -1,0 +1,183 @@
+"""Where one frame's inference time goes: the shipped bundle's stages timed on ACDC validation frames.
+
+The bundle's own objects (``inference.json`` parsed with MONAI's ``ConfigParser``: network, inferer, QC handler)
+run each stage of one frame in turn: loading and scaling, the localiser's class probabilities, the pose search,
+the latent fit, sampling the written segmentation (with the localiser's blend), quality control. A whole
+``run inference`` of one frame is timed too (``--whole``), and its start-up with no case at all, so the table
+adds up to what a user waits for. Overrides (``--set key=value``, JSON values) show what a lever saves.
+
+Run: ``python benchmarks/frame_profile.py --frames 2 [--set inference_steps=100] [--whole]``; prints a table and
+writes ``--output`` (JSON). Name the CPU (``lscpu``) beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ACDC = ROOT.parent / "shared" / "data" / "acdc"
+
+
+def validation_frames(count: int) -> list[Path]:
+    frames = json.loads((ACDC / "datalist.json").read_text())["frames"]
+    chosen = sorted((f for f in frames if int(f["patient"][-3:]) % 10 == 2), key=lambda f: f["id"])[:count]
+    return [ACDC / f["image"] for f in chosen]
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    found = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        try:
+            found[key] = json.loads(value)
+        except json.JSONDecodeError:
+            found[key] = value
+    return found
+
+
+def bundle(overrides: dict, output_dir: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "output_dir": output_dir, **overrides})
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True))
+    network.eval()
+    return parser, network
+
+
+def profile_frame(parser, network, path: Path) -> dict[str, float]:
+    from nisf_monai.handlers import case_quality
+
+    inferer = parser.get_parsed_content("inferer")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    times: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        result = fn()
+        times[name] = time.perf_counter() - start
+        return result
+
+    item = timed("load and scale", lambda: preprocessing({"image": str(path), "case": path.name}))
+    image = item["image"]
+    localiser = inferer.heart_locator.localiser
+    timed("localiser probabilities", lambda: localiser.coarse_probabilities(image))
+    timed("pose search", lambda: inferer.locate([image], network))
+    latent = timed("latent fit", lambda: inferer.fit([image], network))
+    case = image[None]
+    own = torch.empty(case.shape[2:], dtype=torch.uint8)
+    labels, recon = timed(
+        "written segmentation",
+        lambda: inferer.sample(
+            network,
+            latent,
+            inferer.frame_of(case),
+            case.affine,
+            case.shape[2:],
+            blend=inferer.blend_source(case),
+            own_labels=own,
+        ),
+    )
+    if parser.get_parsed_content("keep_largest_component"):
+        labels = timed("largest components", lambda: largest_components(labels[0]))[None]
+    times["dice"] = frame_dice(labels[0, 0].numpy(), path)
+    label_names = parser.get_parsed_content("label_names")
+    sampled = (own, recon[0, 0])  # as the bundle's QC handler reuses them
+    timed("quality control", lambda: case_quality(inferer, network, image, latent[0], label_names, None, sampled))
+    times["total"] = sum(v for k, v in times.items() if k != "dice")
+    return times
+
+
+def largest_components(labels: torch.Tensor) -> torch.Tensor:
+    from monai.transforms import KeepLargestConnectedComponent
+
+    return KeepLargestConnectedComponent(applied_labels=[1, 2, 3])(labels)
+
+
+def frame_dice(labels: np.ndarray, image_path: Path) -> float:
+    """Mean Dice of LV, myocardium and RV against the frame's manual labels (ACDC classes mapped to the bundle's)."""
+    import nibabel as nib
+
+    acdc = np.asarray(nib.load(str(image_path).replace(".nii.gz", "_gt.nii.gz")).dataobj)
+    truth = np.select([acdc == 3, acdc == 2, acdc == 1], [1, 2, 3], 0)
+    found = []
+    for c in (1, 2, 3):
+        a, b = labels == c, truth == c
+        found.append(2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    return float(np.mean(found))
+
+
+def whole_run(overrides: dict, frame: Path | None) -> float:
+    """Wall seconds of ``python -m monai.bundle run inference`` on a folder with ``frame`` (or none: start-up)."""
+    with tempfile.TemporaryDirectory() as work:
+        data = Path(work) / "data"
+        data.mkdir()
+        if frame is not None:
+            (data / frame.name).write_bytes(frame.read_bytes())
+        command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file"]
+        command += [str(ROOT / "bundle/configs/inference.json"), "--bundle_root", str(ROOT / "bundle")]
+        command += ["--dataset_dir", str(data), "--output_dir", str(Path(work) / "out")]
+        for key, value in overrides.items():
+            command += [f"--{key}", json.dumps(value)]
+        start = time.perf_counter()
+        subprocess.run(command, check=frame is not None, capture_output=True)
+        return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON values)")
+    parser.add_argument("--whole", action="store_true", help="also time whole runs (one frame; start-up alone)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "frame_profile.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set)
+    frames = validation_frames(args.frames)
+    with tempfile.TemporaryDirectory() as out:
+        config, network = bundle(overrides, out)
+        rows = [profile_frame(config, network, frame) for frame in frames]
+    stages = list(rows[0])
+    median = {stage: float(np.median([row[stage] for row in rows])) for stage in stages if stage != "dice"}
+    result = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "overrides": overrides,
+        "frames": [f.name for f in frames],
+        "median_s": median,
+        "mean_dice": float(np.mean([row["dice"] for row in rows])),
+        "per_frame_s": rows,
+    }
+    if args.whole:
+        env_threads = os.environ.get("OMP_NUM_THREADS")
+        result["whole_run_one_frame_s"] = whole_run(overrides, frames[0])
+        result["whole_run_no_frame_s"] = whole_run(overrides, None)
+        result["omp_num_threads"] = env_threads
+    print(f"{'stage':26s} {'median s':>9s}")
+    for stage, seconds in median.items():
+        print(f"{stage:26s} {seconds:9.2f}")
+    print(f"{'mean Dice (written)':26s} {result['mean_dice']:9.4f}")
+    for key in ("whole_run_one_frame_s", "whole_run_no_frame_s"):
+        if key in result:
+            print(f"{key:26s} {result[key]:9.2f}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
