@@ -326,6 +326,26 @@ def test_inference_on_a_dicom_cine_matches_the_same_cine_as_nifti(
     assert agreement >= 0.999, agreement
 
 
+def test_inference_without_data_segments_a_demo_frame(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    """A first run with no --dataset_dir segments one synthetic frame and says how to give one's own."""
+    root, _ = trained_bundle
+    out = tmp_path / "out"
+    run = run_bundle(
+        "inference",
+        "inference.json",
+        root,
+        "--output_dir",
+        str(out),
+        "--inference_steps",
+        "2",
+        *TINY_NET_ARGS,
+        cwd=tmp_path,
+    )
+    assert "no --dataset_dir given" in run.stdout + run.stderr
+    assert sorted(p.name for p in (root / "data" / "demo").iterdir()) == ["demo_ED.nii.gz"]
+    assert (out / "demo_ED_seg.nii.gz").is_file() and (out / "qc_summary.csv").is_file()
+
+
 def test_inference_rerun_writes_only_the_missing_cases(trained_bundle: tuple[Path, Path], tmp_path: Path) -> None:
     """An interrupted cohort run, started again, fits only what is missing; ``--overwrite True`` redoes all."""
     root, datalist = trained_bundle

@@ -51,12 +51,13 @@ __all__ = [
     "list_images",
     "load_datalist",
     "LABELS",
+    "ensure_demo_case",
     "ensure_synthetic_cohort",
     "generate_cohort",
     "generate_subject",
 ]
 
-_SYNTHETIC = ("LABELS", "ensure_synthetic_cohort", "generate_cohort", "generate_subject")
+_SYNTHETIC = ("LABELS", "ensure_demo_case", "ensure_synthetic_cohort", "generate_cohort", "generate_subject")
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -619,6 +620,22 @@ def ensure_synthetic_cohort(dataset_dir: str, **kwargs: Any) -> str:
     num_subjects = len({e["subject"] for section in ("training", "validation") for e in content[section]})
     logger.info(f"generated a synthetic cohort of {num_subjects} subjects in {dataset_dir}")
     return datalist
+
+
+def ensure_demo_case(dataset_dir: str | os.PathLike) -> str:
+    """``dataset_dir``, holding one synthetic short-axis frame (``demo_ED.nii.gz``, on an oblique grid) written
+    first when the folder has no image: what ``run inference`` segments when no ``--dataset_dir`` is given, so a
+    first run shows the outputs without data of one's own."""
+    folder = Path(dataset_dir)
+    if not any(folder.glob("*.nii*")):
+        image, _, affine, _ = generate_subject(7, "ED", oblique=True)
+        save_nifti(image, affine, folder / "demo_ED.nii.gz", dtype=np.float32)
+        logger.info(
+            "no --dataset_dir given: segmenting one synthetic frame written to %s; give --dataset_dir DIR (NIfTI or "
+            "DICOM) for your own scans",
+            folder,
+        )
+    return str(folder)
 
 
 def main() -> None:
