@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -150,12 +151,23 @@ def test_evaluating_run_on_two_acdc_cases(tmp_path: Path) -> None:
         "2",
         "--num_points",
         "256",
+        "--save_images",
+        "True",
         *TINY_NET_ARGS,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     raw = (tmp_path / "eval" / "mean_dice_raw.csv").read_text().splitlines()
     assert len(raw) == 3 and "patient" in raw[1]  # header + two cases, named by file
+    # the numbers written are the Dice of the written segmentation against the manual labels, class by class
+    for row, case in zip(csv.DictReader(raw), full["test"]):
+        name = Path(row["filename"]).name.replace(".nii.gz", "")
+        written = np.asarray(nib.load(str(tmp_path / "eval" / f"{name}_seg.nii.gz")).dataobj)
+        acdc = np.asarray(nib.load(str(tmp_path / case["label"])).dataobj)
+        truth = np.select([acdc == 3, acdc == 2, acdc == 1], [1, 2, 3], 0)
+        for c in (1, 2, 3):
+            a, b = written == c, truth == c
+            assert float(row[f"class{c - 1}"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-5)
     summary = (tmp_path / "eval" / "mean_dice_summary.csv").read_text()
     assert summary.startswith("class,mean,std")
     for name in ("dice_lv_blood_pool", "dice_lv_myocardium", "dice_rv_blood_pool"):
