@@ -8,7 +8,6 @@ own parameters, ``torch.cos * torch.exp``, the code concatenated to every point,
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 
 import pytest
@@ -254,12 +253,10 @@ def test_failed_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, cap
     assert sum("torch.compile of the Gabor kernels failed" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.skipif(
-    os.environ.get("NISF_TEST_COMPILE") != "1", reason="compiles kernels (~30 s); set NISF_TEST_COMPILE=1"
-)
 def test_compiled_kernels_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a working compiler the compiled kernels run (none failed) and give the reference's outputs and
-    gradients, for point sets with and without gradients."""
+    gradients, for point sets with and without gradients. Compilation is on by default, so CI runs this (about
+    30 s of compiling)."""
     monkeypatch.setattr(fused, "MIN_COMPILE_ROWS", 1)
     monkeypatch.setattr(fused, "MIN_COMPILE_WIDTH", 1)
     fused.set_compile(True)
