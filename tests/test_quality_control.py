@@ -266,7 +266,9 @@ def test_synthetic_model_on_a_real_frame_warns(tmp_path):
         20,
         "patient019/patient019_frame01.nii.gz",
     )
-    assert quality["warnings"], quality
+    # without a reference only the LV check can fire: a network that never saw a real heart finds none in one
+    assert quality["verdict"] == "check" and quality["volume_ml"]["lv_blood_pool"] < 5.0
+    assert [w.split(" (")[0] for w in quality["warnings"]] == ["no left ventricle found"], quality["warnings"]
 
 
 @pytest.mark.skipif(not ACDC.is_dir(), reason=f"ACDC data not found at {ACDC} (see ../shared/data/README.md)")
