@@ -59,7 +59,8 @@ def bundle_command(configs: list[str], data: Path, out: Path, overrides: dict, p
     command = [*start, "-m", "monai.bundle", "run", "inference", "--config_file", merged]
     command += ["--bundle_root", str(ROOT / "bundle"), "--dataset_dir", str(data), "--output_dir", str(out)]
     for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+        text = "None" if value is None else value if isinstance(value, str) else json.dumps(value)
+        command += [f"--{key}", text]  # None as Python spells it: the bundle CLI reads "null" as text
     return command
 
 
