@@ -19,11 +19,11 @@ from monai.transforms import Compose
 
 from nisf_monai.data import generate_subject
 
-# ids that train.json and inference.json both define, with the same value
+# ids that train.json and inference.json both define, with the same value (not dataset_dir: training's default is
+# the synthetic cohort, inference's one demo frame)
 SHARED = [
     "bundle_root",
     "ckpt_dir",
-    "dataset_dir",
     "device",
     "amp",
     "seed",
