@@ -167,3 +167,42 @@ def test_written_labels_keep_each_structures_largest_component(keep: bool, tmp_p
     assert not any(isinstance(t, KeepLargestConnectedComponentd) for t in streamed)  # the streaming saver's job
     saver = next(h for h in parser.get_parsed_content("handlers") if type(h).__name__ == "StreamingSegmentationSaver")
     assert (saver.cleaner is not None) == keep
+
+
+# override file -> the configs it follows in --config_file
+OVERRIDES = {
+    "evaluate.json": ["inference.json"],
+    "interpolate.json": ["inference.json", "evaluate.json"],
+    "measure.json": ["inference.json"],
+    "plane.json": ["inference.json"],
+    "multi_gpu_inference.json": ["inference.json"],
+    "multi_gpu_train.json": ["train.json"],
+    "train_localiser.json": ["train.json"],
+}
+
+
+def _ids(config: dict, prefix: str = "") -> dict:
+    """Every id of a config, nested ones as MONAI writes them (``a#b``), with its value."""
+    found = {}
+    for key, value in config.items():
+        name = f"{prefix}#{key}" if prefix else key
+        found[name] = value
+        if isinstance(value, dict):
+            found.update(_ids(value, name))
+    return found
+
+
+@pytest.mark.parametrize("override", sorted(OVERRIDES))
+def test_no_override_file_repeats_what_its_base_says(override: str) -> None:
+    """An override holds only what differs from the configs it follows: a repeated block would drift from its base."""
+    base: dict = {}
+    for name in OVERRIDES[override]:
+        base.update(_ids(json.loads((CONFIGS / name).read_text())))
+    config = json.loads((CONFIGS / override).read_text())
+    repeated = [key for key, value in config.items() if key.lstrip("+") in base and base[key.lstrip("+")] == value]
+    assert repeated == [], f"{override} repeats {repeated} of {OVERRIDES[override]}"
+
+
+def test_every_override_file_is_checked() -> None:
+    complete = {"train.json", "inference.json", "metadata.json"}
+    assert sorted(p.name for p in CONFIGS.glob("*.json") if p.name not in complete) == sorted(OVERRIDES)
