@@ -273,68 +273,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
-    """The real configs, merged, under torchrun with 2 CPU processes (gloo): trains, validates on both
-    shards and leaves rank 0's files."""
-    datalist = generate_cohort(
-        str(tmp_path / "data"), num_subjects=4, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1
-    )
-    root = tmp_path / "bundle"
-    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs,
-        "--bundle_root",
-        str(root),
-        "--datalist",
-        datalist,
-        "--max_epochs",
-        "2",
-        "--num_points",
-        "256",
-        "--batch_size",
-        "2",
-        "--val_interval",
-        "2",
-        "--val_max_steps",
-        "4",
-        "--val_monitor_every",
-        "2",
-        "--hidden_dim",
-        "16",
-        "--latent_dim",
-        "16",
-        "--num_layers",
-        "2",
-    ]
-    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    models = root / "models"
-    state = torch.load(models / "training_state.pt", weights_only=True)
-    assert state["trainer"]["epoch"] == 2
-    training = json.loads(Path(datalist).read_text())["training"]
-    assert state["latent_table"]["_extra_state"]["case_ids"] == sorted({item["case"] for item in training})
-    assert "seg_head.weight" in torch.load(models / "model.pt", weights_only=True)  # plain keys, no "module."
-    assert (models / "model_best.pt").is_file() and (models / "inference_steps.json").is_file()
-    # the step count is chosen over every rank's validation cases, not rank 0's share
-    validation = expand_cine_datalist(load_datalist(datalist, "validation"))
-    assert len(validation) >= 2
-    assert json.loads((models / "inference_steps.json").read_text())["num_cases"] == len(validation)
-    assert not list(models.glob(".*.tmp"))
-    # training is logged once (rank 0), not once per rank
-    assert (result.stdout + result.stderr).count("Epoch: 2/2, Iter: 2/2") == 1
-
-
 def _torchrun(run_id: str, configs: list[str], root: Path, *overrides: str) -> list[str]:
     """``torchrun --nproc_per_node 2 -m monai.bundle run`` of bundle configs merged in order."""
     merged = "[" + ",".join(f"'{CONFIGS / c}'" for c in configs) + "]"
@@ -355,6 +293,35 @@ def _torchrun(run_id: str, configs: list[str], root: Path, *overrides: str) -> l
         str(root),
         *overrides,
     ]
+
+
+def test_bundle_trains_with_torchrun(tmp_path: Path) -> None:
+    """The real configs, merged, under torchrun with 2 CPU processes (gloo): trains, validates on both
+    shards and leaves rank 0's files."""
+    datalist = generate_cohort(
+        str(tmp_path / "data"), num_subjects=4, shape=(32, 32, 6), spacing=(4.0, 4.0, 10.0), num_validation=1
+    )
+    root = tmp_path / "bundle"
+    overrides = ["--datalist", datalist, "--max_epochs", "2", "--num_points", "256", "--batch_size", "2"]
+    overrides += ["--val_interval", "2", "--val_max_steps", "4", "--val_monitor_every", "2"]
+    overrides += ["--hidden_dim", "16", "--latent_dim", "16", "--num_layers", "2"]
+    cmd = _torchrun("training", ["train.json", "multi_gpu_train.json"], root, *overrides)
+    result = run_command(cmd, tmp_path, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    models = root / "models"
+    state = torch.load(models / "training_state.pt", weights_only=True)
+    assert state["trainer"]["epoch"] == 2
+    training = json.loads(Path(datalist).read_text())["training"]
+    assert state["latent_table"]["_extra_state"]["case_ids"] == sorted({item["case"] for item in training})
+    assert "seg_head.weight" in torch.load(models / "model.pt", weights_only=True)  # plain keys, no "module."
+    assert (models / "model_best.pt").is_file() and (models / "inference_steps.json").is_file()
+    # the step count is chosen over every rank's validation cases, not rank 0's share
+    validation = expand_cine_datalist(load_datalist(datalist, "validation"))
+    assert len(validation) >= 2
+    assert json.loads((models / "inference_steps.json").read_text())["num_cases"] == len(validation)
+    assert not list(models.glob(".*.tmp"))
+    # training is logged once (rank 0), not once per rank
+    assert (result.stdout + result.stderr).count("Epoch: 2/2, Iter: 2/2") == 1
 
 
 def test_bundle_infers_and_evaluates_with_torchrun(tmp_path: Path) -> None:
