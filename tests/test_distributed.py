@@ -379,3 +379,27 @@ def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path: 
     assert dist.is_initialized()
     shutdown()
     assert not dist.is_initialized()
+
+
+def test_a_torchrun_process_leaves_with_its_logs_and_tensorboard_events_written(tmp_path: Path) -> None:
+    """shutdown_and_exit skips the interpreter's teardown, not what the run wrote: the log line before it and the
+    TensorBoard events of an open writer are on disk, and the exit code is 0."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import logging, sys, torch.distributed as dist\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        "from nisf_monai.distributed import shutdown_and_exit\n"
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO)\n"
+        "dist.init_process_group('gloo')\n"
+        f"writer = SummaryWriter(r'{tmp_path / 'tb'}')\n"
+        "writer.add_scalar('nisf_loss', 1.0, 1)\n"
+        "logging.getLogger('nisf_monai').info('rank %d done', dist.get_rank())\n"
+        "shutdown_and_exit()\n"
+        "print('not reached')\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    result = run_command([*cmd, f"--master_port={_free_port()}", str(script)], tmp_path, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout and "not reached" not in result.stdout
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and all(b"nisf_loss" in e.read_bytes() for e in events)  # lost without closing the writer
