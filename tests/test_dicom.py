@@ -98,3 +98,25 @@ def test_list_images_converts_dicom_once_beside_nifti(tmp_path: Path) -> None:
     assert list_images(data, tmp_path / "converted") == entries  # listed again, not converted again
     assert os.path.getmtime(entries[1]["image"]) == written
     assert convert_dicom_scans(tmp_path / "converted", tmp_path / "none") == []  # NIfTI is never taken for DICOM
+
+
+def test_a_broken_scan_is_skipped_and_listed_while_the_others_convert(tmp_path: Path, caplog) -> None:
+    """A cohort folder with one scan missing a slice: the others are converted, the broken one gets one error line
+    and a line in skipped_scans.txt; once it is repaired the list is removed."""
+    data, out = tmp_path / "data", tmp_path / "converted"
+    write_dicom_cine(_cine(0), _short_axis(), data / "good")
+    broken = write_dicom_cine(_cine(1), _short_axis(turn=0.2), data / "broken", study_uid="1.2.3")
+    missing = [path for path in broken if "IM_001_" in path]
+    saved = {path: Path(path).read_bytes() for path in missing}
+    for path in missing:
+        os.remove(path)
+    with caplog.at_level("ERROR", logger="nisf_monai"):
+        entries = list_images(data, out)
+    assert [e["case"] for e in entries] == ["good"]
+    listed = (out / "skipped_scans.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(data / "broken" / "broken")) and "uneven" in listed[0]
+    assert "DICOM" in caplog.text and "skipped: scan broken: uneven slice positions" in caplog.text
+    for path, content in saved.items():
+        Path(path).write_bytes(content)
+    assert [e["case"] for e in list_images(data, out)] == ["broken", "good"]
+    assert not (out / "skipped_scans.txt").exists()

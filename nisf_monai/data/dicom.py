@@ -22,15 +22,16 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from nisf_monai.data.datalist import NON_DICOM_SUFFIXES
 from nisf_monai.errors import InvalidCaseError
-from nisf_monai.io import save_nifti
+from nisf_monai.io import atomic_write_text, save_nifti
 
 __all__ = ["DicomScan", "convert_dicom_scans", "find_dicom_scans", "read_dicom_scan", "write_dicom_cine"]
 
@@ -168,43 +169,56 @@ def _stack(slices: list[DicomSlice], name: str) -> DicomScan:
     return DicomScan(name=name, files=files, slice_positions_mm=level_heights)
 
 
-def _check_series_orientations(slices: Sequence[DicomSlice], folder: str) -> None:
+def _check_series_orientations(slices: Sequence[DicomSlice], folder: str) -> bool:
     """A series is one acquisition: files of one series in several orientations cannot be stacked (nor guessed
-    apart into scans)."""
+    apart into scans). True when none does."""
     orientations: dict[str, set] = defaultdict(set)
     for s in slices:
         orientations[s.series].add(tuple(np.round(s.orientation, 3)))
     for series, turned in orientations.items():
         if len(turned) > 1:
             raise InvalidCaseError(f"{folder}: series {series} mixes {len(turned)} slice orientations; cannot stack.")
+    return True
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "scan"
 
 
-def find_dicom_scans(dataset_dir: str | os.PathLike) -> list[DicomScan]:
+def find_dicom_scans(dataset_dir: str | os.PathLike, skipped: list[tuple[str, str]] | None = None) -> list[DicomScan]:
     """The DICOM scans in ``dataset_dir`` and its subfolders (files of any name; what GDCM cannot read is
     skipped). A folder holding one scan names it; several scans in one folder are named ``<folder>_<series
-    number>``."""
+    number>``.
+
+    What cannot be stacked raises :class:`~nisf_monai.errors.InvalidCaseError`, or, given a ``skipped`` list, is
+    appended to it as ``(file, folder or scan, reason)`` pairs and left out, so that one broken scan does not stop
+    a cohort."""
     root = Path(dataset_dir)
     scans: list[DicomScan] = []
+
+    def attempt(source: str, make: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return make(*args)
+        except InvalidCaseError as error:
+            if skipped is None:
+                raise
+            skipped.append((source, str(error)))
+            return None
+
     for folder, _, names in sorted(os.walk(root)):
-        found = [
-            s
-            for name in sorted(names)
-            if not name.endswith(NON_DICOM_SUFFIXES)
-            for s in [_slice_of(os.path.join(folder, name), Path(folder))]
-            if s is not None
-        ]
-        _check_series_orientations(found, folder)
+        paths = [os.path.join(folder, name) for name in sorted(names) if not name.endswith(NON_DICOM_SUFFIXES)]
+        found = [s for path in paths for s in [attempt(path, _slice_of, path, Path(folder))] if s is not None]
+        if attempt(folder, _check_series_orientations, found, folder) is None:
+            continue
         groups: dict[tuple, list[DicomSlice]] = defaultdict(list)
         for s in found:
             groups[s.scan_key].append(s)
         base = _safe(Path(folder).name if Path(folder) != root else root.name)
         for n, slices in enumerate(groups.values()):
             name = base if len(groups) == 1 else f"{base}_{n + 1}"
-            scans.append(_stack(slices, name))
+            scan = attempt(os.path.join(folder, name), _stack, slices, name)
+            if scan is not None:
+                scans.append(scan)
     return scans
 
 
@@ -233,21 +247,38 @@ def read_dicom_scan(scan: DicomScan) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+SKIPPED_SCANS_FILENAME = "skipped_scans.txt"
+
+
 def convert_dicom_scans(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
     """Every DICOM scan under ``dataset_dir`` as ``<output_dir>/<scan>.nii.gz`` (written atomically; a scan whose
-    NIfTI is newer than all its files is not converted again). Returns the NIfTI paths, sorted."""
-    scans = find_dicom_scans(dataset_dir)
+    NIfTI is newer than all its files is not converted again). Returns the NIfTI paths, sorted. A scan that cannot
+    be stacked or read is left out with one error line, and listed with its reason in
+    ``<output_dir>/skipped_scans.txt`` (removed when none was skipped)."""
+    skipped: list[tuple[str, str]] = []
+    scans = find_dicom_scans(dataset_dir, skipped)
     paths = []
     for scan in scans:
         path = Path(output_dir) / f"{scan.name}.nii.gz"
         newest = max(os.path.getmtime(f) for phase in scan.files for f in phase)
         if not path.is_file() or path.stat().st_mtime < newest:
-            data, affine = read_dicom_scan(scan)
+            try:
+                data, affine = read_dicom_scan(scan)
+            except (InvalidCaseError, RuntimeError) as error:  # ITK raises RuntimeError on files it cannot read
+                skipped.append((scan.name, str(error).strip().splitlines()[0] if str(error).strip() else repr(error)))
+                continue
             partial = path.with_name(f".{scan.name}.{os.getpid()}.partial.nii.gz")  # renamed when complete
             save_nifti(data, affine, partial, time_unit="msec" if data.ndim == 4 else None)
             os.replace(partial, path)
             logger.info("DICOM scan %s (%s, %d phases) written as %s", scan.name, data.shape[:3], scan.num_phases, path)
         paths.append(path)
+    listing = Path(output_dir) / SKIPPED_SCANS_FILENAME
+    for source, reason in skipped:
+        logger.error("DICOM %s skipped: %s", source, reason)
+    if skipped:
+        atomic_write_text(listing, "".join(f"{source}\t{' '.join(reason.split())}\n" for source, reason in skipped))
+    elif listing.is_file():
+        listing.unlink()
     return sorted(paths)
 
 
