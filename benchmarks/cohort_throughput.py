@@ -31,15 +31,11 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ACDC = ROOT.parent / "shared" / "data" / "acdc"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from frame_profile import parse_overrides, validation_frames  # noqa: E402
+
 CONFIGS = ROOT / "bundle" / "configs"
 SUBJECTS, FRAMES_PER_SUBJECT = 10_000, (2, 50)  # ED + ES, or a whole cine of 50 phases (UK Biobank's)
-
-
-def validation_frames(count: int) -> list[Path]:
-    frames = json.loads((ACDC / "datalist.json").read_text())["frames"]
-    chosen = sorted((f for f in frames if int(f["patient"][-3:]) % 10 == 2), key=lambda f: f["id"])[:count]
-    return [ACDC / f["image"] for f in chosen]
 
 
 def _free_port() -> int:
@@ -81,14 +77,6 @@ def timed_run(command: list[str], threads: int) -> tuple[float, float]:
     )
     wall = time.perf_counter() - start
     return wall, int(done.stdout.strip().splitlines()[-1]) / 1024.0
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    found = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        found[key] = json.loads(value)
-    return found
 
 
 def frame_part(args: argparse.Namespace) -> dict:

@@ -2,11 +2,11 @@
 
 The bundle's own objects (``inference.json`` parsed with MONAI's ``ConfigParser``: network, inferer, QC handler)
 run each stage of one frame in turn: loading and scaling, the localiser's class probabilities, the pose search,
-the latent fit, sampling the written segmentation (with the localiser's blend), quality control. A whole
-``run inference`` of one frame is timed too (``--whole``), and its start-up with no case at all, so the table
-adds up to what a user waits for. Overrides (``--set key=value``, JSON values) show what a lever saves.
+the latent fit, sampling the written segmentation (with the localiser's blend), quality control, and the Dice
+of the written segmentation and of NISF's own labels. Whole ``run inference`` runs, start-up included, are
+``cohort_throughput.py``'s. Overrides (``--set key=value``, JSON values) show what a lever saves.
 
-Run: ``python benchmarks/frame_profile.py --frames 2 [--set inference_steps=100] [--whole]``; prints a table and
+Run: ``python benchmarks/frame_profile.py --frames 2 [--set inference_steps=100]``; prints a table and
 writes ``--output`` (JSON). Name the CPU (``lscpu``) beside the numbers.
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 ACDC = ROOT.parent / "shared" / "data" / "acdc"
 
 
@@ -110,39 +109,15 @@ def largest_components(labels: torch.Tensor) -> torch.Tensor:
 
 def frame_dice(labels: np.ndarray, image_path: Path) -> float:
     """Mean Dice of LV, myocardium and RV against the frame's manual labels (ACDC classes mapped to the bundle's)."""
-    import nibabel as nib
+    from qc_calibration import bundle_labels, dice
 
-    acdc = np.asarray(nib.load(str(image_path).replace(".nii.gz", "_gt.nii.gz")).dataobj)
-    truth = np.select([acdc == 3, acdc == 2, acdc == 1], [1, 2, 3], 0)
-    found = []
-    for c in (1, 2, 3):
-        a, b = labels == c, truth == c
-        found.append(2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-    return float(np.mean(found))
-
-
-def whole_run(overrides: dict, frame: Path | None) -> float:
-    """Wall seconds of ``python -m monai.bundle run inference`` on a folder with ``frame`` (or none: start-up)."""
-    with tempfile.TemporaryDirectory() as work:
-        data = Path(work) / "data"
-        data.mkdir()
-        if frame is not None:
-            (data / frame.name).write_bytes(frame.read_bytes())
-        command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file"]
-        command += [str(ROOT / "bundle/configs/inference.json"), "--bundle_root", str(ROOT / "bundle")]
-        command += ["--dataset_dir", str(data), "--output_dir", str(Path(work) / "out")]
-        for key, value in overrides.items():
-            command += [f"--{key}", json.dumps(value)]
-        start = time.perf_counter()
-        subprocess.run(command, check=frame is not None, capture_output=True)
-        return time.perf_counter() - start
+    return float(np.mean(dice(labels, bundle_labels(Path(str(image_path).replace(".nii.gz", "_gt.nii.gz"))))))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value (JSON values)")
-    parser.add_argument("--whole", action="store_true", help="also time whole runs (one frame; start-up alone)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "frame_profile.json"))
     args = parser.parse_args(argv)
@@ -164,19 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_code_dice": float(np.mean([row["code_dice"] for row in rows])),
         "per_frame_s": rows,
     }
-    if args.whole:
-        env_threads = os.environ.get("OMP_NUM_THREADS")
-        result["whole_run_one_frame_s"] = whole_run(overrides, frames[0])
-        result["whole_run_no_frame_s"] = whole_run(overrides, None)
-        result["omp_num_threads"] = env_threads
     print(f"{'stage':26s} {'median s':>9s}")
     for stage, seconds in median.items():
         print(f"{stage:26s} {seconds:9.2f}")
     print(f"{'mean Dice (written)':26s} {result['mean_dice']:9.4f}")
     print(f"{'mean Dice (code alone)':26s} {result['mean_code_dice']:9.4f}")
-    for key in ("whole_run_one_frame_s", "whole_run_no_frame_s"):
-        if key in result:
-            print(f"{key:26s} {result[key]:9.2f}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     return result

@@ -38,7 +38,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ACDC = ROOT.parent / "shared" / "data" / "acdc"
-ACDC_TO_BUNDLE = {0: 0, 3: 1, 2: 2, 1: 3}  # ACDC: 1 RV, 2 myocardium, 3 LV -> bundle: 1 LV, 2 myocardium, 3 RV
 KINDS = ["noise", "bias", "gibbs", "spike", "inverted", "crop", "resliced", "anatomy"]
 FAIL_BELOW, GOOD_FROM = 0.75, 0.85
 
@@ -50,11 +49,14 @@ def split_frames(split: str) -> list[dict]:
 
 
 def bundle_labels(path: Path) -> np.ndarray:
+    """An ACDC label file in the bundle's classes (ACDC: 1 RV, 2 myocardium, 3 LV; bundle: 1 LV, 2 myocardium, 3 RV)."""
+    from monai.transforms import MapLabelValue
+
+    from nisf_monai.data import ACDC_LABEL_MAPPING
+
     acdc = np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
-    out = np.zeros_like(acdc, dtype=np.uint8)
-    for a, b in ACDC_TO_BUNDLE.items():
-        out[acdc == a] = b
-    return out
+    mapped = MapLabelValue(list(ACDC_LABEL_MAPPING), list(ACDC_LABEL_MAPPING.values()), dtype=np.uint8)(acdc)
+    return np.asarray(mapped)
 
 
 def _unit(volume: np.ndarray) -> np.ndarray:

@@ -16,13 +16,10 @@ from typing import Any
 import torch.distributed as dist
 
 from nisf_monai.data.dataset import report_failed_cases, write_failed_cases
+from nisf_monai.distributed import is_distributed, is_rank_zero
 from nisf_monai.errors import NoUsableCaseError
 
 __all__ = ["run_shard"]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def run_shard(evaluator: Any, output_dir: str | os.PathLike, quality_control: Any | None = None) -> None:
@@ -39,18 +36,18 @@ def run_shard(evaluator: Any, output_dir: str | os.PathLike, quality_control: An
     state = evaluator.state
     local = (int(getattr(state, "num_cases_done", 0)), list(getattr(state, "failed_cases", [])))
     shares = [local]
-    if _distributed():
+    if is_distributed():
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, local)
     done = sum(count for count, _ in shares)
     failed = [case for _, cases in shares for case in cases]
-    rank_zero = not _distributed() or dist.get_rank() == 0
+    rank_zero = is_rank_zero()
     listed = None
     if rank_zero:
         listed = write_failed_cases(output_dir, failed)
         if quality_control is not None:
             quality_control.write_summary()
-    if _distributed():
+    if is_distributed():
         dist.barrier()  # the merged files are written before any rank reports or leaves
     if rank_zero or done == 0:
         report_failed_cases(failed, done, listed)

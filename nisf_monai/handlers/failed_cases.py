@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import torch
-
 from nisf_monai.data.dataset import write_failed_cases
+from nisf_monai.distributed import is_distributed
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -33,6 +32,6 @@ class FailedCasesHandler:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             return  # under torchrun the ranks' failures are merged into one file by run_shard
         engine.state.failed_cases_file = write_failed_cases(self.output_dir, getattr(engine.state, "failed_cases", []))

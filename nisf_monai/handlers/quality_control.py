@@ -25,6 +25,7 @@ import torch
 from monai.data import FolderLayout, MetaTensor
 from monai.utils import CommonKeys as Keys
 
+from nisf_monai.distributed import is_distributed
 from nisf_monai.geometry.measures import write_csv
 from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, code_groups
 from nisf_monai.io import atomic_write_json
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["QualityControlHandler", "case_quality", "qc_reference"]
 
 logger = logging.getLogger("nisf_monai")
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _nearest_distance(code: torch.Tensor, codes: torch.Tensor | None) -> float | None:
@@ -234,7 +231,7 @@ class QualityControlHandler:
     def _summary_when_alone(self, engine: Engine | None = None) -> None:
         """The summary at the end of a single-process run; under torchrun ``run_shard`` writes it on rank 0 once
         every rank has finished (:mod:`nisf_monai.engines.sharded_run`)."""
-        if not _distributed():
+        if not is_distributed():
             self.write_summary()
 
     def _start(self, engine: Engine | None = None) -> None:
