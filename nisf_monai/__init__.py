@@ -5,4 +5,4 @@ input checks), ``losses``, ``engines`` (trainer, latent-optimising evaluator), `
 ``handlers`` and ``data`` (datalists, synthetic cohort).
 """
 
-__version__ = "0.13.0"
+__version__ = "0.14.0"

@@ -28,7 +28,7 @@ from nisf_monai.errors import DatalistError, InputDataError
 from nisf_monai.geometry import LabelField
 from nisf_monai.geometry.cycle import curve_phases, cycle_extremes, volume_curve
 from nisf_monai.handlers import join_frames, qc_reference
-from nisf_monai.inferers import LatentOptimisationInferer
+from nisf_monai.inferers import HeartLocator, LatentOptimisationInferer
 from nisf_monai.io import save_nifti
 from nisf_monai.losses import NISFLoss
 from nisf_monai.networks import NISFNet, saved_coord_dim
@@ -230,8 +230,8 @@ def _cine_frames(seed: int = 3) -> list[MetaTensor]:
 
 def test_frames_of_one_subject_share_one_code_and_one_pose() -> None:
     network = tiny_net(coord_dim=5, num_classes=4)
-    fit = LatentOptimisationInferer(num_steps=4, num_points=64, extent_mm=100.0, log_every=0, heart_frame=True)
-    fit.heart_locator.refine_steps = 2
+    locator = HeartLocator(refine_steps=2)
+    fit = LatentOptimisationInferer(num_steps=4, num_points=64, extent_mm=100.0, log_every=0, heart_locator=locator)
     joint = _cine_frames()
     codes = fit.fit(joint, network, groups=["s", "s"])
     torch.testing.assert_close(codes[0], codes[1])

@@ -47,7 +47,7 @@ def inferer(heart_frame: bool = False, **kwargs: Any) -> LatentOptimisationInfer
     args["log_every"] = 0
     if heart_frame:
         locator = HeartLocator(radius_mm=8.0, step_mm=4.0, num_angles=2, score_points=128, num_starts=2, refine_steps=4)
-        args.update(heart_frame=True, heart_locator=locator)
+        args.update(heart_locator=locator)
     return LatentOptimisationInferer(**{**args, **kwargs})
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import oblique_affine
 from monai.data import MetaTensor
 
-from nisf_monai.inferers import LatentOptimisationInferer
+from nisf_monai.inferers import HeartLocator, HeartWeighting, LatentOptimisationInferer
 from nisf_monai.transforms import POSE_KEY, CoordinateGridd, CoordinateMapping, HeartPosed, heart_pose
 from nisf_monai.transforms.heart_frame import pose_matrix, split_pose
 
@@ -188,7 +188,6 @@ def image_at_pose(field: TwoBlobField, affine: np.ndarray, shape, pose: torch.Te
 
 @pytest.mark.parametrize("extent", [100.0, 400.0])  # the search moves in millimetres whatever the coordinate scale
 def test_locator_recovers_a_known_pose(extent):
-    from nisf_monai.inferers import HeartLocator
     from nisf_monai.transforms import pose_matrix
 
     field = TwoBlobField(extent)
@@ -219,19 +218,20 @@ def test_inferer_locates_before_fitting_and_keeps_the_pose():
     affine = turned_affine(0.2)
     shape = (40, 40, 3)
     image = image_at_pose(field, affine, shape, torch.eye(4, dtype=torch.float64))  # heart at the world origin
-    inferer = LatentOptimisationInferer(num_steps=2, num_points=64, extent_mm=extent, heart_frame=True, log_every=0)
+    inferer = LatentOptimisationInferer(
+        num_steps=2, num_points=64, extent_mm=extent, heart_locator=HeartLocator(), log_every=0
+    )
     out = inferer.fit_and_sample([image], field)[0]
     assert POSE_KEY in image.meta
     np.testing.assert_allclose(np.asarray(out["pred"].affine), affine)
     assert tuple(out["pred"].shape[1:]) == shape
-    with pytest.raises(ValueError, match="heart_frame"):
-        LatentOptimisationInferer(heart_sigma_mm=40.0)
+    with pytest.raises(ValueError, match="fit_weighting is measured from the heart frame"):
+        LatentOptimisationInferer(fit_weighting=HeartWeighting(40.0))
 
 
 def test_pose_search_looks_only_at_kept_voxels():
     """With a mask (hidden slices, sparse input), the search draws its voxels among the kept ones only, and the
     inferer hands each case's mask to it."""
-    from nisf_monai.inferers import HeartLocator
 
     affine = turned_affine(0.3)
     image = MetaTensor(torch.rand(1, *SHAPE), affine=torch.as_tensor(affine))
@@ -251,15 +251,15 @@ def test_pose_search_looks_only_at_kept_voxels():
 
     field = TwoBlobField(100.0)
     inferer = LatentOptimisationInferer(
-        num_steps=1, num_points=16, extent_mm=100.0, heart_frame=True, heart_locator=Recording(), log_every=0
+        num_steps=1, num_points=16, extent_mm=100.0, heart_locator=Recording(), log_every=0
     )
     inferer.fit([image], field, masks=[mask[None]])
     assert len(seen) == 1 and torch.equal(seen[0].reshape(SHAPE), mask)
 
 
 def test_points_drawn_near_the_heart_follow_its_gaussian():
-    """``draw_near_heart`` draws points from the heart weighting: on a wide field, about 1 - exp(-1/2) = 39% of
-    them lie within one sigma of the heart's axis in the slice plane, where a uniform draw puts only a few."""
+    """``HeartWeighting(draw=True)`` draws points from the heart weighting: on a wide field, about 1 - exp(-1/2) =
+    39% of them lie within one sigma of the heart's axis in the slice plane, where a uniform draw puts only a few."""
     extent, sigma = 100.0, 20.0
     affine, shape = turned_affine(0.2), (120, 120, 4)
     centre = to_world(affine, (np.asarray(shape) - 1) / 2)  # the heart in the middle of a 180 mm field
@@ -267,9 +267,10 @@ def test_points_drawn_near_the_heart_follow_its_gaussian():
     coords = mapping.grid(mapping.affine, shape).T  # (3, P) heart-frame network units
     radius_mm = torch.linalg.norm(coords[:2], dim=0) * extent
 
-    def within_sigma(draw_near_heart: bool) -> float:
+    def within_sigma(draw: bool) -> float:
+        weighting = HeartWeighting(sigma, draw=draw)
         inferer = LatentOptimisationInferer(
-            num_points=4000, extent_mm=extent, heart_frame=True, heart_sigma_mm=sigma, draw_near_heart=draw_near_heart
+            num_points=4000, extent_mm=extent, heart_locator=HeartLocator(), fit_weighting=weighting
         )
         index = inferer._draw(coords.shape[-1], torch.Generator().manual_seed(0), inferer._draw_cdf(coords))
         return float((radius_mm[index] < sigma).float().mean())

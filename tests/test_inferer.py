@@ -332,13 +332,13 @@ def test_fit_computes_no_weight_gradients_and_leaves_the_flags_alone(fused_weigh
 
 def test_output_region_reads_the_network_near_the_heart_only() -> None:
     """Within the HeartRegion the outputs are the network's; beyond it background and intensity 0."""
-    from nisf_monai.inferers import HeartRegion
+    from nisf_monai.inferers import HeartLocator, HeartRegion
     from nisf_monai.transforms import POSE_KEY, pose_matrix
 
     net = tiny_net(3)
     image = as_image(volumes()[0], AFFINE)
     image.meta[POSE_KEY] = pose_matrix([10.0, 12.0, 8.0], torch.eye(3))  # a known heart frame, no search
-    settings = {"num_steps": 2, "heart_frame": True, "extent_mm": 100.0}
+    settings = {"num_steps": 2, "heart_locator": HeartLocator(), "extent_mm": 100.0}
     everywhere = inferer(**settings).fit_and_sample(image, net)
     region = HeartRegion(radius_mm=8.0)
     near = inferer(**settings, output_region=region).fit_and_sample(image, net)
@@ -349,5 +349,5 @@ def test_output_region_reads_the_network_near_the_heart_only() -> None:
     torch.testing.assert_close(pred[inside], everywhere["pred"].as_tensor()[0, 0][inside], rtol=0, atol=0)
     torch.testing.assert_close(recon[inside], everywhere["recon"].as_tensor()[0, 0][inside])
     assert int(pred[~inside].max()) == 0 and float(recon[~inside].max()) < 1e-6
-    with pytest.raises(ValueError, match="set heart_frame too"):
+    with pytest.raises(ValueError, match="output_region is measured from the heart frame"):
         LatentOptimisationInferer(output_region=region)

@@ -246,7 +246,8 @@ def qc_of(model: Path, settings: dict, reference: Path | None, tmp_path: Path, s
     net = NISFNet()
     net.load_state_dict(torch.load(model, map_location="cpu", weights_only=True))
     net.eval()
-    inferer = LatentOptimisationInferer(num_steps=steps, num_points=4096, log_every=0, **settings)
+    # the synthetic model reads the volume frame: no heart locator
+    inferer = LatentOptimisationInferer(num_steps=steps, num_points=4096, log_every=0, extent_mm=settings["extent_mm"])
     image = acdc_frame(frame)
     latent = inferer.fit([image], net)[0]
     handler = QualityControlHandler(inferer, net, tmp_path, LABELS, reference)

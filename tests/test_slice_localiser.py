@@ -13,7 +13,15 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from nisf_monai.inferers import HeartLocator, SliceLocaliser, load_localiser, localiser_network
+from nisf_monai.inferers import (
+    HeartLocator,
+    IntensityTerm,
+    LocaliserBlend,
+    LocaliserGuide,
+    SliceLocaliser,
+    load_localiser,
+    localiser_network,
+)
 from nisf_monai.networks import NISFNet
 from nisf_monai.transforms import heart_pose
 
@@ -190,9 +198,8 @@ def fitted_agreement(localiser_weight: float) -> float:
         learning_rate=0.05,
         num_points=2048,
         extent_mm=100.0,
-        heart_frame=True,
         heart_locator=HeartLocator(localiser=localiser, refine_steps=0),
-        localiser_weight=localiser_weight,
+        fit_terms=[IntensityTerm(), LocaliserGuide(localiser_weight)],
         log_every=0,
     )
     net = tiny_heart_net()
@@ -212,13 +219,14 @@ def test_localiser_weight_without_a_localiser_warns_and_fits_intensity_alone(cap
     net = tiny_heart_net()
     codes = []
     for weight in (0.0, 1.0):
-        inferer = LatentOptimisationInferer(num_steps=5, num_points=512, extent_mm=100.0, localiser_weight=weight)
+        terms = [IntensityTerm(), LocaliserGuide(weight)]
+        inferer = LatentOptimisationInferer(num_steps=5, num_points=512, extent_mm=100.0, fit_terms=terms)
         with caplog.at_level(logging.WARNING, logger="nisf_monai"):
             codes.append(inferer.fit(image[None], net))
     assert "no localiser" in caplog.text
     torch.testing.assert_close(codes[0], codes[1])
     with pytest.raises(ValueError, match="localiser_weight"):
-        LatentOptimisationInferer(localiser_weight=-1.0)
+        LocaliserGuide(-1.0)
 
 
 def test_probability_volume_reads_the_grid_in_world_millimetres() -> None:
@@ -272,16 +280,22 @@ def test_probability_volume_bridges_hidden_slices_from_the_kept_ones_on_either_s
     assert float(unbridged) == 0.0
 
 
-def blend_inferer(localiser_blend: float, localiser: SliceLocaliser | None = None, **kwargs):
+def blend_inferer(
+    localiser_blend: float,
+    localiser: SliceLocaliser | None = None,
+    bridge_hidden: bool = False,
+    guide_weight: float = 0.0,
+    **kwargs,
+):
     from nisf_monai.inferers import LatentOptimisationInferer
 
     return LatentOptimisationInferer(
         num_steps=5,
         num_points=512,
         extent_mm=100.0,
-        heart_frame=True,
         heart_locator=HeartLocator(localiser=localiser or SliceLocaliser(IntensityClasses(), in_plane_mm=3.0)),
-        localiser_blend=localiser_blend,
+        fit_terms=[IntensityTerm(), LocaliserGuide(guide_weight)],
+        output_blend=LocaliserBlend(localiser_blend, bridge_hidden),
         log_every=0,
         **kwargs,
     )
@@ -329,7 +343,7 @@ def test_blend_hidden_reads_the_localiser_across_hidden_slices_from_the_kept_one
     mask[..., 2] = False
     garbage = image.clone()
     garbage[..., 2] = torch.rand(SHAPE[:2])  # the hidden slice's intensities are never read
-    bridged = blend_inferer(1.0, localiser_blend_hidden=True).fit_and_sample([garbage], net, masks=[mask])[0]
+    bridged = blend_inferer(1.0, bridge_hidden=True).fit_and_sample([garbage], net, masks=[mask])[0]
     probs = SliceLocaliser(IntensityClasses(), in_plane_mm=3.0).probabilities(image)
     between = ((probs[..., 1] + probs[..., 3]) / 2).argmax(0)
     assert torch.equal(bridged["pred"][0, ..., 2].long(), between)
@@ -389,9 +403,9 @@ def test_blend_needs_a_share_and_a_localiser(caplog: pytest.LogCaptureFixture) -
     from nisf_monai.inferers import LatentOptimisationInferer
 
     with pytest.raises(ValueError, match="localiser_blend"):
-        LatentOptimisationInferer(localiser_blend=1.5)
+        LocaliserBlend(1.5)
     image, _ = heart_scan()
-    inferer = LatentOptimisationInferer(num_steps=2, num_points=256, extent_mm=100.0, localiser_blend=0.5, log_every=0)
+    inferer = LatentOptimisationInferer(num_steps=2, num_points=256, extent_mm=100.0, output_blend=LocaliserBlend(0.5))
     with caplog.at_level(logging.WARNING, logger="nisf_monai"):
         assert inferer.blend_source(image) is None
     assert "no localiser" in caplog.text
@@ -424,7 +438,7 @@ def test_one_inference_predicts_each_slice_once_for_pose_guide_and_blend() -> No
     localiser = SliceLocaliser(network, in_plane_mm=3.0, rotations=(0.0, 0.2), zooms=(1.0, 0.9))
     first = localiser.probabilities(image)
     assert network.calls == 4  # two rotations at two zooms, all slices in one batch
-    blend_inferer(0.5, localiser, localiser_weight=1.0).fit_and_sample([image], tiny_heart_net())
+    blend_inferer(0.5, localiser, guide_weight=1.0).fit_and_sample([image], tiny_heart_net())
     assert network.calls == 4  # the pose, the guide of the fit and the blend read the kept answer
     kept = localiser.coarse_probabilities(image)
     kept[:] = 0.0  # what a caller does to its answer does not reach the kept one

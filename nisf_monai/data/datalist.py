@@ -14,6 +14,7 @@ from typing import Any
 import nibabel as nib
 from monai.data import load_decathlon_datalist
 
+from nisf_monai.data.dicom import NON_DICOM_SUFFIXES, convert_dicom_scans
 from nisf_monai.data.phases import CINE_LENGTH_KEY
 from nisf_monai.errors import DatalistError, InputDataError, InvalidCaseError, MissingFileError
 
@@ -31,7 +32,6 @@ __all__ = [
 logger = logging.getLogger("nisf_monai")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-NON_DICOM_SUFFIXES = (*NIFTI_SUFFIXES, ".json", ".csv", ".txt", ".cfg", ".png", ".md", ".log", ".pt", ".yaml")
 _FRAME_SUFFIX = re.compile(r"^(?P<subject>.+?)_frame\d+$")
 
 
@@ -158,8 +158,6 @@ def list_images(
         raise MissingFileError(f"dataset_dir {folder} is not a folder.")
     images = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not case_name(p).endswith("_gt"))
     if _may_hold_dicom(folder):
-        from nisf_monai.data.dicom import convert_dicom_scans
-
         if dicom_output_dir is None:
             dicom_output_dir = tempfile.mkdtemp(prefix="nisf_dicom_")
         converted = convert_dicom_scans(folder, dicom_output_dir)

@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from nisf_monai.data.datalist import NON_DICOM_SUFFIXES
 from nisf_monai.errors import InvalidCaseError
 from nisf_monai.io import atomic_write_text, save_nifti
+
+# what a folder of DICOM files may also hold (NIfTI images, notes, records): never read as DICOM
+NON_DICOM_SUFFIXES = (".nii.gz", ".nii", ".json", ".csv", ".txt", ".cfg", ".png", ".md", ".log", ".pt", ".yaml")
 
 __all__ = ["DicomScan", "convert_dicom_scans", "find_dicom_scans", "read_dicom_scan", "write_dicom_cine"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from nisf_monai.inferers.latent_optimisation import spacing_triple
+from nisf_monai.inferers.cases import spacing_triple
 from nisf_monai.spatial import voxel_sizes, voxel_volume_ml
 
 __all__ = ["footprint_grid", "roi_slices", "sub_grid", "voxel_sizes", "voxel_volume_ml"]

@@ -27,7 +27,8 @@ from monai.utils import CommonKeys as Keys
 
 from nisf_monai.distributed import is_distributed
 from nisf_monai.geometry.measures import write_csv
-from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, code_groups
+from nisf_monai.inferers.cases import code_groups
+from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
 from nisf_monai.io import atomic_write_json
 from nisf_monai.quality import QualityScore, class_agreement, shape_signals
 from nisf_monai.spatial import voxel_volume_ml

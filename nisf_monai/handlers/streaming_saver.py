@@ -14,7 +14,8 @@ from monai.data import FolderLayout, MetaTensor
 from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import CommonKeys as Keys
 
-from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer, spacing_triple, target_grid
+from nisf_monai.inferers.cases import spacing_triple, target_grid
+from nisf_monai.inferers.latent_optimisation import LatentOptimisationInferer
 from nisf_monai.inferers.streaming import NiftiSlabWriter, stream_sampled_grid
 from nisf_monai.transforms.loading import frame_name_formatter
 

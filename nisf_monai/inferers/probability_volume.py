@@ -1,8 +1,9 @@
 """Class probabilities known on one image's grid, read at any world position.
 
 The heart locator's localiser predicts class probabilities on the slices of the input image. Mixed into the
-segmentation that NISF samples (``LatentOptimisationInferer(localiser_blend=...)``) they must be read wherever
-the output grid puts a voxel: on the input's own slices, between them at a finer spacing, or beyond the stack.
+segmentation that NISF samples (:class:`~nisf_monai.inferers.output_blend.LocaliserBlend`) they must be read
+wherever the output grid puts a voxel: on the input's own slices, between them at a finer spacing, or beyond the
+stack.
 :class:`ProbabilityVolume` reads them trilinearly in world millimetres and says how much each read can be
 trusted: 1 on voxels the localiser saw, falling linearly to 0 within one voxel beyond the grid and towards
 voxels a mask left out (hidden slices), so those keep NISF's own answer. With ``bridge_hidden`` the hidden voxels

@@ -6,7 +6,7 @@ view. A small slice-wise network trained on the same labels finds the ventricles
 its coarse labels give the pose the same way the labels do in training (:func:`heart_pose`). It works at a
 fixed in-plane spacing (1.5 mm by default, near ACDC's acquired 1.4-1.8 mm), so any scan resolution
 looks alike to it. Its class probabilities, brought back to the image grid, can also guide the latent fit
-(``LatentOptimisationInferer(localiser_weight=...)``).
+(the fit term ``LocaliserGuide``).
 """
 
 from __future__ import annotations
