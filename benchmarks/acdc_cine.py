@@ -1,10 +1,10 @@
-"""The cine model against the per-frame model on ACDC: timing, the clinical measures of the UNet baseline, and the
-side-by-side table of issue 26.
+"""The cine model against the per-frame model on ACDC (``acdc.py cine``): timing, the clinical measures of the UNet
+baseline, and the side-by-side table of issue 26.
 
-    python benchmarks/acdc_cine.py timing --per-frame MODEL_A --cine MODEL_B --localiser LOC   # one subject, a cine
-    python benchmarks/acdc_cine.py unet-measures benchmarks/results/acdc_unet117_v2/acdc_unet.json
-    python benchmarks/acdc_cine.py mass-change DIR [DIR ...]                                   # |mass(ED) - mass(ES)|
-    python benchmarks/acdc_cine.py dice --run per-frame A_off0.json A_off10.json --run cine B_off0.json B_off10.json
+    python benchmarks/acdc.py cine timing --per-frame MODEL_A --cine MODEL_B --localiser LOC   # one subject, a cine
+    python benchmarks/acdc.py cine unet-measures benchmarks/results/acdc_unet117_v2/acdc_unet.json
+    python benchmarks/acdc.py cine mass-change DIR [DIR ...]                                   # |mass(ED) - mass(ES)|
+    python benchmarks/acdc.py cine dice --run per-frame A_off0.json A_off10.json --run cine B_off0.json B_off10.json
 
 ``timing`` runs ``python -m monai.bundle run inference`` as a user does, in fresh processes: on one ACDC test
 subject's ED and ES frames with each model (the per-frame model fits two codes, the cine model one), and on a
@@ -12,10 +12,10 @@ synthetic 25-frame cine (a 4D NIfTI) with each. Wall and CPU time (user + system
 side and written to JSON: the ratio of the two models is what one run compares (these machines are shared).
 
 ``unet-measures`` reads the 2D UNet baseline's per-frame volumes on the test frames (voxel counts on the acquired
-grid, ``benchmarks/acdc.py --unet-only`` records them) and gives LV/RV EDV, ESV, EF and LV mass against the manual
-labels, as ``acdc_measures.py`` does for NISF.
+grid, ``acdc.py unet`` records them) and gives LV/RV EDV, ESV, EF and LV mass against the manual
+labels, as ``acdc.py measures`` does for NISF.
 
-``dice`` reads ``acdc_levers.py evaluate`` records (pooled over the files of a run) and splits each run's Dice at
+``dice`` reads ``acdc.py evaluate`` records (pooled over the files of a run) and splits each run's Dice at
 its last step (or ``--step``) into the ED and the ES frames, for the code alone and for the written segmentation
 (the localiser's blend with the largest components kept).
 
@@ -38,13 +38,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from acdc_common import DATA, REPO, RESULTS, add_options, write_record
 
 from nisf_monai.data.synthetic import generate_cine
 from nisf_monai.geometry.measures import MYOCARDIAL_DENSITY, agreement_table, cardiac_measures
 from nisf_monai.io import json_safe, save_nifti
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "acdc"
 SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_ef_pct", "lv_mass_g")
 
 
@@ -95,7 +94,7 @@ def timing(args: argparse.Namespace) -> None:
         "models": {k: str(v) for k, v in models.items()},
         "runs": runs,
     }
-    (work / "timing.json").write_text(json.dumps(json_safe(record), indent=2))
+    write_record(work / "timing.json", json_safe(record))
     print(f"| input | model | wall s | CPU s |  ({record['cpu']}, {args.threads} thread(s))")
     print("|---|---|---:|---:|")
     for key, run in runs.items():
@@ -139,7 +138,7 @@ def unet_measures(args: argparse.Namespace) -> None:
     )
     out = Path(args.unet_json).with_name("acdc_unet_measures.json")
     summary = {"source": args.unet_json, "patients": len(unet), "agreement": table, "lv_mass_change_g": mass_change}
-    out.write_text(json.dumps(json_safe(summary), indent=2))
+    write_record(out, json_safe(summary))
     for m in SHOWN:
         s = table[m]
         print(f"{m}: MAE {s['mae']:.2f}, bias {s['bias']:+.2f}, r {s['pearson_r']:.2f}")
@@ -168,7 +167,7 @@ def mass_change(args: argparse.Namespace) -> None:
             f"{source}: median |LV mass(ED) - LV mass(ES)| {change['median']:.1f} g over {len(change['per_subject'])}"
         )
     if args.output:
-        Path(args.output).write_text(json.dumps(json_safe({"folders": args.folders, **result}), indent=2))
+        write_record(args.output, json_safe({"folders": args.folders, **result}))
         print(f"written {args.output}")
 
 
@@ -203,12 +202,14 @@ def dice(args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.output:
-        Path(args.output).write_text(json.dumps({"runs": {n: f for n, *f in args.run}, "dice": record}, indent=2))
+        write_record(args.output, {"runs": {n: f for n, *f in args.run}, "dice": record})
         print(f"written {args.output}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="acdc.py cine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("timing")
     t.add_argument("--per-frame", required=True, help="a per-frame model.pt")
@@ -217,10 +218,9 @@ def main() -> None:
     t.add_argument("--patient", default="patient049", help="an ACDC test patient")
     t.add_argument("--frames", type=int, default=25, help="frames of the synthetic cine")
     t.add_argument("--seed", type=int, default=3)
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc_cine_timing"))
+    add_options(t, "threads", "work_dir", threads=2, work_dir=str(RESULTS / "acdc_cine_timing"))
     u = sub.add_parser("unet-measures")
-    u.add_argument("unet_json", help="acdc_unet.json of benchmarks/acdc.py --unet-only (with per-case volumes)")
+    u.add_argument("unet_json", help="acdc_unet.json of acdc.py unet (with per-case volumes)")
     m = sub.add_parser("mass-change")
     m.add_argument("folders", nargs="+", help="measuring runs' output folders (holding volumes.csv)")
     m.add_argument("--output", default="", help="JSON to write")
@@ -229,10 +229,12 @@ def main() -> None:
     d.add_argument("--blend", default="0.5", help="the written segmentation's localiser weight")
     d.add_argument("--step", type=int, default=None, help="the latent step read (default: each record's last)")
     d.add_argument("--output", default="", help="JSON to write")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     commands = {"timing": timing, "unet-measures": unet_measures, "mass-change": mass_change, "dice": dice}
     commands[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

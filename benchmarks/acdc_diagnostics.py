@@ -1,4 +1,5 @@
-"""Where does an ACDC-trained NISF model lose its Dice? Three diagnostics on one trained run of ``acdc_levers.py``:
+"""Where does an ACDC-trained NISF model lose its Dice (``acdc.py diagnostics``)? Three diagnostics on one run of
+``acdc.py train``:
 
 1. **Zero code** (latent step 0) on validation frames: the population-average prediction.
 2. **Ceiling**: validation codes fitted with the frozen network to the *segmentation* loss (labels known): the
@@ -8,19 +9,16 @@
    the latent space) loses the Dice.
 Plus the bundle's test-time fit on validation (intensity), the number users get.
 
-    python benchmarks/acdc_diagnostics.py --name C_heart --frames 10
+    python benchmarks/acdc.py diagnostics --name C_heart --frames 10
 
 Prints a table and writes ``diagnostics.json`` beside the run (each part also leaves its evaluation JSON).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
-import acdc_levers  # noqa: E402  (beside this script)
+import acdc_levers
 import numpy as np
+from acdc_common import add_options, command_parser, write_record
 
 
 def run(name: str, frames: int, steps: str, threads: int, pose: str, extra: list[str]) -> dict:
@@ -55,13 +53,10 @@ def run(name: str, frames: int, steps: str, threads: int, pose: str, extra: list
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", required=True, help="a run of acdc_levers.py train")
-    ap.add_argument("--frames", type=int, default=10)
-    ap.add_argument("--steps", default="0,100,300")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = command_parser("diagnostics", __doc__)
+    ap.add_argument("--name", required=True, help="a run of acdc.py train")
+    add_options(ap, "frames", "steps", "threads", "set", frames=10, steps="0,100,300")
     ap.add_argument("--pose", default="label", choices=("label", "estimate"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
     args = ap.parse_args(argv)
     results = run(args.name, args.frames, args.steps, args.threads, args.pose, args.set)
     print(f"\n{args.name}: mean Dice (LV / Myo / RV), {args.frames} frames per part")
@@ -79,10 +74,11 @@ def main(argv: list[str] | None = None) -> None:
             f"  {label:<42} step 0: {result['mean_dice'][0]:.3f}   best (step {result['steps'][best]}): "
             f"{result['mean_dice'][best]:.3f} ({classes})"
         )
-    out = acdc_levers.WORK / args.name / "diagnostics.json"
-    out.write_text(json.dumps({"settings": vars(args), "summary": summary}, indent=2))
+    out = write_record(acdc_levers.WORK / args.name / "diagnostics.json", {"settings": vars(args), "summary": summary})
     print(f"written {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

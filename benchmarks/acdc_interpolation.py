@@ -1,4 +1,4 @@
-"""Held-out slice interpolation on ACDC: NISF against nearest-slice and shape-based label interpolation.
+"""Held-out slices on ACDC (``acdc.py interpolate``): NISF against nearest-slice and shape-based label interpolation.
 
 On the ACDC test patients (number % 5 == 4, see shared/data/README.md; --part validation for the validation
 patients), every other short-axis slice is
@@ -7,7 +7,7 @@ the ground-truth labels of the kept neighbours (which NISF never sees). Dice per
 slices (MONAI DiceMetric, background excluded) for the three methods, through the bundle's
 `interpolating` config (inference.json + evaluate.json + interpolate.json):
 
-    python benchmarks/acdc_interpolation.py --model bundle/models/model.pt --limit 2
+    python benchmarks/acdc.py interpolate --model bundle/models/model.pt --limit 2
 
 Writes to --work-dir: hidden_slice_dice.{csv,json}, hidden_slice_dice_examples.png (the config's
 outputs) and acdc_interpolation.json (settings, timing, summary); prints a table.
@@ -23,14 +23,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from acdc_levers import parse_overrides  # noqa: E402  (beside this script)
-from monai.bundle import ConfigParser
+import torch
+from acdc_common import (
+    CONFIGS,
+    REPO,
+    RESULTS,
+    acdc_datalist,
+    add_options,
+    command_parser,
+    first_patients,
+    inference_config,
+    parse_overrides,
+    require_data,
+    write_record,
+)
 
-from nisf_monai.data import build_datalist
 from nisf_monai.handlers import selected_inference_steps
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = [REPO / "bundle" / "configs" / name for name in ("inference.json", "evaluate.json", "interpolate.json")]
 METHODS = {
     "nisf": "NISF (hidden slices)",
     "nearest": "nearest slice (GT)",
@@ -42,9 +51,7 @@ logger = logging.getLogger("acdc_interpolation")
 
 def run_interpolating(overrides: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """Run the bundle's `interpolating` config with ``overrides``; its JSON record and the wall time."""
-    parser = ConfigParser()
-    parser.read_config([str(c) for c in CONFIGS])
-    parser.update({"bundle_root": str(REPO / "bundle"), **overrides})
+    parser = inference_config(overrides, str(CONFIGS / "evaluate.json"), str(CONFIGS / "interpolate.json"))
     evaluator = parser.get_parsed_content("evaluator")
     start = time.perf_counter()
     evaluator.run()
@@ -91,22 +98,19 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--num-points", type=int, default=8192, help="voxels per case per latent step")
     ap.add_argument("--batch-size", type=int, default=4, help="cases fitted together")
-    ap.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="any other config override, e.g. --set latent_dim=64"
-    )
+    add_options(ap, "set")
     ap.add_argument(
         "--limit", type=int, default=0, help="use only the first N subjects (patients, both frames) of the section"
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
-    ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc_interpolation"))
+def main(argv: list[str] | None = None) -> dict:
+    ap = command_parser("interpolate", __doc__)
+    add_options(ap, "data", "work_dir", "threads", work_dir=str(RESULTS / "acdc_interpolation"))
     ap.add_argument(
         "--keep", default="every_other", help="slices the fit sees: every_other, a fraction, or a JSON list of indices"
     )
-    ap.add_argument("--offset", type=int, default=0, help="first kept slice for every_other")
+    ap.add_argument("--slice-offset", type=int, default=0, help="first kept slice for every_other")
     ap.add_argument(
         "--part",
         default="test",
@@ -114,17 +118,15 @@ def main() -> None:
         help="patients scored: validation (choosing settings) or test (reading a configuration once)",
     )
     add_model_arguments(ap)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    if not Path(args.data).is_dir():
-        sys.exit(f"ACDC data not found at {args.data} (see shared/data/README.md)")
+    torch.set_num_threads(args.threads)
+    require_data(args.data)
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    datalist = build_datalist(args.data, str(work / "datalist.json"))
+    datalist = acdc_datalist(work, data=args.data)
     if args.limit:
         full = json.loads(Path(datalist).read_text())
-        keep = sorted({e["subject"] for e in full[args.part]})[: args.limit]
-        full[args.part] = [e for e in full[args.part] if e["subject"] in keep]
+        full[args.part] = first_patients(full[args.part], args.limit)
         Path(datalist).write_text(json.dumps(full, indent=2))
     keep_slices: Any = args.keep if args.keep in ("every_other", "all") else json.loads(args.keep)
     overrides = {
@@ -133,7 +135,7 @@ def main() -> None:
         "section": args.part,
         "output_dir": str(work),
         "keep_slices": keep_slices,
-        "slice_offset": args.offset,
+        "slice_offset": args.slice_offset,
     }
     record, elapsed = run_interpolating(overrides)
     result = {
@@ -143,13 +145,16 @@ def main() -> None:
         "num_scored_slices": record["num_scored_slices"],
         "summary": record["summary"],
     }
-    (work / "acdc_interpolation.json").write_text(json.dumps(result, indent=2))
+    write_record(work / "acdc_interpolation.json", result)
     print(table(record["summary"], record["classes"]))
     print(
         f"{record['num_cases']} cases, {record['num_scored_slices']} hidden slices scored, {elapsed:.0f} s; "
         f"results in {work}"
     )
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

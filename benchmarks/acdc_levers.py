@@ -1,8 +1,9 @@
-"""ACDC levers: train NISF through the bundle's ``train.json`` with a few settings changed, under a CPU budget,
-then score it on validation frames. One row of the ablation table in ``benchmarks/README.md`` per run.
+"""ACDC levers (``acdc.py train``, ``evaluate``, ``steps``, ``qc``, ``report``): train NISF through the bundle's
+``train.json`` with a few settings changed, under a CPU budget, then score it on validation frames. Each lever of
+the ablation table in ``benchmarks/README.md`` is one such run.
 
-    python benchmarks/acdc_levers.py train --name latent_lr_1e-2 --budget-minutes 20 --set latent_learning_rate=0.01
-    python benchmarks/acdc_levers.py evaluate --name latent_lr_1e-2
+    python benchmarks/acdc.py train --name latent_lr_1e-2 --budget-minutes 20 --set latent_learning_rate=0.01
+    python benchmarks/acdc.py evaluate --name latent_lr_1e-2
 
 ``train`` counts the budget in process CPU time (all threads; one thread by default, so two runs side by
 side use both cores), saves a snapshot of the network and codes every ``--snapshot-minutes`` for the
@@ -27,42 +28,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from acdc_common import (
+    CLASSES,
+    CONFIGS,
+    DATA,
+    REPO,
+    RESULTS,
+    acdc_datalist,
+    add_options,
+    fit_overrides,
+    frames_of,
+    parse_overrides,
+    require_data,
+    steps_of,
+    write_record,
+)
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from nisf_monai.classes import STRUCTURES
-from nisf_monai.data import build_datalist, load_datalist
+from nisf_monai.data import load_datalist
 from nisf_monai.denormals import flush_denormal
 from nisf_monai.handlers import select_step
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
-DATA = REPO.parent / "shared" / "data" / "acdc"
-WORK = REPO / "benchmarks" / "results" / "acdc_levers"
-CLASSES = ("LV", "Myo", "RV")
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` strings into config overrides; values parsed as JSON where possible."""
-    overrides = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def acdc_datalist(work: Path, parts: str) -> str:
-    """The bundle datalist of the shared ACDC split; ``parts='final'`` trains on training + validation."""
-    datalist = build_datalist(str(DATA), str(work / "datalist.json"))
-    if parts == "final":
-        full = json.loads(Path(datalist).read_text())
-        full["training"] = full["training"] + full["validation"]
-        datalist = str(work / "datalist_final.json")
-        Path(datalist).write_text(json.dumps(full, indent=2))
-    return datalist
+WORK = RESULTS / "acdc_levers"
 
 
 def run_overrides(record: dict) -> dict:
@@ -107,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
     if record_path.is_file():  # resuming: what the run was trained with so far, unless --set changes it
         overrides = run_overrides(record) | overrides
     torch.set_num_threads(args.threads)
-    datalist = acdc_datalist(WORK, args.parts)
+    datalist = acdc_datalist(WORK, args.parts, args.data)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update(
@@ -170,16 +159,16 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from levers_eval import evaluate_cases  # beside this script
+    from acdc_fit import evaluate_cases  # beside this script
 
     root = WORK / args.name
     torch.set_num_threads(args.threads)
-    datalist = acdc_datalist(WORK, "split")
-    cases = load_datalist(datalist, args.part)[args.offset :][: args.frames or None]
+    datalist = acdc_datalist(WORK, "split", args.data)
+    cases = frames_of(datalist, args.part, args.frames, args.offset)
     train_record = json.loads((root / "record.json").read_text())
     overrides = run_overrides(train_record)
     checkpoint = root / "snapshots" / args.snapshot if args.snapshot else root / "snapshots" / "final.pt"
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = steps_of(args.steps)
     inferer_overrides = parse_overrides(args.set) | locator_override(args, overrides["heart_reference_volume_ml"])
     start = time.perf_counter()
     with flush_denormal():
@@ -205,8 +194,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             "train_iterations": train_record["iterations"],
         }
     )
-    out = root / f"evaluation_{args.part}_{args.objective}_{args.pose}_{checkpoint.stem}{args.tag}.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_record(
+        root / f"evaluation_{args.part}_{args.objective}_{args.pose}_{checkpoint.stem}{args.tag}.json", result
+    )
     print(f"{args.name} ({args.part}, {args.objective}, {checkpoint.name}): mean Dice by step")
     for step, dice in zip(result["steps"], result["mean_dice"]):
         per_class = " ".join(f"{c} {d:.3f}" for c, d in zip(CLASSES, result["class_dice"][result["steps"].index(step)]))
@@ -229,8 +219,6 @@ def evaluate(args: argparse.Namespace) -> dict:
 def quality_reference(args: argparse.Namespace) -> None:
     """``qc_reference.json`` for a run's final model (or ``--snapshot``): its training codes, and the reconstruction
     errors and code distances of ``--frames`` of its training frames refitted from zero as inference fits them."""
-    from levers_eval import CONFIGS as configs  # beside this script
-
     from nisf_monai.data import case_ids
     from nisf_monai.handlers import qc_reference
     from nisf_monai.networks import LatentTable
@@ -240,15 +228,17 @@ def quality_reference(args: argparse.Namespace) -> None:
     record = json.loads((root / "record.json").read_text())
     datalist = str(WORK / ("datalist_final.json" if (WORK / "datalist_final.json").is_file() else "datalist.json"))
     parser = ConfigParser()
-    parser.read_config(str(configs / "train.json"))
+    parser.read_config(str(CONFIGS / "train.json"))
     overrides = run_overrides(record)
     parser.update({"datalist": datalist, **overrides})
-    for key, value in {
-        "num_steps": args.steps,
-        "log_every": 0,
-        **parse_overrides(args.set),
-        **locator_override(args, overrides["heart_reference_volume_ml"]),
-    }.items():
+    for key, value in fit_overrides(
+        {
+            "num_steps": args.steps,
+            "log_every": 0,
+            **parse_overrides(args.set),
+            **locator_override(args, overrides["heart_reference_volume_ml"]),
+        }
+    ).items():
         parser[f"validate#inferer#{key}"] = value
     saved = torch.load(root / "snapshots" / (args.snapshot or "final.pt"), map_location="cpu", weights_only=False)
     network = parser.get_parsed_content("network_def")
@@ -400,21 +390,20 @@ def select_inference_steps(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="acdc.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train")
+    t = sub.add_parser("train", help="train one run under a CPU budget")
     t.add_argument("--name", required=True)
     t.add_argument("--budget-minutes", type=float, default=20.0, help="training CPU-minutes (process CPU time)")
     t.add_argument("--snapshot-minutes", type=float, default=5.0)
-    t.add_argument("--threads", type=int, default=1)
     t.add_argument("--parts", choices=("split", "final"), default="split", help="final: train on training + validation")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train.json override")
-    e = sub.add_parser("evaluate")
+    add_options(t, "data", "threads", "set")
+    e = sub.add_parser("evaluate", help="Dice per latent step of a trained run")
     e.add_argument("--name", required=True)
     e.add_argument("--part", default="validation", choices=("validation", "test", "training"))
-    e.add_argument("--frames", type=int, default=10, help="first N frames of the part (0: all)")
-    e.add_argument("--offset", type=int, default=0, help="skip this many frames first (to split a part over processes)")
-    e.add_argument("--steps", default="0,50,100,200,400", help="latent steps at which Dice is recorded")
+    add_options(e, "data", "frames", "offset", "steps", "tag", "threads", "set", frames=10)
     e.add_argument(
         "--objective",
         default="intensity",
@@ -430,9 +419,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     add_localiser_arguments(e)
     e.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
-    e.add_argument("--threads", type=int, default=1)
-    e.add_argument("--tag", default="", help="suffix of the output file name")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
     e.add_argument(
         "--blend",
         default="",
@@ -444,16 +430,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         action="store_true",
         help="score every --blend weight also after keeping each structure's largest connected component",
     )
-    q = sub.add_parser("qc")
+    q = sub.add_parser("qc", help="qc_reference.json of a trained run")
     q.add_argument("--name", required=True)
-    q.add_argument("--frames", type=int, default=8, help="training frames refitted from zero")
+    add_options(q, "frames", "threads", "set", frames=8)
     q.add_argument("--steps", type=int, default=100)
-    q.add_argument("--threads", type=int, default=1)
     q.add_argument("--output", default=str(REPO / "bundle" / "models" / "qc_reference.json"))
     q.add_argument("--snapshot", default="", help="snapshot file name (default: the final model)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="inferer argument override")
     add_localiser_arguments(q)
-    r = sub.add_parser("report")
+    r = sub.add_parser("report", help="a table and learning curves from the evaluation records")
     r.add_argument("--checkpoint", default="final", help="which evaluations make the table (file-name part)")
     r.add_argument("--curve", action="append", default=[], help="runs whose snapshot evaluations make a learning curve")
     r.add_argument("--curve-tag", default="", help="only evaluations whose file name ends with this tag make the curve")
@@ -468,8 +452,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.command == "report":
         report(args)
         return None
-    if not DATA.is_dir():
-        sys.exit(f"ACDC data not found at {DATA} (see ../shared/data/README.md)")
+    require_data(getattr(args, "data", DATA))
     if args.command == "train":
         return train(args)
     if args.command == "qc":
@@ -478,4 +461,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

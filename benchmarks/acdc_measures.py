@@ -1,4 +1,5 @@
-"""ACDC clinical measures: NISF's LV/RV volumes, ejection fractions and LV mass against the manual labels.
+"""ACDC clinical measures (``acdc.py measures``): NISF's LV/RV volumes, ejection fractions and LV mass against the
+manual labels.
 
 On the ACDC test patients of the data README's split (patient number % 5 == 4), runs the bundle's
 ``measuring`` run (``inference.json`` + ``measure.json``): per patient, fits a code to the ED and the ES
@@ -7,10 +8,10 @@ slab, and compares LV EDV / ESV / EF, RV EDV / ESV / EF and LV mass (1.05 g/ml) 
 the manual labels (disc sums on the acquired grid): mean absolute error, bias, limits of agreement and
 Pearson r. Writes CSV, JSON, meshes and PNGs (Bland-Altman, scatter, surfaces) to --work-dir.
 
-    python benchmarks/acdc_measures.py --model path/to/model.pt            # NISF vs manual
-    python benchmarks/acdc_measures.py --source labels --limit 2           # pipeline check: manual vs itself
-    python benchmarks/acdc_measures.py --offset 10 --limit 10 ...           # half the patients (one of two processes)
-    python benchmarks/acdc_measures.py --combine DIR_A DIR_B --work-dir OUT # one table over both halves
+    python benchmarks/acdc.py measures --model path/to/model.pt            # NISF vs manual
+    python benchmarks/acdc.py measures --source labels --limit 2           # pipeline check: manual vs itself
+    python benchmarks/acdc.py measures --offset 10 --limit 10 ...           # half the patients (one of two processes)
+    python benchmarks/acdc.py measures --combine DIR_A DIR_B --work-dir OUT # one table over both halves
 
 ``--source labels`` sends the manual labels through the same fine-grid path instead of the network; it
 must reproduce the manual disc sums exactly (MAE 0), which checks the grids, the region of interest and
@@ -19,7 +20,6 @@ the phase pairing without any model.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -29,14 +29,22 @@ import time
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
+from acdc_common import (
+    CONFIGS,
+    REPO,
+    RESULTS,
+    add_options,
+    command_parser,
+    inference_config,
+    parse_overrides,
+    require_data,
+    write_record,
+)
 
 from nisf_monai.data import ACDC_LABEL_MAPPING, build_datalist, split_of
 from nisf_monai.geometry.measures import agreement_table
 from nisf_monai.io import json_safe
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_mass_g")
 logger = logging.getLogger("acdc_measures")
 
@@ -106,18 +114,16 @@ def combine(folders: list[str], source: str, out: Path) -> None:
                 target = manual if row["source"] == "manual" else measured
                 target[row["subject"]] = {m: float(row[m]) if row[m] else math.nan for m in SHOWN}
     table = agreement_table(measured, manual, SHOWN)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"source": source, "folders": folders, "patients": len(set(measured) & set(manual)), "agreement": table}
-    (out / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
+    write_record(out / "acdc_measures.json", json_safe(summary))
     print_table(table, "NISF" if source == "nisf" else "labels (fine grid)")
     print(f"{summary['patients']} patients from {len(folders)} runs; written {out / 'acdc_measures.json'}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = command_parser("measures", __doc__)
+    add_options(ap, "data", "work_dir", "threads", "set", work_dir=str(RESULTS / "acdc_measures"))
     ap.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"), help="NISF weights (model.pt)")
-    ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "acdc_measures"))
     ap.add_argument(
         "--source", choices=("nisf", "labels"), default="nisf", help="labels: the manual labels through the same path"
     )
@@ -140,21 +146,12 @@ def main() -> None:
         help="the split's patients measured (tune on validation)",
     )
     ap.add_argument(
-        "--blend",
+        "--measure-blend",
         action="store_true",
         help="measure the written segmentation (the localiser's probabilities mixed in) instead of the code alone",
     )
-    ap.add_argument("--limit", type=int, default=0, help="only the first N test patients (smoke test)")
-    ap.add_argument(
-        "--offset", type=int, default=0, help="skip the first N test patients (to split them over processes)"
-    )
-    ap.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="ID=JSON",
-        help="other config overrides, e.g. latent_dim=64 for a model trained with another size",
-    )
+    ap.add_argument("--limit", type=int, default=0, help="only the first N patients (smoke test)")
+    add_options(ap, "offset")
     ap.add_argument(
         "--combine",
         nargs="+",
@@ -162,14 +159,13 @@ def main() -> None:
         metavar="WORK_DIR",
         help="only combine the measures of earlier runs' work dirs into one agreement table (in --work-dir)",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.combine:
         combine(args.combine, args.source, Path(args.work_dir))
-        return
+        return None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"ACDC data not found at {data} (see /work/shared/data/README.md)")
+    torch.set_num_threads(args.threads)
+    data = require_data(args.data)
     model = Path(args.model).resolve()
     if args.source == "nisf" and not model.is_file():
         sys.exit(f"no model at {model}")
@@ -177,7 +173,6 @@ def main() -> None:
     datalist = test_datalist(data, work / "datalist.json", args.limit, args.offset, args.part)
 
     overrides = {
-        "bundle_root": str(REPO / "bundle"),
         "datalist_file": datalist,
         "section": "test",
         "output_dir": str(work),
@@ -187,19 +182,14 @@ def main() -> None:
         "measure_source": args.source,
         "mesh_format": None if args.mesh_format == "none" else args.mesh_format,
         "roi_margin_mm": args.roi_margin,
-        "measure_blend": args.blend,
+        "measure_blend": args.measure_blend,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if args.num_points is not None:
         overrides["num_points"] = args.num_points
     if args.inference_steps is not None:
         overrides["inference_steps"] = args.inference_steps
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "measure.json")])
-    parser.update(overrides)
+    parser = inference_config(overrides | parse_overrides(args.set), str(CONFIGS / "measure.json"))
     start = time.perf_counter()
     report = parser.get_parsed_content("measurer").run()
     elapsed = time.perf_counter() - start
@@ -213,10 +203,13 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "agreement": {m: report["agreement"][m] for m in SHOWN},
     }
-    (work / "acdc_measures.json").write_text(json.dumps(json_safe(summary), indent=2))
+    write_record(work / "acdc_measures.json", json_safe(summary))
     print_table(report["agreement"], "NISF" if args.source == "nisf" else "labels (fine grid)")
     print(f"{len(report['subjects'])} patients in {elapsed:.0f} s; CSV / JSON / PNG / meshes in {work}")
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

@@ -32,7 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from frame_profile import parse_overrides, validation_frames  # noqa: E402
+from acdc_common import parse_overrides  # noqa: E402
+from frame_profile import validation_frames  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
 SUBJECTS, FRAMES_PER_SUBJECT = 10_000, (2, 50)  # ED + ES, or a whole cine of 50 phases (UK Biobank's)

@@ -25,24 +25,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-ACDC = ROOT.parent / "shared" / "data" / "acdc"
+from acdc_common import DATA as ACDC  # noqa: E402
+from acdc_common import data_frames, parse_overrides  # noqa: E402
 
 
 def validation_frames(count: int) -> list[Path]:
-    frames = json.loads((ACDC / "datalist.json").read_text())["frames"]
-    chosen = sorted((f for f in frames if int(f["patient"][-3:]) % 10 == 2), key=lambda f: f["id"])[:count]
-    return [ACDC / f["image"] for f in chosen]
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    found = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        try:
-            found[key] = json.loads(value)
-        except json.JSONDecodeError:
-            found[key] = value
-    return found
+    """The first ``count`` ACDC validation frames' image files."""
+    return [ACDC / f["image"] for f in data_frames("validation", ACDC)[:count]]
 
 
 def bundle(overrides: dict, output_dir: str):

@@ -37,15 +37,17 @@ import nibabel as nib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ACDC = ROOT.parent / "shared" / "data" / "acdc"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from acdc_common import DATA as ACDC  # noqa: E402
+from acdc_common import data_frames  # noqa: E402
+
 KINDS = ["noise", "bias", "gibbs", "spike", "inverted", "crop", "resliced", "anatomy"]
 FAIL_BELOW, GOOD_FROM = 0.75, 0.85
 
 
 def split_frames(split: str) -> list[dict]:
-    frames = json.loads((ACDC / "datalist.json").read_text())["frames"]
-    keep = {"test": lambda n: n % 5 == 4, "val": lambda n: n % 10 == 2}[split]
-    return sorted((f for f in frames if keep(int(f["patient"][-3:]))), key=lambda f: f["id"])
+    """The ``val`` or ``test`` frames of the data's split, sorted by frame id."""
+    return data_frames({"val": "validation", "test": "test"}[split], ACDC)
 
 
 def bundle_labels(path: Path) -> np.ndarray:

@@ -77,14 +77,15 @@ class SliceLocaliser:
         slices_per_batch: slices predicted per forward pass.
         largest_component: take the pose from each class's largest connected component. A stray blob (an RV
             predicted in the liver, an LV in the aorta) drags a centroid by centimetres; on 20 ACDC validation
-            frames the cleanup halved the median origin and angle errors (``benchmarks/README.md``).
+            frames the cleanup halved the median origin and angle errors (0.5.0; the write-up is in
+            ``git show 773952f:benchmarks/README.md``).
         reference_volume_ml: scale the pose to an LV of this volume, as the network's training did
             (:class:`~nisf_monai.transforms.HeartPosed`); None for networks trained in world millimetres.
         rotations: in-plane angles (radians) at which every slice is also predicted, turned about its centre; the
             softmax of each is turned back and all are averaged (test-time augmentation within the rotations the
             localiser was trained with, ``train_localiser.json``'s ``rotate_range``). On the 20 ACDC validation
-            frames 0 and +-0.15 raised the localiser's own Dice from 0.814 to 0.833 (``benchmarks/README.md``).
-            The default, ``(0.0,)``, predicts each slice once.
+            frames 0 and +-0.15 raised the localiser's own Dice from 0.814 to 0.833 (0.7.0; the write-up is in
+            ``git show 773952f:benchmarks/README.md``). The default, ``(0.0,)``, predicts each slice once.
         zooms: factors of ``in_plane_mm`` at which every slice is also predicted (a factor of 1.1 shows the heart
             10 % smaller), each brought back to the ``in_plane_mm`` grid and averaged, as ``rotations`` are (within
             the ``scale_range`` of 0.1 the localiser was trained with). The default, ``(1.0,)``, predicts at

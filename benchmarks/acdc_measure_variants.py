@@ -1,4 +1,5 @@
-"""How the clinical measures should read a fitted frame: several readings compared from one latent fit per frame.
+"""How the clinical measures should read a fitted frame (``acdc.py measure-variants``): several readings compared
+from one latent fit per frame.
 
 On the ACDC patients of one part of the data README's split (tune on ``validation``), fits a code to each ED and ES
 frame once, as the ``measuring`` run does (``inference.json`` + ``measure.json``), and reads the same fit several
@@ -19,14 +20,13 @@ ways:
 Each reading's LV / RV volumes, ejection fractions and LV mass are compared with the manual labels' disc sums
 (MAE, bias, r). Prints a table and writes ``measure_variants.json`` (per frame volumes too) to --work-dir.
 
-    python benchmarks/measure_variants.py --part validation --model M.pt --localiser L.pt --work-dir OUT
-    python benchmarks/measure_variants.py ... --offset 5 --limit 5        # half the patients (two processes)
-    python benchmarks/measure_variants.py --combine OUT_A OUT_B --work-dir OUT
+    python benchmarks/acdc.py measure-variants --part validation --model M.pt --localiser L.pt --work-dir OUT
+    python benchmarks/acdc.py measure-variants ... --offset 5 --limit 5        # half the patients (two processes)
+    python benchmarks/acdc.py measure-variants --combine OUT_A OUT_B --work-dir OUT
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from acdc import dice_of
+from acdc_common import CONFIGS, REPO, RESULTS, add_options, command_parser, dice_of, inference_config, require_data
 from acdc_measures import test_datalist
-from monai.bundle import ConfigParser
 from monai.transforms import KeepLargestConnectedComponent
 
 from nisf_monai.classes import LABELS
@@ -49,8 +48,6 @@ from nisf_monai.io import json_safe
 from nisf_monai.spatial import affine_array, voxel_volume_ml
 from nisf_monai.transforms import world_grid
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 SHOWN = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_ef_pct", "lv_mass_g")
 logger = logging.getLogger("measure_variants")
 
@@ -63,12 +60,12 @@ def lowered_myocardium(probs: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 def label_dice(probs: np.ndarray | torch.Tensor, label: np.ndarray) -> list[float]:
-    """LV, Myo, RV Dice of the argmax of ``probs`` ``(M, X, Y, Z)`` (``acdc.py``'s MONAI DiceMetric)."""
+    """LV, Myo, RV Dice of the argmax of ``probs`` ``(M, X, Y, Z)`` (``acdc_common.dice_of``, MONAI's DiceMetric)."""
     return dice_of(torch.as_tensor(probs).argmax(0), torch.as_tensor(label)).tolist()
 
 
 def read_frame(
-    parser: ConfigParser,
+    parser,
     network: torch.nn.Module,
     image,
     label: np.ndarray,
@@ -145,9 +142,9 @@ def write_summary(frames: list[dict], out: Path, extra: dict) -> None:
     print(f"written {out / 'measure_variants.json'}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "acdc"))
+def main(argv: list[str] | None = None) -> None:
+    ap = command_parser("measure-variants", __doc__)
+    add_options(ap, "data", "work_dir", "offset", "threads", work_dir=str(RESULTS / "measure_variants"))
     ap.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
     ap.add_argument("--localiser", default=str(REPO / "bundle" / "models" / "localiser.pt"))
     ap.add_argument("--part", choices=("validation", "test"), default="validation")
@@ -156,11 +153,9 @@ def main() -> None:
     ap.add_argument(
         "--myo-offsets", default="", help="comma-separated myocardium log-probability offsets to try, e.g. 0.5,1,2"
     )
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--work-dir", default=str(REPO / "benchmarks" / "results" / "measure_variants"))
+    ap.add_argument("--limit", type=int, default=0, help="only the first N patients")
     ap.add_argument("--combine", nargs="+", default=[], metavar="WORK_DIR", help="only merge earlier runs' frames")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.work_dir)
     if args.combine:
         runs = [json.loads((Path(d) / "measure_variants.json").read_text()) for d in args.combine]
@@ -169,20 +164,20 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    require_data(args.data)
     offsets = tuple(float(v) for v in args.myo_offsets.split(",") if v)
     datalist = test_datalist(Path(args.data), out / "datalist.json", args.limit, args.offset, args.part)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "measure.json")])
-    parser.update(
+    parser = inference_config(
         {
-            "bundle_root": str(REPO / "bundle"),
             "datalist_file": datalist,
             "section": "test",
             "ckpt_dir": str(Path(args.model).parent),
             "localiser_path": args.localiser,
             "inference_steps": args.inference_steps,
             "device": "cpu",
-        }
+        },
+        str(CONFIGS / "measure.json"),
     )
     network = load_weights(parser.get_parsed_content("network"), args.model)
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -212,4 +207,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from acdc_common import through_entry_point
+
+    through_entry_point(__file__)

@@ -1,5 +1,5 @@
-"""Scoring helpers of ``acdc_levers.py``: fit codes to ACDC frames with a frozen network and record Dice on
-every voxel at several latent steps, for three objectives.
+"""Scoring of ``acdc.py evaluate`` (``acdc_levers.py``): fit codes to ACDC frames with a frozen network and record
+Dice on every voxel at several latent steps, for four objectives.
 
 - ``intensity``: the bundle's test-time fit (``LatentOptimisationInferer``), what a user gets;
 - ``segmentation``: codes fitted to the labels themselves (cross-entropy + Dice on random voxels), the
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from acdc import dice_of  # noqa: E402  (beside this script: one Dice for every ACDC benchmark)
+from acdc_common import CONFIGS, dice_of, fit_overrides
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 from monai.transforms import KeepLargestConnectedComponent
@@ -27,8 +27,6 @@ from monai.transforms import KeepLargestConnectedComponent
 from nisf_monai.data import case_ids
 from nisf_monai.networks import LatentTable
 from nisf_monai.transforms import POSE_KEY, HeartPosed, heart_pose, phase_of, pose_of, split_pose
-
-CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 
 class _Recorder:
@@ -120,7 +118,7 @@ def evaluate_cases(
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"datalist": datalist, **config_overrides})
-    for key, value in {"num_steps": max(steps), "log_every": 0, **inferer_overrides}.items():
+    for key, value in fit_overrides({"num_steps": max(steps), "log_every": 0, **inferer_overrides}).items():
         parser[f"validate#inferer#{key}"] = value
     network = parser.get_parsed_content("network_def")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -128,13 +126,15 @@ def evaluate_cases(
     network.eval()
     inferer = parser.get_parsed_content("validate#inferer")
     preprocessing = parser.get_parsed_content("validate#preprocessing")
-    heart_frame = bool(config_overrides.get("heart_frame", False))
-    cine = bool(config_overrides.get("cine_model", False))
+    # what the run was trained with: its overrides over train.json's own defaults (heart_frame is on by default now)
+    heart_frame = bool(parser.get_parsed_content("heart_frame"))
+    cine = bool(parser.get_parsed_content("cine_model"))
+    reference_ml = parser.get_parsed_content("heart_reference_volume_ml")
     images, labels, names = [], [], []
     for case in cases:
         d = preprocessing(dict(case))
         if heart_frame and pose == "label":
-            d = HeartPosed(["image", "label"], reference_volume_ml=config_overrides.get("heart_reference_volume_ml"))(d)
+            d = HeartPosed(["image", "label"], reference_volume_ml=reference_ml)(d)
         images.append(d["image"])
         labels.append(d["label"])
         names.append(case_ids([case])[0])
