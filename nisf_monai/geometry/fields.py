@@ -42,7 +42,7 @@ class NetworkField:
         frame: the :class:`~nisf_monai.transforms.CoordinateMapping` of the image the code was fitted to
             (``inferer.frame_of(image)``).
         blend: the localiser's probabilities of that image (``inferer.blend_source(image)``), mixed into the
-            network's with the inferer's ``localiser_blend`` wherever they are read; None reads the code alone.
+            network's by the inferer's ``output_blend`` wherever they are read; None reads the code alone.
     """
 
     def __init__(

@@ -181,7 +181,7 @@ class MeasureRun(_FittedRun):
             a check of the pipeline, which must reproduce the disc sums).
         mesh_format: ``vtk``, ``stl``, ``obj`` or None (no meshes).
         blend: read the segmentation the inference run writes, the localiser's probabilities mixed into the
-            network's with the inferer's ``localiser_blend``, instead of the code alone (needs a localiser).
+            network's by the inferer's ``output_blend``, instead of the code alone (needs a localiser).
         save_segmentations: write the fine label maps.
         max_surface_figures: subjects that get a surface figure.
         curve_phases: phases of a cine code's volume curve (0: no curve).

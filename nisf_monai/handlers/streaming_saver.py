@@ -47,7 +47,7 @@ class StreamingSegmentationSaver:
         slab_points: voxels per written slab (default: the inferer's ``chunk_size``).
         output_name_formatter: as for ``SaveImage`` (default names cine frames ``_tNN``).
         mask_key: key of a case's fit mask in the evaluator's output; the localiser's probabilities mixed into the
-            labels (the inferer's ``localiser_blend``) leave out the voxels it hides, as ``fit_and_sample`` does.
+            labels (the inferer's ``output_blend``) leave out the voxels it hides, as ``fit_and_sample`` does.
         largest_component: labels of which only the largest connected component is kept (MONAI
             ``KeepLargestConnectedComponent``), as ``inference.json``'s ``keep_largest_component`` does for outputs held
             in memory. Components need the whole volume, so the written labels are read back once (one byte a voxel,
