@@ -90,7 +90,8 @@ def _close_summary_writers() -> None:
     if module is None:
         return
     for obj in gc.get_objects():
-        if isinstance(obj, module.SummaryWriter):
+        # type(), not isinstance(): isinstance asks a weakref proxy for its class, which raises once its referent died
+        if issubclass(type(obj), module.SummaryWriter):
             obj.close()
 
 

@@ -291,6 +291,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "val_batch_size": partial(check_count, minimum=1, what="images per batch"),
     # where it runs
     "device": check_device,
+    "onednn_primitive_cache": partial(check_count, minimum=0, what="oneDNN primitives kept"),
     # switches
     "amp": check_flag,
     "stream_outputs": check_flag,

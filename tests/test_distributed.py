@@ -403,3 +403,25 @@ def test_a_torchrun_process_leaves_with_its_logs_and_tensorboard_events_written(
     assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout and "not reached" not in result.stdout
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and all(b"nisf_loss" in e.read_bytes() for e in events)  # lost without closing the writer
+
+
+def test_closing_the_writers_passes_over_dead_weak_proxies(tmp_path: Path) -> None:
+    """A weakref proxy whose referent died (seen in a real inference run) is among the objects searched for open
+    TensorBoard writers: it must be passed over, and the writer still closed."""
+    import weakref
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nisf_monai.distributed import _close_summary_writers
+
+    class Referent:
+        pass
+
+    referent = Referent()
+    proxies = [weakref.proxy(referent)]
+    del referent
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    writer.add_scalar("nisf_loss", 1.0, 1)
+    assert writer.file_writer is not None
+    _close_summary_writers()
+    assert writer.file_writer is None and len(proxies) == 1

@@ -392,6 +392,29 @@ HEADLINES: list[tuple[str, str, tuple[Callable[[], str], ...]]] = [
             lambda: f"{_record('cohort_throughput.json')['cohort']['runs']['2']['peak_mb']:.0f}",
         ),
     ),
+    (
+        "docs/benchmarks.md",
+        "side by side with the unbounded cache, peaked at {} MB of resident memory against {} MB, in {} s against {} s",
+        (
+            lambda: str(_record("cohort_memory.json")["runs"]["B"]["peak_mb"]),
+            lambda: str(_record("cohort_memory.json")["runs"]["A"]["peak_mb"]),
+            lambda: f"{_record('cohort_memory.json')['runs']['B']['seconds']:.1f}",
+            lambda: f"{_record('cohort_memory.json')['runs']['A']['seconds']:.1f}",
+        ),
+    ),
+    (
+        "docs/benchmarks.md",
+        "| 1 process | {} s | {} | {} MB | | `torchrun --nproc_per_node 2` | {} s | {} ({}x) | {} MB |",
+        (
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['1']['wall_s']:.1f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['1']['cases_per_hour']:.0f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['1']['peak_mb']:.0f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['2']['wall_s']:.1f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['2']['cases_per_hour']:.0f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['ratio_2_to_1']:.2f}",
+            lambda: f"{_record('cohort_throughput_v014.json')['cohort']['runs']['2']['peak_mb']:.0f}",
+        ),
+    ),
     # the history's measures by version, in benchmarks/README.md
     (
         "benchmarks/README.md",
