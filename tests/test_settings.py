@@ -114,6 +114,11 @@ BAD = [
         "roi_margin_mm: -5 is negative; give a number of mm, 0 or more, or None to read the whole slab",
     ),
     ("localiser_weight", -1, "localiser_weight: -1 is negative; give a number, 0 or more"),
+    (
+        "onednn_primitive_cache",
+        -1,
+        "onednn_primitive_cache: -1 is negative; give an integer number of oneDNN primitives kept, 0 or more",
+    ),
     ("localiser_blend", 1.5, "localiser_blend: 1.5 is outside [0, 1]; give a number in [0, 1], such as 0.5"),
     (
         "localiser_blend_hidden",
