@@ -11,7 +11,6 @@ written. Linux only (reads ``/proc``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -21,8 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from acdc_common import REPO, data_frames, require_data  # noqa: E402
-from same_labels import cpu_name  # noqa: E402
+from acdc_common import REPO, cpu_name, data_frames, require_data, write_record  # noqa: E402
 
 
 def resident_mb(pid: int) -> float | None:
@@ -92,8 +90,7 @@ def main() -> None:
             "note": "A and B ran side by side, one thread each; resident memory polled every 0.5 s",
             "runs": rows,
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.output, record)
 
 
 if __name__ == "__main__":

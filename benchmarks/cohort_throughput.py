@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from acdc_common import parse_overrides  # noqa: E402
+from acdc_common import parse_overrides, write_record  # noqa: E402
 from frame_profile import validation_frames  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  ratio 2/1: {c['ratio_2_to_1']:.2f}; same labels: {c['same_labels']}")
         for name, p in c["projection_10000_subjects"].items():
             print(f"  10,000 subjects, {name}: {p['hours_one_machine_like_this']:.0f} h on one such machine")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    write_record(args.output, result)
     return result
 
 

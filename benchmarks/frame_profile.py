@@ -13,7 +13,6 @@ writes ``--output`` (JSON). Name the CPU (``lscpu``) beside the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from acdc_common import DATA as ACDC  # noqa: E402
-from acdc_common import data_frames, parse_overrides  # noqa: E402
+from acdc_common import data_frames, parse_overrides, write_record  # noqa: E402
 
 
 def validation_frames(count: int) -> list[Path]:
@@ -133,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{stage:26s} {seconds:9.2f}")
     print(f"{'mean Dice (written)':26s} {result['mean_dice']:9.4f}")
     print(f"{'mean Dice (code alone)':26s} {result['mean_code_dice']:9.4f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    write_record(args.output, result)
     return result
 
 

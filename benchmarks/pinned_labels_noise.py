@@ -12,7 +12,6 @@ machine can sit between the two.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import test_written_labels as pinned  # noqa: E402
+from acdc_common import write_record  # noqa: E402
 
 # one-setting changes of behaviour, each small: what a careless refactor might do
 CHANGES: list[tuple[str, dict]] = [
@@ -85,9 +85,8 @@ def main() -> None:
         counts = f"{row['labels']:>7} {row['code_labels']:>12} {row['code_max_diff']:>10.1e}"
         print(f"{row['what']:<44} {row['run']:<20} {counts}")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         record = {"command": " ".join(["python", *sys.argv]), "cpu": pinned.cpu_signature(), "rows": rows}
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.output, record)
 
 
 if __name__ == "__main__":

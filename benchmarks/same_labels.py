@@ -11,9 +11,7 @@ that promise "behaviour unchanged": any differing voxel is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,16 +20,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from acdc_common import cpu_name, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The CPU's model name as ``lscpu`` gives it (timings mean little without it)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def revision(ref: str, cwd: Path = ROOT) -> str:
@@ -115,8 +106,7 @@ def main() -> None:
         "seconds": seconds,
     }
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.output, record)
     if record["differing_voxels"]:
         raise SystemExit(f"{record['differing_voxels']} voxels differ.")
 
