@@ -158,7 +158,7 @@ def evaluate_cases(
             recorder(0, table(keys))
         steps = [0]
     elif objective == "localiser":
-        localiser = getattr(inferer.heart_locator, "localiser", None)
+        localiser = inferer.localiser
         if localiser is None:
             raise ValueError("the localiser objective needs --localiser weights.")
         recorder.steps, steps = {0}, [0]

@@ -52,7 +52,7 @@ def _nearest_distance(code: torch.Tensor, codes: torch.Tensor | None) -> float |
 
 def _localiser_labels(inferer: LatentOptimisationInferer, case: MetaTensor) -> np.ndarray | None:
     """The heart localiser's labels of ``case`` on its own grid, or None without a localiser."""
-    localiser = getattr(inferer.heart_locator, "localiser", None)
+    localiser = inferer.localiser
     if localiser is None:
         return None
     return localiser.probabilities(case[0]).argmax(0).numpy().astype(np.uint8)
